@@ -1,0 +1,185 @@
+"""Canonical JSON (RFC 8785 / JCS) and SHA-256 hashes, byte-identical to ELSPETH's.
+
+ELSPETH normalises a few Python types (datetime -> UTC ISO 8601, Decimal -> str, bytes ->
+``{"__bytes__": base64}``, tuples -> lists) and then serialises with RFC 8785. We do the same,
+but serialise through orjson: for the common case (str/int/bool/None, nested dicts and lists)
+orjson with sorted keys *is* RFC 8785, and floats are pre-formatted with the ECMAScript number
+rules RFC 8785 requires. Keys outside the Basic Multilingual Plane (where UTF-16 and code point
+order differ) go through the reference ``rfc8785`` encoder. NaN and +/-Infinity are rejected.
+
+>>> stable_hash({"b": 1, "a": [1.0, "x"]}) == stable_hash({"a": [1, "x"], "b": 1})
+True
+>>> canonical_json({"b": 1.5e-7, "a": None})
+'{"a":null,"b":1.5e-7}'
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from elspeth_nb.errors import CanonicalizationError
+
+_SORT = orjson.OPT_SORT_KEYS
+_dumps = orjson.dumps
+_sha256 = hashlib.sha256
+_MAX_SAFE_INT = 2**53 - 1
+_Fragment = orjson.Fragment
+
+
+def canonical_bytes(obj: Any) -> bytes:
+    """RFC 8785 canonical JSON of ``obj`` as UTF-8 bytes."""
+    if _is_plain(obj):
+        return _dumps(obj, option=_SORT)
+    return _dumps(_normalise(obj, "$"))
+
+
+def canonical_json(obj: Any) -> str:
+    """RFC 8785 canonical JSON of ``obj`` as a string."""
+    return canonical_bytes(obj).decode("utf-8")
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 hex digest of the canonical JSON of ``obj`` (ELSPETH's ``stable_hash``)."""
+    return _sha256(canonical_bytes(obj)).hexdigest()
+
+
+def hash_bytes(data: bytes) -> str:
+    """SHA-256 hex digest of raw bytes (payload refs, file contents)."""
+    return _sha256(data).hexdigest()
+
+
+def error_hash(text: str) -> str:
+    """ELSPETH's 16-hex grouping key for an error string: ``sha256(text)[:16]``."""
+    return _sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _is_plain(obj: Any) -> bool:
+    """True when orjson with sorted keys already produces RFC 8785 for ``obj``."""
+    t = type(obj)
+    if t is dict:
+        for k, v in obj.items():
+            if type(k) is not str or not k.isascii():
+                return False
+            tv = type(v)
+            if tv is str or tv is bool or v is None:
+                continue
+            if tv is int:
+                if -_MAX_SAFE_INT <= v <= _MAX_SAFE_INT:
+                    continue
+                return False
+            if (tv is dict or tv is list) and _is_plain(v):
+                continue
+            return False
+        return True
+    if t is list:
+        return all(_is_plain_scalar_or_container(v) for v in obj)
+    return _is_plain_scalar_or_container(obj)
+
+
+def _is_plain_scalar_or_container(v: Any) -> bool:
+    tv = type(v)
+    if tv is str or tv is bool or v is None:
+        return True
+    if tv is int:
+        return -_MAX_SAFE_INT <= v <= _MAX_SAFE_INT
+    if tv is dict or tv is list:
+        return _is_plain(v)
+    return False
+
+
+def _normalise(obj: Any, path: str) -> Any:
+    """Turn ``obj`` into something orjson serialises canonically *without* OPT_SORT_KEYS."""
+    if obj is None or isinstance(obj, str | bool):
+        return obj
+    if isinstance(obj, int):
+        if not -_MAX_SAFE_INT <= obj <= _MAX_SAFE_INT:
+            raise CanonicalizationError(
+                f"{path}: integer {obj} is outside the range RFC 8785 can represent exactly (+/-2**53-1); "
+                "store it as a string"
+            )
+        return int(obj)
+    if isinstance(obj, float):
+        return _Fragment(format_number(obj, path).encode("ascii"))
+    if isinstance(obj, Mapping):
+        items = []
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise CanonicalizationError(f"{path}: key {k!r} is a {type(k).__name__}; JSON keys must be strings")
+            items.append((k, _normalise(v, f"{path}.{k}")))
+        items.sort(key=lambda kv: kv[0].encode("utf-16-be"))
+        return dict(items)
+    if isinstance(obj, list | tuple):
+        return [_normalise(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    return _normalise(_normalise_scalar(obj, path), path)
+
+
+def _normalise_scalar(obj: Any, path: str) -> Any:
+    """ELSPETH's value normalisation for non-JSON scalars."""
+    if isinstance(obj, datetime):
+        aware = obj if obj.tzinfo is not None else obj.replace(tzinfo=UTC)
+        return aware.astimezone(UTC).isoformat()
+    if isinstance(obj, date):
+        return obj.isoformat()
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, Decimal):
+        if not obj.is_finite():
+            raise CanonicalizationError(f"{path}: non-finite Decimal {obj} cannot be hashed; use None for missing values")
+        return str(obj)
+    if isinstance(obj, frozenset | set):
+        raise CanonicalizationError(f"{path}: sets have no canonical order; use a sorted list")
+    item = getattr(obj, "item", None)  # numpy scalars, without importing numpy
+    if callable(item) and type(obj).__module__ == "numpy":
+        return item()
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist) and type(obj).__module__ == "numpy":
+        return tolist()
+    raise CanonicalizationError(f"{path}: a {type(obj).__name__} value cannot be hashed canonically")
+
+
+def format_number(value: float, path: str = "$") -> str:
+    """Format a float as RFC 8785 requires (ECMAScript ``Number.prototype.toString``).
+
+    >>> [format_number(v) for v in (1.0, 0.1, 1e21, 1.5e-7, 123456789012345680000.0, -0.0)]
+    ['1', '0.1', '1e+21', '1.5e-7', '123456789012345680000', '0']
+    """
+    if math.isnan(value) or math.isinf(value):
+        raise CanonicalizationError(
+            f"{path}: {value} is not a finite number; NaN and Infinity cannot be hashed (use None for missing values)"
+        )
+    if value == 0:
+        return "0"
+    text = repr(value)
+    sign = ""
+    if text[0] == "-":
+        sign, text = "-", text[1:]
+    mantissa, _, exp_text = text.partition("e")
+    int_part, _, frac_part = mantissa.partition(".")
+    exponent = int(exp_text) if exp_text else 0
+    digits = (int_part + frac_part).lstrip("0")
+    # value = 0.digits * 10**n  (ECMAScript's n), before stripping trailing zeros
+    n = len(int_part.lstrip("0")) + exponent if int_part.strip("0") else exponent - (len(frac_part) - len(frac_part.lstrip("0")))
+    digits = digits.rstrip("0")
+    k = len(digits)
+    if k <= n <= 21:
+        out = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        out = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        out = "0." + "0" * (-n) + digits
+    else:
+        e = n - 1
+        exp = ("+" if e >= 0 else "-") + str(abs(e))
+        out = (digits[0] + ("." + digits[1:] if k > 1 else "")) + "e" + exp
+    return sign + out
+
+
+__all__ = ["canonical_bytes", "canonical_json", "error_hash", "format_number", "hash_bytes", "stable_hash"]

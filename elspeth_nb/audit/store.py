@@ -1,0 +1,347 @@
+"""The audit store folder: layout, liveness locks, and the DuckDB copy of the Parquet truth.
+
+Layout::
+
+    <store>/elspeth-nb-store.json                     format marker + schema version
+    <store>/parquet/<table>/run_id=<id>/part-<n>.parquet   immutable segments (source of truth)
+    <store>/parquet/<table>/run_id=__schema__/part-000000.parquet   empty file carrying the schema
+    <store>/audit.duckdb                              the same tables, updated at the end of each run
+    <store>/.locks/<run_id>.lock                      held (flock) by the process writing that run
+    <store>/.duckdb-pending/<run_id>                  runs whose DuckDB update has not happened yet
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from elspeth_nb.audit.schema import PARTITION_COLUMN, SCHEMA_VERSION, TABLES, Table
+from elspeth_nb.audit.writer import partition_dir
+from elspeth_nb.errors import AuditStoreError, SchemaVersionError
+
+MANIFEST_NAME = "elspeth-nb-store.json"
+STORE_FORMAT = "elspeth-nb-audit-store"
+SCHEMA_PARTITION = "__schema__"
+DUCKDB_NAME = "audit.duckdb"
+
+
+def duckdb_type(type_: pa.DataType) -> str:
+    """The DuckDB column type for one of our Arrow column types."""
+    if pa.types.is_string(type_):
+        return "VARCHAR"
+    if pa.types.is_int32(type_):
+        return "INTEGER"
+    if pa.types.is_int64(type_):
+        return "BIGINT"
+    if pa.types.is_float64(type_):
+        return "DOUBLE"
+    if pa.types.is_timestamp(type_):
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(type_):
+        return duckdb_type(type_.value_type) + "[]"
+    raise TypeError(f"no DuckDB type for {type_}")
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def column_list(table: Table) -> str:
+    return ", ".join(quote_ident(c) for c in table.columns)
+
+
+@dataclass
+class SyncResult:
+    """What an attempt to bring audit.duckdb up to date did."""
+
+    synced: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    message: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.pending
+
+
+class AuditStore:
+    """An audit store folder. ``AuditStore.create`` makes one; ``AuditStore.open`` checks one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def parquet_root(self) -> Path:
+        return self.root / "parquet"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.root / DUCKDB_NAME
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    # -- creation and checks --------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike[str]) -> AuditStore:
+        """Create (or reuse) a store at ``root``, failing early and clearly if it is not writable."""
+        store = cls(Path(root))
+        try:
+            store.root.mkdir(parents=True, exist_ok=True)
+            probe = store.root / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise AuditStoreError(
+                f"audit path {store.root} is not writable ({exc.strerror or exc}); "
+                "choose another with `audit: {path: ...}` or --audit DIR"
+            ) from exc
+        if store.manifest_path.exists():
+            store.check_manifest()
+        else:
+            _atomic_write_text(store.manifest_path, json.dumps(
+                {"format": STORE_FORMAT, "schema_version": SCHEMA_VERSION}, indent=2) + "\n")
+        store.write_schema_files()
+        return store
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str]) -> AuditStore:
+        """Open an existing store read-only; a clear error if ``root`` is not one."""
+        store = cls(Path(root))
+        if not store.root.is_dir():
+            raise AuditStoreError(f"{store.root} is not a directory; expected an audit store folder")
+        if not store.manifest_path.exists():
+            raise AuditStoreError(
+                f"{store.root} is not an elspeth-nb audit store (no {MANIFEST_NAME}); "
+                "pass the folder a pipeline wrote (its `audit.path`), an audit.duckdb file or an ELSPETH audit.db"
+            )
+        store.check_manifest()
+        return store
+
+    def check_manifest(self) -> dict[str, object]:
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise AuditStoreError(f"{self.manifest_path} is unreadable or not JSON: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+            raise AuditStoreError(f"{self.manifest_path} does not describe an elspeth-nb audit store")
+        version = manifest.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.root} was written with audit schema version {version}; this elspeth-nb reads up to "
+                f"version {SCHEMA_VERSION}. Upgrade elspeth-nb to read it."
+            )
+        return manifest
+
+    def write_schema_files(self) -> None:
+        """An empty segment per table, so every table is readable before any run wrote it."""
+        for table in TABLES.values():
+            directory = partition_dir(self.parquet_root, table.name, SCHEMA_PARTITION)
+            target = directory / "part-000000.parquet"
+            if target.exists() and pq.read_schema(target).names == table.file_columns:
+                continue
+            directory.mkdir(parents=True, exist_ok=True)
+            temporary = directory / ".part-000000.parquet.tmp"
+            pq.write_table(table.file_schema.empty_table(), temporary, compression="zstd")
+            os.replace(temporary, target)
+
+    # -- what is on disk -----------------------------------------------------------------------
+    def run_ids(self) -> list[str]:
+        """Run ids with at least one segment in the ``runs`` table, oldest partition first."""
+        runs_dir = self.parquet_root / "runs"
+        if not runs_dir.is_dir():
+            return []
+        found = []
+        for p in runs_dir.iterdir():
+            if p.is_dir() and p.name.startswith(f"{PARTITION_COLUMN}="):
+                run_id = p.name.split("=", 1)[1]
+                if run_id != SCHEMA_PARTITION:
+                    found.append((p.stat().st_mtime, run_id))
+        return [run_id for _, run_id in sorted(found)]
+
+    def segment_glob(self, table: str, run_id: str | None = None) -> str:
+        """Glob of a table's segments (one run, or all runs)."""
+        part = f"{PARTITION_COLUMN}={run_id}" if run_id else f"{PARTITION_COLUMN}=*"
+        return str(self.parquet_root / table / part / "part-*.parquet")
+
+    def parquet_bytes(self, run_id: str | None = None) -> int:
+        total = 0
+        for table in TABLES:
+            base = self.parquet_root / table
+            dirs = [partition_dir(self.parquet_root, table, run_id)] if run_id else list(base.glob("run_id=*"))
+            for d in dirs:
+                if d.is_dir():
+                    total += sum(f.stat().st_size for f in d.glob("part-*.parquet"))
+        return total
+
+    # -- liveness ----------------------------------------------------------------------------------
+    def lock_path(self, run_id: str) -> Path:
+        return self.root / ".locks" / f"{run_id}.lock"
+
+    @contextmanager
+    def writing(self, run_id: str) -> Iterator[None]:
+        """Hold the run's lock file while writing it; the OS drops it if the process dies."""
+        path = self.lock_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+
+    def is_live(self, run_id: str) -> bool:
+        """True while some process holds the run's lock (the run is really still running)."""
+        path = self.lock_path(run_id)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- the DuckDB copy ------------------------------------------------------------------------
+    def pending_dir(self) -> Path:
+        return self.root / ".duckdb-pending"
+
+    def pending_runs(self) -> list[str]:
+        d = self.pending_dir()
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def mark_pending(self, run_id: str) -> None:
+        self.pending_dir().mkdir(parents=True, exist_ok=True)
+        (self.pending_dir() / run_id).touch()
+
+    def sync_duckdb(self, run_ids: Iterable[str], *, attempts: int = 5, wait_s: float = 0.2) -> SyncResult:
+        """Copy the runs' Parquet rows into audit.duckdb, replacing what it held for them.
+
+        A reader holding the file blocks the write; we retry ``attempts`` times, then leave the
+        runs marked pending (the next sync or ``elspeth-nb rebuild`` picks them up) and say so.
+        """
+        wanted = list(dict.fromkeys([*self.pending_runs(), *run_ids]))
+        started = time.perf_counter()
+        for mark in wanted:
+            self.mark_pending(mark)
+        last_error: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                con = duckdb.connect(str(self.duckdb_path))
+            except duckdb.IOException as exc:  # another process holds the file
+                last_error = exc
+                time.sleep(wait_s * (2**attempt))
+                continue
+            try:
+                _configure(con)
+                self._ensure_tables(con)
+                for run_id in wanted:
+                    self._copy_run(con, run_id)
+                    (self.pending_dir() / run_id).unlink(missing_ok=True)
+            finally:
+                con.close()
+            return SyncResult(synced=wanted, seconds=time.perf_counter() - started)
+        return SyncResult(
+            pending=wanted,
+            seconds=time.perf_counter() - started,
+            message=(f"{self.duckdb_path} is held by another process ({last_error}); the Parquet segments are "
+                     f"complete and {len(wanted)} run(s) are marked pending: `elspeth-nb rebuild --audit "
+                     f"{self.root}` (or the next run) brings audit.duckdb up to date"),
+        )
+
+    def rebuild_duckdb(self) -> SyncResult:
+        """Recreate audit.duckdb from the Parquet segments of every run."""
+        temporary = self.root / f".{DUCKDB_NAME}.rebuild"
+        for p in (temporary, Path(str(temporary) + ".wal")):
+            p.unlink(missing_ok=True)
+        started = time.perf_counter()
+        runs = self.run_ids()
+        con = duckdb.connect(str(temporary))
+        try:
+            _configure(con)
+            self._ensure_tables(con)
+            for run_id in runs:
+                self._copy_run(con, run_id)
+        finally:
+            con.close()
+        os.replace(temporary, self.duckdb_path)
+        Path(str(self.duckdb_path) + ".wal").unlink(missing_ok=True)
+        for run_id in self.pending_runs():
+            (self.pending_dir() / run_id).unlink(missing_ok=True)
+        return SyncResult(synced=runs, seconds=time.perf_counter() - started)
+
+    def _ensure_tables(self, con: duckdb.DuckDBPyConnection) -> None:
+        existing = {
+            (t, c) for t, c in con.execute(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'"
+            ).fetchall()
+        }
+        tables = {t for t, _ in existing}
+        for table in TABLES.values():
+            if table.name not in tables:
+                cols = ", ".join(f"{quote_ident(f.name)} {duckdb_type(f.type)}" for f in table.schema)
+                con.execute(f"CREATE TABLE {quote_ident(table.name)} ({cols})")
+                continue
+            for f in table.schema:  # a newer schema only adds columns at the end
+                if (table.name, f.name) not in existing:
+                    con.execute(
+                        f"ALTER TABLE {quote_ident(table.name)} ADD COLUMN {quote_ident(f.name)} {duckdb_type(f.type)}"
+                    )
+
+    def _copy_run(self, con: duckdb.DuckDBPyConnection, run_id: str) -> None:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table in TABLES.values():
+                name = quote_ident(table.name)
+                con.execute(f"DELETE FROM {name} WHERE run_id = $run_id", {"run_id": run_id})
+                source = partition_dir(self.parquet_root, table.name, run_id)
+                if not source.is_dir() or not any(source.glob("part-*.parquet")):
+                    continue
+                select = _run_select(table)
+                con.execute(
+                    f"INSERT INTO {name} ({column_list(table)}) {select}",
+                    {"glob": str(source / "part-*.parquet"), "run_id": run_id},
+                )
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+
+
+def _run_select(table: Table) -> str:
+    """SELECT of one run's segments (parameters $glob and $run_id) in table column order."""
+    cols = ", ".join("$run_id::VARCHAR AS run_id" if c == PARTITION_COLUMN else quote_ident(c) for c in table.columns)
+    source = "read_parquet($glob, union_by_name = true)"
+    if table.name == "runs":  # keep the latest revision only
+        return f"SELECT {cols} FROM (SELECT * FROM {source} ORDER BY revision DESC LIMIT 1)"
+    if table.name == "payloads":
+        return f"SELECT DISTINCT ON (payload_hash) {cols} FROM {source}"
+    return f"SELECT {cols} FROM {source}"
+
+
+def _configure(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("SET threads = 2")
+    con.execute("SET memory_limit = '512MB'")
+    con.execute("SET preserve_insertion_order = true")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,129 @@
+"""Segment writers: where recorded Arrow batches go (Parquet files, or memory in tests).
+
+One abstraction, ``write_segment(table, run_id, batch)`` + ``close()``, so the recorder never
+knows what it writes to. The Parquet writer makes each segment an immutable file, written under
+a hidden temporary name and renamed into place, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from elspeth_nb.audit.schema import PARTITION_COLUMN, Table
+from elspeth_nb.errors import AuditStoreError
+
+_PART = re.compile(r"^part-(\d+)\.parquet$")
+
+
+class SegmentWriter(Protocol):
+    """Receives one Arrow batch per flushed table segment."""
+
+    def write_segment(self, table: Table, run_id: str, batch: pa.Table) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def partition_dir(parquet_root: Path, table: str, run_id: str) -> Path:
+    """``<parquet_root>/<table>/run_id=<run_id>``: one hive partition per run."""
+    return parquet_root / table / f"{PARTITION_COLUMN}={run_id}"
+
+
+class ParquetSegmentWriter:
+    """Writes ``part-<n>.parquet`` files (zstd, one row group) into hive partitions, atomically."""
+
+    def __init__(self, parquet_root: Path, *, compression_level: int = 3, fsync: bool = True) -> None:
+        self.parquet_root = Path(parquet_root)
+        self.compression_level = compression_level
+        self.fsync = fsync
+        self._next_part: dict[tuple[str, str], int] = {}
+        self.files_written = 0
+        self.bytes_written = 0
+
+    def write_segment(self, table: Table, run_id: str, batch: pa.Table) -> None:
+        directory = partition_dir(self.parquet_root, table.name, run_id)
+        key = (table.name, run_id)
+        if key not in self._next_part:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._next_part[key] = _next_part_number(directory)
+        part = self._next_part[key]
+        self._next_part[key] = part + 1
+        final = directory / f"part-{part:06d}.parquet"
+        temporary = directory / f".part-{part:06d}.parquet.tmp"
+        try:
+            pq.write_table(
+                batch,
+                temporary,
+                compression="zstd",
+                compression_level=self.compression_level,
+                row_group_size=max(batch.num_rows, 1),
+                write_statistics=True,
+            )
+            if self.fsync:
+                _fsync_file(temporary)
+            os.replace(temporary, final)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise AuditStoreError(f"cannot write audit segment {final}: {exc.strerror or exc}") from exc
+        self.files_written += 1
+        self.bytes_written += final.stat().st_size
+
+    def close(self) -> None:
+        if self.fsync:
+            for table, run_id in self._next_part:
+                _fsync_dir(partition_dir(self.parquet_root, table, run_id))
+
+
+class MemoryWriter:
+    """Keeps every segment in memory; ``table(name)`` concatenates them. For tests and imports."""
+
+    def __init__(self) -> None:
+        self.segments: dict[str, list[pa.Table]] = defaultdict(list)
+        self.closed = False
+
+    def write_segment(self, table: Table, run_id: str, batch: pa.Table) -> None:
+        column = pa.array([run_id] * batch.num_rows, pa.string())
+        full = batch.append_column(PARTITION_COLUMN, column).select(table.columns)
+        self.segments[table.name].append(full)
+
+    def table(self, name: str) -> pa.Table:
+        from elspeth_nb.audit.schema import table as table_def
+
+        parts = self.segments.get(name)
+        if not parts:
+            return table_def(name).schema.empty_table()
+        return pa.concat_tables(parts)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _next_part_number(directory: Path) -> int:
+    """First unused part number in ``directory`` (a resumed or re-imported run appends)."""
+    numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _PART.match(p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
