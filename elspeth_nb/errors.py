@@ -51,7 +51,9 @@ class NotFoundError(Error, KeyError):
         self.what = what
         self.wanted = wanted
         shown = [str(a) for a in available]
-        listing = ", ".join(f"`{a}`" for a in shown[:10]) + (f" (and {len(shown) - 10} more)" if len(shown) > 10 else "")
+        listing = ", ".join(f"`{a}`" for a in shown[:10])
+        if len(shown) > 10:
+            listing += f" (and {len(shown) - 10} more)"
         message = f"{what} `{wanted}` not found."
         if shown:
             message += f" Available: {listing}."

@@ -132,7 +132,8 @@ def _normalise_scalar(obj: Any, path: str) -> Any:
         return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
     if isinstance(obj, Decimal):
         if not obj.is_finite():
-            raise CanonicalizationError(f"{path}: non-finite Decimal {obj} cannot be hashed; use None for missing values")
+            raise CanonicalizationError(
+                f"{path}: non-finite Decimal {obj} cannot be hashed; use None for missing values")
         return str(obj)
     if isinstance(obj, frozenset | set):
         raise CanonicalizationError(f"{path}: sets have no canonical order; use a sorted list")
@@ -166,7 +167,10 @@ def format_number(value: float, path: str = "$") -> str:
     exponent = int(exp_text) if exp_text else 0
     digits = (int_part + frac_part).lstrip("0")
     # value = 0.digits * 10**n  (ECMAScript's n), before stripping trailing zeros
-    n = len(int_part.lstrip("0")) + exponent if int_part.strip("0") else exponent - (len(frac_part) - len(frac_part.lstrip("0")))
+    if int_part.strip("0"):
+        n = len(int_part.lstrip("0")) + exponent
+    else:
+        n = exponent - (len(frac_part) - len(frac_part.lstrip("0")))
     digits = digits.rstrip("0")
     k = len(digits)
     if k <= n <= 21:

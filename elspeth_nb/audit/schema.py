@@ -58,7 +58,8 @@ class Table:
         return [c for c in self.schema.names if c != PARTITION_COLUMN]
 
 
-def _table(name: str, key: tuple[str, ...], doc: str, *cols: tuple[str, pa.DataType], origin: str = "landscape") -> Table:
+def _table(name: str, key: tuple[str, ...], doc: str, *cols: tuple[str, pa.DataType],
+           origin: str = "landscape") -> Table:
     return Table(name, pa.schema([pa.field(c, t) for c, t in cols]), key, doc, origin)
 
 
@@ -274,6 +275,8 @@ class Trigger:
 
     ALL_ARRIVED = "all_arrived"
     QUORUM_MET = "quorum_met"
+    #: best_effort: every branch arrived or was lost, the last event being an arrival.
+    ALL_ACCOUNTED = "all_accounted"
     FIRST_ARRIVAL = "first_arrival"
     BRANCH_LOST = "branch_lost"
     TIMEOUT = "timeout"

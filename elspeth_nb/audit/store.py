@@ -309,7 +309,7 @@ class AuditStore:
         try:
             for table in TABLES.values():
                 name = quote_ident(table.name)
-                con.execute(f"DELETE FROM {name} WHERE run_id = $run_id", {"run_id": run_id})
+                con.execute(f"DELETE FROM {name} WHERE run_id = $run_id", {"run_id": run_id})  # noqa: S608 - schema identifier
                 source = partition_dir(self.parquet_root, table.name, run_id)
                 if not source.is_dir() or not any(source.glob("part-*.parquet")):
                     continue
@@ -329,10 +329,10 @@ def _run_select(table: Table) -> str:
     cols = ", ".join("$run_id::VARCHAR AS run_id" if c == PARTITION_COLUMN else quote_ident(c) for c in table.columns)
     source = "read_parquet($glob, union_by_name = true)"
     if table.name == "runs":  # keep the latest revision only
-        return f"SELECT {cols} FROM (SELECT * FROM {source} ORDER BY revision DESC LIMIT 1)"
+        return f"SELECT {cols} FROM (SELECT * FROM {source} ORDER BY revision DESC LIMIT 1)"  # noqa: S608
     if table.name == "payloads":
-        return f"SELECT DISTINCT ON (payload_hash) {cols} FROM {source}"
-    return f"SELECT {cols} FROM {source}"
+        return f"SELECT DISTINCT ON (payload_hash) {cols} FROM {source}"  # noqa: S608
+    return f"SELECT {cols} FROM {source}"  # noqa: S608
 
 
 def _configure(con: duckdb.DuckDBPyConnection) -> None:
@@ -345,3 +345,44 @@ def _atomic_write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def latest_run_rows(store: AuditStore) -> dict[str, dict[str, object]]:
+    """The latest ``runs`` revision of every run on disk, as Python dicts keyed by run id."""
+    latest: dict[str, dict[str, object]] = {}
+    for run_id in store.run_ids():
+        directory = partition_dir(store.parquet_root, "runs", run_id)
+        files = sorted(directory.glob("part-*.parquet"))
+        if not files:
+            continue
+        rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+        best = max(rows, key=lambda r: int(r["revision"] or 0))  # type: ignore[call-overload]
+        latest[run_id] = best
+    return latest
+
+
+def interrupted_runs(store: AuditStore) -> list[str]:
+    """Runs whose latest revision says running but whose writer process is gone."""
+    return [
+        run_id for run_id, row in latest_run_rows(store).items()
+        if row["status"] == "running" and not store.is_live(run_id)
+    ]
+
+
+def mark_interrupted(store: AuditStore, found_by: str) -> list[str]:
+    """Append an ``interrupted`` revision for every run whose writer died; returns their ids."""
+    from elspeth_nb.audit.schema import RUNS, RunStatus
+    from elspeth_nb.audit.writer import ParquetSegmentWriter
+
+    latest = latest_run_rows(store)
+    stale = [run_id for run_id, row in latest.items()
+             if row["status"] == RunStatus.RUNNING and not store.is_live(run_id)]
+    writer = ParquetSegmentWriter(store.parquet_root)
+    for run_id in stale:
+        row = dict(latest[run_id])
+        row.update(status=RunStatus.INTERRUPTED, revision=int(row["revision"] or 0) + 1,  # type: ignore[call-overload]
+                   error_message=f"the writing process ended before the run finished (found by {found_by})")
+        row.pop(PARTITION_COLUMN, None)
+        writer.write_segment(RUNS, run_id, pa.Table.from_pylist([row], schema=RUNS.file_schema))
+    writer.close()
+    return stale

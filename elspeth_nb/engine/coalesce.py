@@ -1,0 +1,362 @@
+"""Coalesce: the barrier that turns a source row's branch tokens back into one token.
+
+A coalesce keeps one join per source row. Branch tokens arrive (or are reported lost) and the
+policy decides when to merge or fail; a timer enforces ``timeout_seconds`` on the engine clock.
+Every decision, merge or failure, is recorded with its full context in three places: the
+coalesce-node states (``context_after_json``), the branch tokens' outcomes (``context_json``)
+and one typed ``coalesce_events`` row. Tokens that arrive after the decision are recorded as
+late arrivals with how late they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from elspeth_nb.audit.hashing import canonical_json, error_hash, stable_hash
+from elspeth_nb.audit.schema import CoalesceEventType, Outcome, StateStatus, Trigger
+from elspeth_nb.engine.executors import NodeExecutor, Route
+from elspeth_nb.engine.tokens import Duty, EngineContext, RowContext, Timer, Token, hash_row
+
+Row = dict[str, Any]
+
+
+class EngineInvariantError(RuntimeError):
+    """The engine reached a state its design rules out (a bug, never bad user input)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A policy's answer: merge or fail, what triggered it, and the failure reason."""
+
+    merge: bool
+    trigger: str
+    failure_reason: str | None = None
+
+
+class PendingJoin:
+    """A row's join that has not decided yet."""
+
+    __slots__ = ("arrivals", "first_at", "lost", "outer", "timer")
+
+    def __init__(self, outer: tuple[Duty, ...]) -> None:
+        self.arrivals: list[tuple[str, Token, float]] = []
+        self.lost: dict[str, dict[str, Any]] = {}
+        self.first_at: float | None = None
+        self.outer = outer
+        self.timer: Timer | None = None
+
+    def arrived(self) -> list[str]:
+        return [branch for branch, _, _ in self.arrivals]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A decided join, kept while the row is in flight so late arrivals can refer to it."""
+
+    event_id: str
+    decided_at: float
+    first_at: float | None
+    merged: bool
+    trigger: str
+    failure_reason: str | None
+    join_group_id: str | None
+    merged_token_id: str | None
+
+
+def policy_verdict(policy: str, n: int, quorum: int | None, arrived: int, lost: int, event: str) -> Verdict | None:
+    """When ``policy`` decides, given counts after ``event`` (arrival, loss, timeout, end_of_source)."""
+    accounted = arrived + lost == n
+    if policy == "require_all":
+        if event == "arrival":
+            return Verdict(True, Trigger.ALL_ARRIVED) if arrived == n else None
+        if event == "loss":
+            return Verdict(False, Trigger.BRANCH_LOST, "branch_lost")
+        return Verdict(False, event, "incomplete_branches")
+    if policy == "quorum":
+        need = quorum or n
+        if event == "arrival":
+            return Verdict(True, Trigger.QUORUM_MET) if arrived >= need else None
+        if event == "loss":
+            return Verdict(False, Trigger.BRANCH_LOST, "quorum_impossible") if n - lost < need else None
+        if arrived >= need:
+            return Verdict(True, event)
+        return Verdict(False, event, "quorum_not_met_at_timeout" if event == Trigger.TIMEOUT else "quorum_not_met")
+    if policy == "best_effort":
+        if event in ("arrival", "loss"):
+            if not accounted:
+                return None
+            if arrived:
+                trigger = Trigger.BRANCH_LOST if event == "loss" else (
+                    Trigger.ALL_ARRIVED if lost == 0 else Trigger.ALL_ACCOUNTED)
+                return Verdict(True, trigger)
+            return Verdict(False, Trigger.BRANCH_LOST, "all_branches_lost")
+        if arrived:
+            return Verdict(True, event)
+        return Verdict(False, event,
+                       "best_effort_timeout_no_arrivals" if event == Trigger.TIMEOUT else "all_branches_lost")
+    if policy == "first":
+        if event == "arrival":
+            return Verdict(True, Trigger.FIRST_ARRIVAL)
+        if event == "loss":
+            return Verdict(False, Trigger.BRANCH_LOST, "all_branches_lost") if lost == n else None
+        return Verdict(True, event) if arrived else Verdict(False, event, "all_branches_lost")
+    raise EngineInvariantError(f"unknown coalesce policy {policy!r}")
+
+
+def merge_union(order: list[str], rows: dict[str, Row]) -> tuple[Row, dict[str, dict[str, Any]]]:
+    """Overlay branch rows in configured order (the last configured branch wins a field).
+
+    Also returns the collisions whose values differ: field -> {branches (config order), winner}.
+    """
+    out: Row = {}
+    differing: set[str] = set()
+    for branch in order:
+        row = rows.get(branch)
+        if row is None:
+            continue
+        if out:
+            for field in out.keys() & row.keys():
+                a, b = out[field], row[field]
+                if type(a) is not type(b) or a != b:
+                    differing.add(field)
+        out.update(row)
+    collisions = {}
+    for field in sorted(differing):
+        suppliers = [b for b in order if b in rows and field in rows[b]]
+        collisions[field] = {"branches": suppliers, "winner": suppliers[-1]}
+    return out, collisions
+
+
+class CoalesceExecutor(NodeExecutor):
+    """One coalesce node: joins per source row, policy decisions, merge strategies, recording."""
+
+    def __init__(self, ctx: EngineContext, name: str, node_id: str, step: int, config: Any) -> None:
+        super().__init__(ctx, name, node_id, step)
+        self.branches: list[str] = list(config.branch_inputs)
+        self.n = len(self.branches)
+        self.policy: str = config.policy
+        self.strategy: str = config.merge
+        self.quorum: int | None = config.quorum_count
+        self.timeout: float | None = config.timeout_seconds
+        self.select_branch: str | None = config.select_branch
+        self.next: Route | None = None
+        self._settings: dict[str, Any] = {"policy": self.policy, "merge_strategy": self.strategy}
+        for key, value in (("quorum_count", self.quorum), ("timeout_seconds", self.timeout),
+                           ("select_branch", self.select_branch)):
+            if value is not None:
+                self._settings[key] = value
+        self.merges = self.failures = self.late_arrivals = 0
+
+    # -- events ----------------------------------------------------------------------------
+    def receive(self, token: Token, branch: str) -> None:
+        """A branch token arrives."""
+        now = self.ctx.now()
+        rc = token.rc
+        entry = rc.joins.get(self.name)
+        if isinstance(entry, Decision):
+            self._late(token, branch, entry, now)
+            return
+        if entry is None:
+            entry = rc.joins[self.name] = PendingJoin(token.duties[:-1])
+        if branch in entry.lost or any(b == branch for b, _, _ in entry.arrivals):
+            raise EngineInvariantError(f"coalesce {self.name}: branch {branch} of row {rc.row_id} arrived twice")
+        if entry.first_at is None:
+            entry.first_at = now
+            if self.timeout is not None and self.policy != "first":
+                entry.timer = self.ctx.call_at(now + self.timeout, self._on_timeout, rc, entry)
+        entry.arrivals.append((branch, token, now))
+        verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost), "arrival")
+        if verdict is not None:
+            self._decide(rc, entry, verdict, now)
+
+    def branch_lost(self, rc: RowContext, branch: str, outer: tuple[Duty, ...], reason: dict[str, Any],
+                    now: float) -> None:
+        """A branch token of ``rc`` ended elsewhere: it will never arrive."""
+        entry = rc.joins.get(self.name)
+        if isinstance(entry, Decision):
+            return
+        if entry is None:
+            entry = rc.joins[self.name] = PendingJoin(outer)
+        entry.lost[branch] = reason
+        verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost), "loss")
+        if verdict is not None:
+            self._decide(rc, entry, verdict, now)
+
+    def _on_timeout(self, rc: RowContext, entry: PendingJoin) -> None:
+        if rc.joins.get(self.name) is not entry:
+            return
+        verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost),
+                                 Trigger.TIMEOUT)
+        self._decide(rc, entry, verdict, self.ctx.now())  # type: ignore[arg-type]
+
+    def flush(self, rc: RowContext) -> None:
+        """End of source with this row's join still pending: decide with what there is."""
+        entry = rc.joins.get(self.name)
+        if not isinstance(entry, PendingJoin):
+            return
+        verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost),
+                                 Trigger.END_OF_SOURCE)
+        self._decide(rc, entry, verdict, self.ctx.now())  # type: ignore[arg-type]
+
+    # -- decisions --------------------------------------------------------------------------
+    def _decide(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, now: float) -> None:
+        arrived = entry.arrived()
+        if verdict.merge and self.strategy == "select" and self.select_branch not in arrived:
+            verdict = Verdict(False, verdict.trigger, "select_branch_not_arrived")
+        if entry.timer is not None:
+            entry.timer.cancelled = True
+        event_id = self.ctx.new_coalesce_event_id()
+        if verdict.merge:
+            decision = self._merge(rc, entry, verdict, event_id, now)
+        else:
+            decision = self._fail(rc, entry, verdict, event_id, now)
+        rc.joins[self.name] = decision
+
+    def _context(self, entry: PendingJoin, verdict: Verdict, event_id: str, now: float) -> dict[str, Any]:
+        first = entry.first_at
+        context: dict[str, Any] = {
+            "coalesce": self.name,
+            "event_id": event_id,
+            "outcome": CoalesceEventType.MERGED if verdict.merge else CoalesceEventType.FAILED,
+            "trigger": verdict.trigger,
+            **self._settings,
+            "expected_branches": self.branches,
+            "branches_arrived": entry.arrived(),
+            "arrival_order": [
+                {"branch": b, "token_id": t.id, "arrival_offset_ms": (at - first) * 1000.0}  # type: ignore[operator]
+                for b, t, at in entry.arrivals
+            ],
+            "branches_lost": entry.lost,
+            "wait_duration_ms": None if first is None else (now - first) * 1000.0,
+        }
+        if verdict.failure_reason is not None:
+            context["failure_reason"] = verdict.failure_reason
+        return context
+
+    def _merge(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: str, now: float) -> Decision:
+        ctx = self.ctx
+        rows = {b: t.row for b, t, _ in entry.arrivals}
+        collisions: dict[str, dict[str, Any]] = {}
+        if self.strategy == "union":
+            merged, collisions = merge_union(self.branches, rows)
+        elif self.strategy == "nested":
+            merged = {b: rows[b] for b in self.branches if b in rows}
+        else:
+            merged = rows[self.select_branch]  # type: ignore[index]
+        data, merged_hash = hash_row(merged)
+        join_group_id = ctx.new_group_id()
+        token = ctx.new_token(rc, merged, data, merged_hash, entry.outer, join_group_id=join_group_id, step=self.step,
+                              at=now)
+        context = self._context(entry, verdict, event_id, now)
+        if collisions:
+            context["union_field_collisions"] = collisions
+        context.update(merged_token_id=token.id, join_group_id=join_group_id, merged_row_hash=merged_hash)
+        context_json = canonical_json(context)
+        rec, wall = ctx.rec, ctx.wall
+        merged_into = stable_hash({"merged_into": token.id})
+        for ordinal, (_, branch_token, arrived_at) in enumerate(entry.arrivals):
+            rec.token_parents(token.id, branch_token.id, ordinal)
+            rec.node_states(ctx.new_state_id(), branch_token.id, self.node_id, self.step, 0, StateStatus.COMPLETED,
+                            branch_token.hash, merged_into, None, context_json, (now - arrived_at) * 1000.0, None, None,
+                            wall(arrived_at), wall(now))
+            ctx.finish(branch_token, Outcome.COALESCED, join_group_id=join_group_id, context_json=context_json, at=now)
+        rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.COMPLETED,
+                        stable_hash({b: t.hash for b, t, _ in entry.arrivals}), merged_hash, None, context_json,
+                        context["wait_duration_ms"], None, None, wall(entry.first_at), wall(now))  # type: ignore[arg-type]
+        if ctx.store_boundary_payloads:
+            ctx.store_payload(merged_hash, data)
+        self._record_event(rc, entry, verdict, event_id, now, context_json, join_group_id, token.id, merged_hash,
+                           sorted(collisions))
+        self.merges += 1
+        receive, arg = self.next  # type: ignore[misc]
+        ctx.stack.append((receive, token, arg))
+        return Decision(event_id, now, entry.first_at, True, verdict.trigger, None, join_group_id, token.id)
+
+    def _fail(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: str, now: float) -> Decision:
+        ctx = self.ctx
+        context = self._context(entry, verdict, event_id, now)
+        context_json = canonical_json(context)
+        reason = verdict.failure_reason or "failed"
+        error_json = canonical_json({"failure_reason": reason, "policy": self.policy, "merge_strategy": self.strategy,
+                                     "expected_branches": self.branches, "branches_arrived": entry.arrived(),
+                                     "branches_lost": sorted(entry.lost), "event_id": event_id})
+        grouping = error_hash(self._elspeth_reason(reason, entry))
+        for _, token, arrived_at in entry.arrivals:
+            ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.FAILED,
+                                token.hash, None, None, context_json, (now - arrived_at) * 1000.0, error_json, None,
+                                ctx.wall(arrived_at), ctx.wall(now))
+            ctx.finish(token, Outcome.FAILED, error_hash=grouping, context_json=context_json, at=now)
+        self._record_event(rc, entry, verdict, event_id, now, context_json, None, None, None, None)
+        self.failures += 1
+        if entry.outer:
+            outer_coalesce, outer_branch = entry.outer[-1]
+            outer_coalesce.branch_lost(rc, outer_branch, entry.outer[:-1],
+                                       {"reason": "coalesce_failed", "node": self.name, "detail": reason,
+                                        "event_id": event_id}, now)
+        return Decision(event_id, now, entry.first_at, False, verdict.trigger, reason, None, None)
+
+    def _elspeth_reason(self, reason: str, entry: PendingJoin) -> str:
+        """ELSPETH's failure string, so error_hash groups the same way in both systems."""
+        if reason == "branch_lost":
+            return "branch_lost:" + ",".join(sorted(entry.lost))
+        if reason == "quorum_impossible":
+            return f"quorum_impossible:need={self.quorum},max_possible={self.n - len(entry.lost)}"
+        return reason
+
+    def _record_event(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: str, now: float,
+                      context_json: str, join_group_id: str | None, merged_token_id: str | None,
+                      merged_hash: str | None, collisions: list[str] | None) -> None:
+        ctx = self.ctx
+        first = entry.first_at
+        ctx.rec.coalesce_events(
+            event_id, self.node_id, self.name, rc.row_id,
+            CoalesceEventType.MERGED if verdict.merge else CoalesceEventType.FAILED, verdict.trigger,
+            verdict.failure_reason, self.policy, self.strategy, self.quorum, self.timeout, self.select_branch,
+            self.branches, entry.arrived(), [t.id for _, t, _ in entry.arrivals],
+            [(at - first) * 1000.0 for _, _, at in entry.arrivals],  # type: ignore[operator]
+            list(entry.lost), [r["reason"] for r in entry.lost.values()],
+            self.n, len(entry.arrivals), len(entry.lost), None if first is None else ctx.wall(first), ctx.wall(now),
+            None if first is None else (now - first) * 1000.0, join_group_id, merged_token_id, merged_hash,
+            collisions, None, None, None, None, context_json,
+        )
+
+    def _late(self, token: Token, branch: str, decision: Decision, now: float) -> None:
+        """A branch token reaches the coalesce after its row's decision: a late arrival."""
+        ctx = self.ctx
+        late_by_ms = (now - decision.decided_at) * 1000.0
+        event_id = ctx.new_coalesce_event_id()
+        context = {
+            "coalesce": self.name, "event_id": event_id, "outcome": CoalesceEventType.LATE_ARRIVAL,
+            "trigger": Trigger.LATE_ARRIVAL, **self._settings, "branch": branch, "token_id": token.id,
+            "late_by_ms": late_by_ms,
+            "decision": {"event_id": decision.event_id, "merged": decision.merged, "trigger": decision.trigger,
+                         "failure_reason": decision.failure_reason, "join_group_id": decision.join_group_id,
+                         "merged_token_id": decision.merged_token_id},
+        }
+        context_json = canonical_json(context)
+        if decision.merged:
+            ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.COMPLETED,
+                                token.hash, stable_hash({"late_arrival_after": decision.event_id}), None, context_json,
+                                0.0, None, None, ctx.wall(now), ctx.wall(now))
+            ctx.finish(token, Outcome.LATE_ARRIVAL, join_group_id=decision.join_group_id, context_json=context_json,
+                       at=now)
+        else:
+            error_json = canonical_json({"failure_reason": "arrived_after_failure",
+                                         "decision_failure_reason": decision.failure_reason,
+                                         "event_id": decision.event_id})
+            ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.FAILED,
+                                token.hash, None, None, context_json, 0.0, error_json, None, ctx.wall(now),
+                                ctx.wall(now))
+            ctx.finish(token, Outcome.FAILED, error_hash=error_hash("late_arrival_after_failure"),
+                       context_json=context_json, at=now)
+        ctx.rec.coalesce_events(
+            event_id, self.node_id, self.name, token.rc.row_id, CoalesceEventType.LATE_ARRIVAL, Trigger.LATE_ARRIVAL,
+            decision.failure_reason, self.policy, self.strategy, self.quorum, self.timeout, self.select_branch,
+            self.branches, [branch], [token.id],
+            [None if decision.first_at is None else (now - decision.first_at) * 1000.0], [], [], self.n, 1, 0,
+            ctx.wall(now), ctx.wall(decision.decided_at),
+            None, decision.join_group_id, decision.merged_token_id, None, None, decision.event_id, branch, token.id,
+            late_by_ms, context_json,
+        )
+        self.late_arrivals += 1

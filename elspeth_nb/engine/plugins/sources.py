@@ -1,0 +1,318 @@
+"""Sources: read rows from CSV, JSON Lines or Parquet and check them against the schema.
+
+``records()`` yields either a row (a plain ``dict``) or a :class:`Quarantine` describing a
+record that could not become a row (a malformed line, a wrong type, bad encoding). The engine
+quarantines those and goes on; only an unreadable file stops a run, before it starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from elspeth_nb.errors import InputError
+
+MAX_FIELD_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """One declared schema field: name, type (int/float/str/bool/any) and whether it is required."""
+
+    name: str
+    type: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A source record that failed parsing or validation; ``raw`` is JSON-safe."""
+
+    raw: Any
+    error: str
+    violation_type: str
+    location: str
+    field: str | None = None
+    expected_type: str | None = None
+    actual_type: str | None = None
+
+
+class SchemaViolation(Exception):
+    def __init__(self, message: str, violation: str, field: str | None = None,
+                 expected: str | None = None, actual: str | None = None) -> None:
+        super().__init__(message)
+        self.violation, self.field, self.expected, self.actual = violation, field, expected, actual
+
+
+_TRUE = frozenset({"true", "1", "yes", "y", "t"})
+_FALSE = frozenset({"false", "0", "no", "n", "f"})
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+_TEXT_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int, "float": float, "bool": _parse_bool, "str": str, "any": str,
+}
+
+
+def _json_type_ok(kind: str, value: Any) -> bool:
+    t = type(value)
+    if kind == "any":
+        return True
+    if kind == "int":
+        return t is int
+    if kind == "float":
+        return t is float or t is int
+    if kind == "str":
+        return t is str
+    if kind == "bool":
+        return t is bool
+    return False
+
+
+class _Source:
+    """What every source shares: its file, schema mode and declared fields."""
+
+    plugin = "source"
+
+    def __init__(self, path: Path, schema_mode: str, fields: Sequence[FieldRule]) -> None:
+        self.path = path
+        self.schema_mode = schema_mode
+        self.fields = tuple(fields)
+        self.declared = {f.name: f for f in self.fields}
+
+    def check_readable(self) -> None:
+        """Fail before the run starts if the input cannot be opened."""
+        if not self.path.exists():
+            raise InputError(f"source.options.path: input file {self.path} does not exist")
+        if not self.path.is_file():
+            raise InputError(f"source.options.path: {self.path} is not a file")
+        try:
+            with self.path.open("rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise InputError(f"source.options.path: cannot read {self.path}: {exc.strerror or exc}") from exc
+
+    def location(self, line: int) -> str:
+        return f"{self.path.name}:{line}"
+
+    def check_typed(self, row: dict[str, Any]) -> None:
+        """Schema check for already-typed values (JSON, Parquet): presence, extras, types."""
+        if self.schema_mode in ("observed", "parse") or not self.fields:
+            return
+        for rule in self.fields:
+            if rule.name not in row or row[rule.name] is None:
+                if rule.required:
+                    raise SchemaViolation(f"required field '{rule.name}' is missing", "missing_field", rule.name,
+                                          rule.type, "missing")
+                continue
+            value = row[rule.name]
+            if not _json_type_ok(rule.type, value):
+                raise SchemaViolation(
+                    f"field '{rule.name}' should be {rule.type}, got {type(value).__name__} {value!r:.80}",
+                    "type_mismatch", rule.name, rule.type, type(value).__name__)
+        if self.schema_mode == "fixed":
+            extra = [k for k in row if k not in self.declared]
+            if extra:
+                raise SchemaViolation(f"unexpected field(s) {extra} (schema mode fixed)", "extra_field", extra[0],
+                                      None, type(row[extra[0]]).__name__)
+
+
+class CsvSource(_Source):
+    """CSV with a header line; declared field types are parsed from text."""
+
+    plugin = "csv"
+
+    def __init__(self, path: Path, schema_mode: str, fields: Sequence[FieldRule], *, delimiter: str = ",",
+                 quotechar: str = '"', encoding: str = "utf-8") -> None:
+        super().__init__(path, schema_mode, fields)
+        self.delimiter, self.quotechar, self.encoding = delimiter, quotechar, encoding
+        self.header: list[str] = []
+
+    def records(self) -> Iterator[dict[str, Any] | Quarantine]:
+        bad_lines: set[int] = set()
+        previous_limit = csv.field_size_limit(MAX_FIELD_BYTES)
+        try:
+            with self.path.open("rb") as handle:
+                lines = _decoded_lines(handle, self.encoding, bad_lines)
+                reader = csv.reader(lines, delimiter=self.delimiter, quotechar=self.quotechar)
+                yield from self._rows(reader, bad_lines)
+        finally:
+            csv.field_size_limit(previous_limit)
+
+    def _rows(self, reader: Any, bad_lines: set[int]) -> Iterator[dict[str, Any] | Quarantine]:
+        header = self._read_header(reader)
+        width = len(header)
+        parsers = [(f.name, _TEXT_PARSERS[f.type], f) for f in self.fields if f.name in header]
+        last_line = reader.line_num
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield Quarantine({"line": reader.line_num}, f"malformed CSV record: {exc}", "malformed_row",
+                                 self.location(reader.line_num))
+                last_line = reader.line_num
+                continue
+            line = reader.line_num
+            if bad_lines and any(n in bad_lines for n in range(last_line + 1, line + 1)):
+                raw = [f.encode("utf-8", "surrogateescape").decode(self.encoding, "backslashreplace") for f in fields]
+                yield Quarantine({"fields": raw}, f"bytes that are not valid {self.encoding}", "encoding",
+                                 self.location(line))
+                last_line = line
+                continue
+            last_line = line
+            if not fields:
+                continue
+            if len(fields) != width:
+                yield Quarantine({"fields": fields}, f"record has {len(fields)} fields, the header has {width}",
+                                 "malformed_row", self.location(line))
+                continue
+            row = dict(zip(header, fields, strict=True))
+            problem = _parse_text_fields(row, parsers)
+            if problem is None:
+                yield row
+            else:
+                yield Quarantine(dict(zip(header, fields, strict=True)), str(problem), problem.violation,
+                                 self.location(line), problem.field, problem.expected, problem.actual)
+
+    def _read_header(self, reader: Any) -> list[str]:
+        try:
+            header = next(reader)
+        except StopIteration:
+            return []
+        except csv.Error as exc:
+            raise InputError(f"{self.path}: cannot read the CSV header: {exc}") from exc
+        names = [h.strip() for h in header]
+        if len(set(names)) != len(names):
+            raise InputError(f"{self.path}: duplicate column names in the header {names}")
+        if self.schema_mode in ("fixed", "flexible"):
+            missing = [f.name for f in self.fields if f.required and f.name not in names]
+            if missing:
+                raise InputError(f"{self.path}: the header lacks declared field(s) {missing} (header: {names})")
+        if self.schema_mode == "fixed":
+            extra = [n for n in names if n not in self.declared]
+            if extra:
+                raise InputError(f"{self.path}: column(s) {extra} are not declared and the schema mode is fixed")
+        self.header = names
+        return names
+
+
+def _parse_text_fields(row: dict[str, Any], parsers: Sequence[tuple[str, Callable[[str], Any], FieldRule]]
+                       ) -> SchemaViolation | None:
+    for name, parse, rule in parsers:
+        text = row[name]
+        if text == "" and rule.type != "str":
+            if rule.required:
+                return SchemaViolation(f"required field '{name}' is empty", "missing_field", name, rule.type, "empty")
+            row[name] = None
+            continue
+        try:
+            row[name] = parse(text)
+        except ValueError:
+            return SchemaViolation(f"field '{name}' should be {rule.type}, got {text!r:.80}", "type_mismatch", name,
+                                   rule.type, "str")
+    return None
+
+
+def _decoded_lines(handle: Any, encoding: str, bad_lines: set[int]) -> Iterator[str]:
+    """Decode line by line so one bad byte quarantines one record instead of ending the run."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            yield raw.decode(encoding)
+        except UnicodeDecodeError:
+            bad_lines.add(number)
+            yield raw.decode(encoding, "surrogateescape")
+
+
+class JsonlSource(_Source):
+    """One JSON object per line; values keep their JSON types."""
+
+    plugin = "jsonl"
+
+    def __init__(self, path: Path, schema_mode: str, fields: Sequence[FieldRule], *, encoding: str = "utf-8") -> None:
+        super().__init__(path, schema_mode, fields)
+        self.encoding = encoding
+
+    def records(self) -> Iterator[dict[str, Any] | Quarantine]:
+        with self.path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                yield self._parse(raw, number)
+
+    def _parse(self, raw: bytes, number: int) -> dict[str, Any] | Quarantine:
+        where = self.location(number)
+        text = raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")
+        try:
+            value = orjson.loads(raw) if self.encoding.lower().replace("-", "") == "utf8" else json.loads(text)
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            return self._diagnose(text, where, exc)
+        if not isinstance(value, dict):
+            return Quarantine({"line": text}, f"expected a JSON object, got {type(value).__name__}", "malformed_row",
+                              where)
+        try:
+            self.check_typed(value)
+        except SchemaViolation as problem:
+            return Quarantine(value, str(problem), problem.violation, where, problem.field, problem.expected,
+                              problem.actual)
+        return value
+
+    @staticmethod
+    def _diagnose(text: str, where: str, exc: Exception) -> Quarantine:
+        try:  # the stdlib parser accepts NaN/Infinity: tell the user that is what is wrong
+            json.loads(text)
+        except ValueError:
+            return Quarantine({"line": text}, f"invalid JSON: {exc}", "malformed_row", where)
+        return Quarantine({"line": text}, "NaN or Infinity is not allowed in audited data (use null)", "non_finite",
+                          where)
+
+
+class ParquetSource(_Source):
+    """Parquet files, read in record batches."""
+
+    plugin = "parquet"
+    batch_size = 16_384
+
+    def check_readable(self) -> None:
+        super().check_readable()
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_schema(self.path)
+        except Exception as exc:
+            raise InputError(f"source.options.path: {self.path} is not a readable Parquet file: {exc}") from exc
+
+    def records(self) -> Iterator[dict[str, Any] | Quarantine]:
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(self.path)
+        number = 0
+        for batch in parquet.iter_batches(batch_size=self.batch_size):
+            for row in batch.to_pylist():
+                number += 1
+                try:
+                    self.check_typed(row)
+                except SchemaViolation as problem:
+                    yield Quarantine(_json_safe(row), str(problem), problem.violation, f"{self.path.name}#row{number}",
+                                     problem.field, problem.expected, problem.actual)
+                    continue
+                yield row
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, str | int | bool | type(None)) else repr(v) for k, v in row.items()}

@@ -1,0 +1,85 @@
+"""Our canonical JSON must be byte-identical to the reference RFC 8785 encoder ELSPETH uses."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elspeth_nb.audit.hashing import canonical_bytes, error_hash, format_number, stable_hash
+from elspeth_nb.errors import CanonicalizationError
+
+SAFE_INT = 2**53 - 1
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-SAFE_INT, max_value=SAFE_INT)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_values)
+def test_matches_reference_encoder(value: object) -> None:
+    assert canonical_bytes(value) == rfc8785.dumps(value)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_numbers_format_like_ecmascript(value: float) -> None:
+    assert format_number(value).encode() == rfc8785.dumps(value)
+
+
+def test_keys_sort_by_utf16_code_units_outside_the_bmp() -> None:
+    value = {"\ue000": 1, "\U0001f600": 2, "a": 3}
+    assert canonical_bytes(value) == rfc8785.dumps(value)
+    assert canonical_bytes(value).index("😀".encode()) < canonical_bytes(value).index("\ue000".encode())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, {"x": [1, math.nan]}, Decimal("NaN")])
+def test_non_finite_values_are_rejected_with_their_path(bad: object) -> None:
+    with pytest.raises(CanonicalizationError, match=r"NaN|Infinity|finite|nan|inf"):
+        canonical_bytes(bad)
+
+
+def test_unsafe_integers_and_sets_are_rejected() -> None:
+    with pytest.raises(CanonicalizationError, match=r"\$\.big"):
+        canonical_bytes({"big": 2**60})
+    with pytest.raises(CanonicalizationError, match="sorted list"):
+        canonical_bytes({"s": {1, 2}})
+
+
+def test_elspeth_normalisation_of_python_types() -> None:
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+    naive = datetime(2026, 1, 2, 3, 4, 5)
+    value = {"t": moment, "n": naive, "d": Decimal("1.10"), "b": b"\x00\xff", "tuple": (1, 2)}
+    expected = {
+        "t": moment.astimezone(UTC).isoformat(), "n": naive.replace(tzinfo=UTC).isoformat(), "d": "1.10",
+        "b": {"__bytes__": base64.b64encode(b"\x00\xff").decode()}, "tuple": [1, 2],
+    }
+    assert canonical_bytes(value) == rfc8785.dumps(expected)
+
+
+def test_stable_hash_is_sha256_of_canonical_bytes() -> None:
+    row = {"id": 1, "name": "x", "amount": 2.5}
+    assert stable_hash(row) == hashlib.sha256(rfc8785.dumps(row)).hexdigest()
+
+
+def test_error_hash_matches_elspeth_grouping_keys() -> None:
+    # values listed in the ELSPETH reference (sha256(text)[:16])
+    assert error_hash("late_arrival_after_merge") == "6eb4c47f6e339fa9"
+    assert error_hash("incomplete_branches") == "c320d0eeacce4a06"
+    assert error_hash("quorum_not_met") == "d766cd0a95cc4e5f"

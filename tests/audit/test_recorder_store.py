@@ -1,0 +1,164 @@
+"""The recorder buffers tuples in schema order and writes them as atomic Parquet segments."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from elspeth_nb.audit.recorder import Recorder, rows_to_arrow
+from elspeth_nb.audit.schema import NODE_STATES, TABLES
+from elspeth_nb.audit.store import AuditStore, duckdb_type
+from elspeth_nb.audit.writer import MemoryWriter, ParquetSegmentWriter
+from elspeth_nb.errors import AuditStoreError, SchemaVersionError
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_each_recorder_method_takes_exactly_its_table_columns(name: str) -> None:
+    params = list(inspect.signature(getattr(Recorder, name)).parameters)[1:]
+    assert params == TABLES[name].file_columns
+
+
+def test_every_column_type_maps_to_duckdb() -> None:
+    for table in TABLES.values():
+        for f in table.schema:
+            assert duckdb_type(f.type)
+
+
+def test_rows_to_arrow_converts_epoch_seconds_and_nulls() -> None:
+    rows = [("s1", "t1", "n", 1, 0, "completed", "h", None, None, '{"a":1}', 1.5, None, None, 1767225600.25, None)]
+    table = rows_to_arrow(NODE_STATES, rows)
+    assert table.schema == NODE_STATES.file_schema
+    started = table.column("started_at")[0].as_py()
+    assert started.isoformat() == "2026-01-01T00:00:00.250000+00:00"
+    assert table.column("completed_at")[0].as_py() is None
+
+
+def test_flush_writes_one_segment_per_table_and_memory_writer_adds_run_id() -> None:
+    writer = MemoryWriter()
+    rec = Recorder("run1", writer)
+    rec.token_parents("t2", "t1", 0)
+    rec.payloads("h1", '{"a":1}')
+    rec.payloads("h1", '{"a":1}')  # deduplicated
+    rec.close()
+    parents = writer.table("token_parents")
+    assert parents.column_names == TABLES["token_parents"].columns
+    assert parents.to_pylist() == [{"token_id": "t2", "parent_token_id": "t1", "ordinal": 0, "run_id": "run1"}]
+    assert writer.table("payloads").num_rows == 1
+    assert writer.table("rows").num_rows == 0
+
+
+def test_buffers_flush_when_full(tmp_path: Path) -> None:
+    writer = ParquetSegmentWriter(tmp_path, fsync=False)
+    rec = Recorder("r", writer, segment_rows=3)
+    for i in range(7):
+        rec.token_parents(f"t{i}", "p", i)
+        rec.tick()
+    files = sorted((tmp_path / "token_parents" / "run_id=r").glob("part-*.parquet"))
+    assert [pq.read_metadata(f).num_rows for f in files] == [3, 3]
+    rec.close()
+    files = sorted((tmp_path / "token_parents" / "run_id=r").iterdir())
+    assert [f.name for f in files] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+
+
+def test_segment_write_failure_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def half_write(table: pa.Table, where: Path, **kwargs: object) -> None:
+        Path(where).write_bytes(b"PAR1 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", half_write)
+    writer = ParquetSegmentWriter(tmp_path, fsync=False)
+    batch = rows_to_arrow(TABLES["token_parents"], [("t", "p", 0)])
+    with pytest.raises(AuditStoreError, match="No space left on device"):
+        writer.write_segment(TABLES["token_parents"], "r", batch)
+    assert list((tmp_path / "token_parents" / "run_id=r").iterdir()) == []
+
+
+def test_store_refuses_unwritable_path(tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o500)
+    try:
+        if os.access(target, os.W_OK):  # running as root: permissions do not apply
+            blocker = tmp_path / "file"
+            blocker.write_text("x")
+            target = blocker / "audit"
+        with pytest.raises(AuditStoreError, match="not writable"):
+            AuditStore.create(target)
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
+def test_store_refuses_newer_schema(tmp_path: Path) -> None:
+    AuditStore.create(tmp_path)
+    (tmp_path / "elspeth-nb-store.json").write_text('{"format": "elspeth-nb-audit-store", "schema_version": 99}')
+    with pytest.raises(SchemaVersionError, match="version 99"):
+        AuditStore.open(tmp_path)
+
+
+def test_open_rejects_a_folder_that_is_not_a_store(tmp_path: Path) -> None:
+    with pytest.raises(AuditStoreError, match="not an elspeth-nb audit store"):
+        AuditStore.open(tmp_path)
+
+
+def _write_run(store: AuditStore, run_id: str) -> None:
+    rec = Recorder(run_id, ParquetSegmentWriter(store.parquet_root, fsync=False))
+    rec.runs(1.0, None, "c", "{}", None, "v", None, None, "running")
+    rec.runs(1.0, 2.0, "c", "{}", None, "v", None, None, "completed", revision=1)
+    rec.token_parents("t2", "t1", 0)
+    rec.payloads("h", "{}")
+    rec.close()
+
+
+def test_duckdb_sync_is_idempotent_and_keeps_the_latest_run_revision(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path)
+    _write_run(store, "r1")
+    assert store.sync_duckdb(["r1"]).ok
+    assert store.sync_duckdb(["r1"]).ok
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT run_id, status, revision FROM runs").fetchall() == [("r1", "completed", 1)]
+        assert con.execute("SELECT count(*) FROM token_parents").fetchone() == (1,)
+
+
+def test_duckdb_sync_marks_runs_pending_while_another_process_holds_the_file(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path)
+    _write_run(store, "r1")
+    assert store.sync_duckdb(["r1"]).ok
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import duckdb, sys, time
+            con = duckdb.connect({str(store.duckdb_path)!r})
+            print("ready", flush=True)
+            sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        result = store.sync_duckdb(["r1"], attempts=2, wait_s=0.01)
+        assert not result.ok and result.pending == ["r1"]
+        assert "held by another process" in result.message and "elspeth-nb rebuild" in result.message
+        assert store.pending_runs() == ["r1"]
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert store.sync_duckdb([]).synced == ["r1"]
+    assert store.pending_runs() == []
+
+
+def test_rebuild_recreates_duckdb_from_parquet(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path)
+    _write_run(store, "r1")
+    _write_run(store, "r2")
+    store.duckdb_path.write_bytes(b"garbage")
+    result = store.rebuild_duckdb()
+    assert sorted(result.synced) == ["r1", "r2"]
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)

@@ -1,0 +1,224 @@
+"""Every policy x merge strategy x scenario: the exact coalesce record in all three places.
+
+Expected decisions are written out by hand from the policy rules (SPEC §3), not computed by the
+engine's own code. Branch order is a, b, c; with a fake clock and no waits they arrive in that
+order. Scenarios: ``all`` (every branch arrives), ``lost`` (branch c of the `toys` row is
+discarded before the coalesce), ``delayed`` (b waits 300 ms on a call), ``timeout`` (b and c
+wait 2 s, the coalesce times out after 1 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cases import ROWS, Trail, fork_pipeline, run_in_memory, write_csv
+
+TOYS = 1  # row index whose branch c is lost in the `lost` scenario
+
+
+@dataclass(frozen=True)
+class Expect:
+    event: str                      # merged | failed
+    trigger: str
+    arrived: tuple[str, ...]
+    offsets: tuple[float, ...]
+    wait_ms: float | None
+    reason: str | None = None
+    lost: tuple[str, ...] = ()
+    late: dict[str, float] = field(default_factory=dict)   # branch -> late_by_ms
+    after_decision_loss: tuple[str, ...] = ()              # lost after the decision (no effect on it)
+
+
+def expected(policy: str, merge: str, scenario: str, row: int) -> Expect:
+    """The decision for one row, from the policy rules."""
+    toys = scenario == "lost" and row == TOYS
+    if scenario == "all" or (scenario == "lost" and not toys):
+        base = {
+            "require_all": Expect("merged", "all_arrived", ("a", "b", "c"), (0, 0, 0), 0.0),
+            "quorum": Expect("merged", "quorum_met", ("a", "b"), (0, 0), 0.0,
+                             late={"c": 0.0}),
+            "best_effort": Expect("merged", "all_arrived", ("a", "b", "c"), (0, 0, 0), 0.0),
+            "first": Expect("merged", "first_arrival", ("a",), (0,), 0.0, late={"b": 0.0, "c": 0.0}),
+        }[policy]
+    elif scenario == "lost":
+        base = {
+            "require_all": Expect("failed", "branch_lost", ("a", "b"), (0, 0), 0.0, "branch_lost", lost=("c",)),
+            "quorum": Expect("merged", "quorum_met", ("a", "b"), (0, 0), 0.0, after_decision_loss=("c",)),
+            "best_effort": Expect("merged", "branch_lost", ("a", "b"), (0, 0), 0.0, lost=("c",)),
+            "first": Expect("merged", "first_arrival", ("a",), (0,), 0.0, late={"b": 0.0},
+                            after_decision_loss=("c",)),
+        }[policy]
+    elif scenario == "delayed":
+        base = {
+            "require_all": Expect("merged", "all_arrived", ("a", "c", "b"), (0, 0, 300), 300.0),
+            "quorum": Expect("merged", "quorum_met", ("a", "c"), (0, 0), 0.0, late={"b": 300.0}),
+            "best_effort": Expect("merged", "all_arrived", ("a", "c", "b"), (0, 0, 300), 300.0),
+            "first": Expect("merged", "first_arrival", ("a",), (0,), 0.0, late={"c": 0.0, "b": 300.0}),
+        }[policy]
+    else:  # timeout: b and c take 2 s, the coalesce gives up after 1 s (first has no timeout)
+        base = {
+            "require_all": Expect("failed", "timeout", ("a",), (0,), 1000.0, "incomplete_branches",
+                                  late={"b": 1000.0, "c": 1000.0}),
+            "quorum": Expect("failed", "timeout", ("a",), (0,), 1000.0, "quorum_not_met_at_timeout",
+                             late={"b": 1000.0, "c": 1000.0}),
+            "best_effort": Expect("merged", "timeout", ("a",), (0,), 1000.0, late={"b": 1000.0, "c": 1000.0}),
+            "first": Expect("merged", "first_arrival", ("a",), (0,), 0.0, late={"b": 2000.0, "c": 2000.0}),
+        }[policy]
+    if merge == "select" and base.event == "merged" and "b" not in base.arrived:
+        return Expect("failed", base.trigger, base.arrived, base.offsets, base.wait_ms, "select_branch_not_arrived",
+                      base.lost, base.late, base.after_decision_loss)
+    return base
+
+
+def branch_rows(source: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    note = source["note"]
+    return {
+        "a": dict(source),
+        "b": {**source, "note": note if len(note) <= 8 else note[:6] + ".."},
+        "c": {"id": source["id"], "category": source["category"], "amount_c": source["amount"]},
+    }
+
+
+def expected_row(merge: str, source: dict[str, Any], arrived: tuple[str, ...]) -> dict[str, Any]:
+    rows = branch_rows(source)
+    if merge == "nested":
+        return {b: rows[b] for b in "abc" if b in arrived}
+    if merge == "select":
+        return rows["b"]
+    out: dict[str, Any] = {}
+    for b in "abc":
+        if b in arrived:
+            out.update(rows[b])
+    return out
+
+
+def expected_collisions(source: dict[str, Any], arrived: tuple[str, ...]) -> dict[str, Any]:
+    rows = branch_rows(source)
+    if "a" in arrived and "b" in arrived and rows["a"]["note"] != rows["b"]["note"]:
+        return {"note": {"branches": ["a", "b"], "winner": "b"}}
+    return {}
+
+
+POLICIES = {"require_all": {}, "quorum": {"quorum_count": 2}, "best_effort": {}, "first": {}}
+SCENARIOS = ["all", "lost", "delayed", "timeout"]
+
+
+def build(tmp_path: Path, policy: str, merge: str, scenario: str) -> Trail:
+    source = write_csv(tmp_path / "input.csv")
+    options: dict[str, Any] = dict(POLICIES[policy])
+    if policy != "first" and (policy == "best_effort" or scenario in ("delayed", "timeout")):
+        options["timeout_seconds"] = 1.0
+    if merge == "select":
+        options["select_branch"] = "b"
+    if scenario == "lost":
+        options["lose_c_for"] = "toys"
+    if scenario == "delayed":
+        options["slow"] = {"b": 300}
+    if scenario == "timeout":
+        options["slow"] = {"b": 2000, "c": 2000}
+    return run_in_memory(fork_pipeline(source, policy=policy, merge=merge, **options))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("merge", ["union", "nested", "select"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_coalesce_record(tmp_path: Path, policy: str, merge: str, scenario: str) -> None:
+    trail = build(tmp_path, policy, merge, scenario)
+    assert trail.result.status == "completed"
+    assert_one_terminal_outcome_per_token(trail)
+    rows = {r["row_index"]: r for r in trail.rows("rows")}
+    tokens = trail.rows("tokens")
+    outcomes = {o["token_id"]: o for o in trail.rows("token_outcomes")}
+    states = trail.rows("node_states")
+    events = trail.rows("coalesce_events")
+    coalesce_node = next(n["node_id"] for n in trail.rows("nodes") if n["node_type"] == "coalesce")
+    sink_lines = [line for line in (tmp_path / "output.jsonl").read_bytes().splitlines()]
+    payloads = {p["payload_hash"]: p["payload_json"] for p in trail.rows("payloads")}
+    written = 0
+    for index, source in enumerate(ROWS):
+        want = expected(policy, merge, scenario, index)
+        row_id = rows[index]["row_id"]
+        decisions = [e for e in events if e["row_id"] == row_id and e["event_type"] != "late_arrival"]
+        assert len(decisions) == 1, decisions
+        event = decisions[0]
+        # typed record
+        decided = (event["event_type"], event["trigger"], event["failure_reason"])
+        assert decided == (want.event, want.trigger, want.reason)
+        assert tuple(event["branches_arrived"]) == want.arrived
+        assert tuple(event["arrival_offsets_ms"]) == pytest.approx(want.offsets)
+        assert tuple(event["branches_lost"]) == want.lost
+        assert event["wait_duration_ms"] == pytest.approx(want.wait_ms)
+        assert (event["policy"], event["merge_strategy"]) == (policy, merge)
+        assert event["expected_branches"] == ["a", "b", "c"]
+        # the full context: identical in coalesce_events, every coalesce-node state of the decision, every outcome
+        context = json.loads(event["context_json"])
+        expected_keys = {"coalesce", "event_id", "outcome", "trigger", "policy", "merge_strategy", "expected_branches",
+                         "branches_arrived", "arrival_order", "branches_lost", "wait_duration_ms"}
+        expected_keys |= {k for k in ("quorum_count", "timeout_seconds", "select_branch") if k in context}
+        assert {k for k in ("quorum_count",) if policy == "quorum"} <= context.keys()
+        if want.event == "merged":
+            expected_keys |= {"merged_token_id", "join_group_id", "merged_row_hash"}
+        else:
+            expected_keys |= {"failure_reason"}
+        collisions = expected_collisions(source, want.arrived) if merge == "union" and want.event == "merged" else {}
+        if collisions:
+            expected_keys.add("union_field_collisions")
+            assert context["union_field_collisions"] == collisions
+        assert set(context) == expected_keys
+        assert context["event_id"] == event["event_id"]
+        assert [a["branch"] for a in context["arrival_order"]] == list(want.arrived)
+        assert [a["token_id"] for a in context["arrival_order"]] == event["arrived_token_ids"]
+        assert sorted(context["branches_lost"]) == list(want.lost)
+        for lost_branch in want.lost:
+            assert context["branches_lost"][lost_branch]["reason"] == "error_discarded"
+        arrived_ids = event["arrived_token_ids"]
+        for token_id in arrived_ids:
+            outcome = outcomes[token_id]
+            assert outcome["outcome"] == ("coalesced" if want.event == "merged" else "failed")
+            assert outcome["context_json"] == event["context_json"]
+            [state] = [s for s in states if s["token_id"] == token_id and s["node_id"] == coalesce_node]
+            assert state["context_after_json"] == event["context_json"]
+            assert state["status"] == ("completed" if want.event == "merged" else "failed")
+        if want.event == "merged":
+            merged_id = context["merged_token_id"]
+            merged = next(t for t in tokens if t["token_id"] == merged_id)
+            assert merged["join_group_id"] == context["join_group_id"] == event["join_group_id"]
+            parents = sorted((p for p in trail.rows("token_parents") if p["token_id"] == merged_id),
+                             key=lambda p: p["ordinal"])
+            assert [p["parent_token_id"] for p in parents] == arrived_ids  # arrival order
+            [merged_state] = [s for s in states if s["token_id"] == merged_id and s["node_id"] == coalesce_node]
+            assert merged_state["context_after_json"] == event["context_json"]
+            want_row = expected_row(merge, source, want.arrived)
+            line = sink_lines[written]
+            written += 1
+            assert json.loads(line) == want_row
+            line_hash = hashlib.sha256(line).hexdigest()
+            assert merged_state["output_hash"] == context["merged_row_hash"] == event["merged_row_hash"] == line_hash
+            assert payloads[line_hash] == line.decode()
+            assert outcomes[merged_id]["outcome"] == "completed" and outcomes[merged_id]["sink_name"] == "output"
+        # late arrivals: recorded as such, with how late they were
+        late = [e for e in events if e["row_id"] == row_id and e["event_type"] == "late_arrival"]
+        assert {e["late_branch"]: e["late_by_ms"] for e in late} == pytest.approx(want.late)
+        for e in late:
+            assert e["decision_event_id"] == event["event_id"]
+            late_outcome = outcomes[e["late_token_id"]]
+            assert late_outcome["outcome"] == ("late_arrival" if want.event == "merged" else "failed")
+            assert json.loads(late_outcome["context_json"])["late_by_ms"] == pytest.approx(e["late_by_ms"])
+        for branch in want.after_decision_loss:
+            token = next(t for t in tokens if t["row_id"] == row_id and t["branch_name"] == branch)
+            assert outcomes[token["token_id"]]["outcome"] == "quarantined"
+    assert written == len(sink_lines)
+
+
+def assert_one_terminal_outcome_per_token(trail: Trail) -> None:
+    tokens = {t["token_id"] for t in trail.rows("tokens")}
+    counts = Counter(o["token_id"] for o in trail.rows("token_outcomes") if o["is_terminal"] == 1)
+    assert set(counts) == tokens
+    assert set(counts.values()) == {1}
