@@ -27,18 +27,26 @@ import orjson
 
 from elspeth_nb.errors import CanonicalizationError
 
-_SORT = orjson.OPT_SORT_KEYS
+_SORT = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
 _dumps = orjson.dumps
 _sha256 = hashlib.sha256
 _MAX_SAFE_INT = 2**53 - 1
 _Fragment = orjson.Fragment
+_FLAT_TYPES = frozenset({str, int, bool, type(None)})
+
+
+class _NeedsReference(Exception):  # noqa: N818 - internal signal
+    """The value needs the careful path (special types, non-BMP keys, or an error to explain)."""
 
 
 def canonical_bytes(obj: Any) -> bytes:
     """RFC 8785 canonical JSON of ``obj`` as UTF-8 bytes."""
-    if _is_plain(obj):
-        return _dumps(obj, option=_SORT)
-    return _dumps(_normalise(obj, "$"))
+    try:
+        if type(obj) is dict and _FLAT_TYPES.issuperset(map(type, obj.values())) and all(map(str.isascii, obj)):
+            return _dumps(obj, option=_SORT)
+        return _dumps(_prepare(obj), option=_SORT)
+    except (_NeedsReference, TypeError, orjson.JSONEncodeError, CanonicalizationError):
+        return _dumps(_normalise(obj, "$"))
 
 
 def canonical_json(obj: Any) -> str:
@@ -61,38 +69,37 @@ def error_hash(text: str) -> str:
     return _sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _is_plain(obj: Any) -> bool:
-    """True when orjson with sorted keys already produces RFC 8785 for ``obj``."""
+def canonical_json_prepared(obj: Any) -> str:
+    """Canonical JSON of a structure the engine built itself: ASCII string keys, plain values and
+    floats already passed through :func:`json_number` (skips the checks ``canonical_json`` makes)."""
+    return _dumps(obj, option=_SORT).decode("utf-8")
+
+
+def json_number(value: float) -> Any:
+    """A float as orjson must see it to print RFC 8785's number form (raises for NaN/Infinity)."""
+    magnitude = abs(value)
+    if 1e-5 <= magnitude < 9007199254740992.0:
+        return int(value) if value.is_integer() else value
+    return _Fragment(format_number(value).encode("ascii"))
+
+
+def _prepare(obj: Any) -> Any:
+    """Plain JSON values with floats in RFC 8785 form; anything unusual asks for the reference path."""
     t = type(obj)
+    if t is str or t is int or t is bool or obj is None:
+        return obj
+    if t is float:
+        return json_number(obj)
+    if t is _Fragment:  # a number already in RFC 8785 form
+        return obj
     if t is dict:
-        for k, v in obj.items():
-            if type(k) is not str or not k.isascii():
-                return False
-            tv = type(v)
-            if tv is str or tv is bool or v is None:
-                continue
-            if tv is int:
-                if -_MAX_SAFE_INT <= v <= _MAX_SAFE_INT:
-                    continue
-                return False
-            if (tv is dict or tv is list) and _is_plain(v):
-                continue
-            return False
-        return True
-    if t is list:
-        return all(_is_plain_scalar_or_container(v) for v in obj)
-    return _is_plain_scalar_or_container(obj)
-
-
-def _is_plain_scalar_or_container(v: Any) -> bool:
-    tv = type(v)
-    if tv is str or tv is bool or v is None:
-        return True
-    if tv is int:
-        return -_MAX_SAFE_INT <= v <= _MAX_SAFE_INT
-    if tv is dict or tv is list:
-        return _is_plain(v)
-    return False
+        for key in obj:
+            if type(key) is not str or (not key.isascii() and max(key) > "\uffff"):
+                raise _NeedsReference
+        return {k: _prepare(v) for k, v in obj.items()}
+    if t is list or t is tuple:
+        return [_prepare(v) for v in obj]
+    raise _NeedsReference
 
 
 def _normalise(obj: Any, path: str) -> Any:
@@ -108,6 +115,8 @@ def _normalise(obj: Any, path: str) -> Any:
         return int(obj)
     if isinstance(obj, float):
         return _Fragment(format_number(obj, path).encode("ascii"))
+    if isinstance(obj, _Fragment):
+        return obj
     if isinstance(obj, Mapping):
         items = []
         for k, v in obj.items():
@@ -186,4 +195,7 @@ def format_number(value: float, path: str = "$") -> str:
     return sign + out
 
 
-__all__ = ["canonical_bytes", "canonical_json", "error_hash", "format_number", "hash_bytes", "stable_hash"]
+__all__ = [
+    "canonical_bytes", "canonical_json", "canonical_json_prepared", "error_hash", "format_number", "hash_bytes",
+    "json_number", "stable_hash",
+]

@@ -1,14 +1,20 @@
-"""The recorder: buffers audit records per table and writes them as Arrow segments.
+"""The recorder: buffers audit records column by column and writes them as Arrow segments.
 
-Records are appended as tuples in the table's file-column order (one cheap ``list.append``
-per event, never one INSERT per event) and converted column-wise to Arrow when a table's
-buffer is full or the flush interval has passed, so readers of a running pipeline see it
-progress. Each method's parameters are exactly the columns of its table (a test checks this),
-with timestamps passed as float epoch seconds.
+An event costs one ``list.append`` per column, never an INSERT. Every 8,192 records a table's
+columns are turned into Arrow arrays while the values are still hot in the CPU cache; full
+segments go to a background thread that finishes them (ids to text, engine time to UTC
+timestamps) and writes the Parquet file, which releases the GIL, so it overlaps the engine.
+
+Ids are passed as integers (see :data:`ID_COLUMNS`) and become 32-hex text at write time:
+12 characters of the run id, one kind digit, then the 19-digit counter (``10**18 + n``), so
+ids are unique across kinds and runs and sort in creation order. Times are passed as engine
+clock readings and shifted by ``time_offset`` to epoch seconds.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -19,27 +25,210 @@ import pyarrow.compute as pc
 from elspeth_nb.audit.schema import TABLES, Table
 from elspeth_nb.audit.writer import SegmentWriter
 
-Row = tuple[Any, ...]
+#: Id kinds and their digit in the id text.
+ID_KINDS = {
+    "row": "1", "token": "2", "state": "3", "outcome": "4", "group": "5", "event": "6", "coalesce_event": "7",
+    "edge": "8", "call": "9", "operation": "a", "artifact": "b", "error": "c",
+}
+#: Columns whose values the recorder receives as integer ids, by table: column -> kind.
+ID_COLUMNS: dict[str, dict[str, str]] = {
+    "rows": {"row_id": "row"},
+    "tokens": {"token_id": "token", "row_id": "row", "fork_group_id": "group", "join_group_id": "group"},
+    "token_parents": {"token_id": "token", "parent_token_id": "token"},
+    "token_outcomes": {"outcome_id": "outcome", "token_id": "token", "fork_group_id": "group",
+                       "join_group_id": "group"},
+    "node_states": {"state_id": "state", "token_id": "token"},
+    "routing_events": {"event_id": "event", "state_id": "state", "edge_id": "edge", "routing_group_id": "group"},
+    "edges": {"edge_id": "edge"},
+    "operations": {"operation_id": "operation"},
+    "calls": {"call_id": "call", "state_id": "state"},
+    "artifacts": {"artifact_id": "artifact", "produced_by_state_id": "state"},
+    "validation_errors": {"error_id": "error", "row_id": "row"},
+    "transform_errors": {"error_id": "error", "token_id": "token"},
+    "coalesce_events": {"event_id": "coalesce_event", "row_id": "row", "join_group_id": "group",
+                        "merged_token_id": "token", "decision_event_id": "coalesce_event", "late_token_id": "token"},
+}
+ID_BASE = 10**18
+BATCH_ROWS = 8192
 
 
-def rows_to_arrow(table: Table, rows: Sequence[Row]) -> pa.Table:
-    """Column-wise conversion of recorded tuples (file-column order) to an Arrow table."""
-    schema = table.file_schema
-    columns: Iterable[Sequence[Any]] = zip(*rows, strict=True) if rows else ([] for _ in schema)
-    arrays = []
-    for values, field in zip(columns, schema, strict=True):
-        if pa.types.is_timestamp(field.type):
-            arrays.append(epoch_seconds_to_timestamps(values, field.type))
+def id_prefix(run_id: str, kind: str) -> str:
+    return run_id[:12] + ID_KINDS[kind]
+
+
+def format_id(run_id: str, kind: str, number: int) -> str:
+    """The text of integer id ``number`` of ``kind`` in run ``run_id`` (as written to the store)."""
+    return f"{id_prefix(run_id, kind)}{ID_BASE + number}"
+
+
+#: Long text columns whose values repeat (one coalesce context on many records): stored once per
+#: mini-batch and referenced by code, instead of copied into Arrow for every record.
+MEMO_COLUMNS: dict[str, frozenset[str]] = {
+    "node_states": frozenset({"context_after_json", "success_reason_json", "error_json"}),
+    "token_outcomes": frozenset({"context_json", "expected_branches_json"}),
+}
+
+
+class _MemoColumn:
+    """A text column kept as codes into a list of distinct values (``None`` stays NULL)."""
+
+    def __init__(self) -> None:
+        self.codes: list[int | None] = []
+        self.texts: list[str] = []
+        self.memo: dict[str, int] = {}
+
+    def append(self, value: str | None) -> None:
+        if value is None:
+            self.codes.append(None)
+            return
+        code = self.memo.get(value)
+        if code is None:
+            code = self.memo[value] = len(self.texts)
+            self.texts.append(value)
+        self.codes.append(code)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def to_arrow(self) -> pa.Array:
+        array = pa.DictionaryArray.from_arrays(pa.array(self.codes, pa.int32()), pa.array(self.texts, pa.string()))
+        self.codes, self.texts, self.memo = [], [], {}
+        return array
+
+
+class _ListColumn:
+    """A list column kept flat (values + offsets), so Arrow builds it without nested Python lists."""
+
+    def __init__(self, value_type: pa.DataType) -> None:
+        self.value_type = value_type
+        self.values: list[Any] = []
+        self.offsets: list[int] = [0]
+
+    def append(self, value: Sequence[Any] | None) -> None:
+        self.values.extend(value or ())
+        self.offsets.append(len(self.values))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def to_arrow(self) -> pa.Array:
+        array = pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), pa.array(self.values, self.value_type))
+        self.values, self.offsets = [], [0]
+        return array
+
+
+class _TableBuffer:
+    """Columns of one table plus the Arrow mini-batches already converted from them."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        memo = MEMO_COLUMNS.get(table.name, frozenset())
+        self.raw_types = _raw_types(table)
+        self.columns: list[Any] = []
+        for f, raw_type in zip(table.file_schema, self.raw_types, strict=True):
+            if f.name in memo:
+                self.columns.append(_MemoColumn())
+            elif pa.types.is_list(f.type):
+                self.columns.append(_ListColumn(f.type.value_type))
+            else:
+                self.columns.append([])
+        self.appends = tuple(c.append for c in self.columns)
+        self.batches: list[list[pa.Array]] = []
+        self.batched_rows = 0
+
+    def __len__(self) -> int:
+        return len(self.columns[0]) + self.batched_rows
+
+    def seal(self) -> None:
+        """Convert the buffered columns to Arrow arrays now, while the values are hot."""
+        count = len(self.columns[0])
+        if not count:
+            return
+        arrays = []
+        for column, raw_type in zip(self.columns, self.raw_types, strict=True):
+            if isinstance(column, list):
+                arrays.append(pa.array(column, raw_type))
+                column.clear()
+            else:
+                arrays.append(column.to_arrow())
+        self.batches.append(arrays)
+        self.batched_rows += count
+
+    def take(self) -> list[list[pa.Array]]:
+        self.seal()
+        batches, self.batches, self.batched_rows = self.batches, [], 0
+        return batches
+
+
+def _raw_types(table: Table) -> list[pa.DataType]:
+    """Column types as buffered: integer ids, float engine times, the final type otherwise."""
+    ids = ID_COLUMNS.get(table.name, {})
+    types = []
+    for f in table.file_schema:
+        if f.name in ids:
+            types.append(pa.int64())
+        elif pa.types.is_timestamp(f.type):
+            types.append(pa.float64())
         else:
-            arrays.append(pa.array(values, type=field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+            types.append(f.type)
+    return types
 
 
-def epoch_seconds_to_timestamps(values: Sequence[float | None], type_: pa.DataType) -> pa.Array:
-    """Float epoch seconds (None for NULL) to a microsecond timestamp array, vectorised."""
-    seconds = pa.array(values, pa.float64())
-    micros = pc.cast(pc.round(pc.multiply(seconds, 1e6)), pa.int64())
-    return pc.cast(micros, type_)
+def finish_batches(table: Table, run_id: str, time_offset: float, batches: Sequence[Sequence[pa.Array]]) -> pa.Table:
+    """Raw mini-batches to one Arrow table of the file schema: id text, UTC timestamps, plain text."""
+    ids = ID_COLUMNS.get(table.name, {})
+    columns = []
+    for i, f in enumerate(table.file_schema):
+        chunks = [b[i] for b in batches]
+        if f.name in ids:
+            prefix = id_prefix(run_id, ids[f.name])
+            chunks = [pc.binary_join_element_wise(prefix, pc.cast(pc.add(c, ID_BASE), pa.string()), "")
+                      for c in chunks]
+        elif pa.types.is_timestamp(f.type):
+            chunks = [pc.cast(pc.cast(pc.round(pc.multiply(pc.add(c, time_offset), 1e6)), pa.int64()), f.type)
+                      for c in chunks]
+        elif chunks and pa.types.is_dictionary(chunks[0].type):
+            chunks = [pc.cast(c, f.type) for c in chunks]
+        columns.append(pa.chunked_array(chunks, type=f.type))
+    return pa.Table.from_arrays(columns, schema=table.file_schema)
+
+
+class _BackgroundSegments:
+    """Finishes and writes segments on one thread; errors resurface on the next call."""
+
+    def __init__(self, writer: SegmentWriter, run_id: str, time_offset: float, depth: int = 3) -> None:
+        self.writer = writer
+        self.run_id = run_id
+        self.time_offset = time_offset
+        self._queue: queue.Queue[tuple[Table, list[list[pa.Array]]] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="elspeth-nb-segments", daemon=True)
+        self._thread.start()
+
+    def submit(self, table: Table, batches: list[list[pa.Array]]) -> None:
+        self._raise()
+        self._queue.put((table, batches))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            table, batches = item
+            try:
+                self.writer.write_segment(table, self.run_id,
+                                          finish_batches(table, self.run_id, self.time_offset, batches))
+            except BaseException as exc:  # reported to the engine thread, never swallowed
+                self._error = exc
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 class Recorder:
@@ -50,26 +239,36 @@ class Recorder:
         run_id: str,
         writer: SegmentWriter,
         *,
+        time_offset: float = 0.0,
         segment_rows: int = 200_000,
         flush_interval_s: float = 5.0,
         before_flush: Callable[[], None] | None = None,
         payload_cache_size: int = 250_000,
+        background: bool = True,
     ) -> None:
         self.run_id = run_id
         self.writer = writer
+        self.time_offset = time_offset
         self.segment_rows = segment_rows
         self.flush_interval_s = flush_interval_s
         self.before_flush = before_flush
         self.records_written: dict[str, int] = dict.fromkeys(TABLES, 0)
-        self._buffers: dict[str, list[Row]] = {name: [] for name in TABLES}
+        self._tables = {name: _TableBuffer(t) for name, t in TABLES.items()}
+        self._segments = _BackgroundSegments(writer, run_id, time_offset) if background else None
         self._last_flush = time.monotonic()
         self._payload_cache_size = payload_cache_size
         self._payloads_recent: set[str] = set()
         self._payloads_older: set[str] = set()
-        b = self._buffers
-        self._rows, self._tokens, self._parents = b["rows"].append, b["tokens"].append, b["token_parents"].append
-        self._states, self._outcomes = b["node_states"].append, b["token_outcomes"].append
-        self._routing, self._payloads = b["routing_events"].append, b["payloads"].append
+        t = self._tables
+        self._rows_cols, self._tokens_cols = t["rows"].appends, t["tokens"].appends
+        self._parents_cols, self._outcomes_cols = t["token_parents"].appends, t["token_outcomes"].appends
+        self._states_cols, self._routing_cols = t["node_states"].appends, t["routing_events"].appends
+        self._payloads_cols = t["payloads"].appends
+        self._states_first = t["node_states"].columns[0]
+
+    def _add(self, table: str, *values: Any) -> None:
+        for append, value in zip(self._tables[table].appends, values, strict=True):
+            append(value)
 
     # -- Landscape tables ------------------------------------------------------------------
     def runs(self, started_at: float, completed_at: float | None, config_hash: str, settings_json: str,
@@ -81,112 +280,118 @@ class Recorder:
              producer: str | None = None, pipeline_path: str | None = None, payload_mode: str | None = None,
              counts_json: str | None = None, error_message: str | None = None,
              merkle_root: str | None = None) -> None:
-        self._buffers["runs"].append((
-            started_at, completed_at, config_hash, settings_json, reproducibility_grade, canonical_version,
-            source_schema_json, source_field_resolution_json, status, export_status, export_error, exported_at,
-            export_format, export_sink, schema_contract_json, schema_contract_hash, revision, schema_version,
-            producer, pipeline_path, payload_mode, counts_json, error_message, merkle_root))
+        self._add("runs", started_at, completed_at, config_hash, settings_json, reproducibility_grade,
+                  canonical_version, source_schema_json, source_field_resolution_json, status, export_status,
+                  export_error, exported_at, export_format, export_sink, schema_contract_json, schema_contract_hash,
+                  revision, schema_version, producer, pipeline_path, payload_mode, counts_json, error_message,
+                  merkle_root)
 
     def nodes(self, node_id: str, plugin_name: str, node_type: str, plugin_version: str, determinism: str,
               config_hash: str, config_json: str, schema_hash: str | None, sequence_in_pipeline: int | None,
               registered_at: float, schema_mode: str | None, schema_fields_json: str | None,
               input_contract_json: str | None, output_contract_json: str | None, node_name: str | None) -> None:
-        self._buffers["nodes"].append((
-            node_id, plugin_name, node_type, plugin_version, determinism, config_hash, config_json, schema_hash,
-            sequence_in_pipeline, registered_at, schema_mode, schema_fields_json, input_contract_json,
-            output_contract_json, node_name))
+        self._add("nodes", node_id, plugin_name, node_type, plugin_version, determinism, config_hash, config_json,
+                  schema_hash, sequence_in_pipeline, registered_at, schema_mode, schema_fields_json,
+                  input_contract_json, output_contract_json, node_name)
 
-    def edges(self, edge_id: str, from_node_id: str, to_node_id: str, label: str, default_mode: str,
+    def edges(self, edge_id: int, from_node_id: str, to_node_id: str, label: str, default_mode: str,
               created_at: float) -> None:
-        self._buffers["edges"].append((edge_id, from_node_id, to_node_id, label, default_mode, created_at))
+        self._add("edges", edge_id, from_node_id, to_node_id, label, default_mode, created_at)
 
-    def rows(self, row_id: str, source_node_id: str, row_index: int, source_data_hash: str,
+    def rows(self, row_id: int, source_node_id: str, row_index: int, source_data_hash: str,
              source_data_ref: str | None, created_at: float) -> None:
-        self._rows((row_id, source_node_id, row_index, source_data_hash, source_data_ref, created_at))
+        c = self._rows_cols
+        c[0](row_id), c[1](source_node_id), c[2](row_index), c[3](source_data_hash), c[4](source_data_ref)
+        c[5](created_at)
 
-    def tokens(self, token_id: str, row_id: str, fork_group_id: str | None, join_group_id: str | None,
+    def tokens(self, token_id: int, row_id: int, fork_group_id: int | None, join_group_id: int | None,
                expand_group_id: str | None, branch_name: str | None, step_in_pipeline: int | None,
                created_at: float) -> None:
-        self._tokens((token_id, row_id, fork_group_id, join_group_id, expand_group_id, branch_name,
-                      step_in_pipeline, created_at))
+        c = self._tokens_cols
+        c[0](token_id), c[1](row_id), c[2](fork_group_id), c[3](join_group_id), c[4](expand_group_id)
+        c[5](branch_name), c[6](step_in_pipeline), c[7](created_at)
 
-    def token_parents(self, token_id: str, parent_token_id: str, ordinal: int) -> None:
-        self._parents((token_id, parent_token_id, ordinal))
+    def token_parents(self, token_id: int, parent_token_id: int, ordinal: int) -> None:
+        c = self._parents_cols
+        c[0](token_id), c[1](parent_token_id), c[2](ordinal)
 
-    def token_outcomes(self, outcome_id: str, token_id: str, outcome: str, is_terminal: int, recorded_at: float,
-                       sink_name: str | None, batch_id: str | None, fork_group_id: str | None,
-                       join_group_id: str | None, expand_group_id: str | None, error_hash: str | None,
+    def token_outcomes(self, outcome_id: int, token_id: int, outcome: str, is_terminal: int, recorded_at: float,
+                       sink_name: str | None, batch_id: str | None, fork_group_id: int | None,
+                       join_group_id: int | None, expand_group_id: str | None, error_hash: str | None,
                        context_json: str | None, expected_branches_json: str | None) -> None:
-        self._outcomes((outcome_id, token_id, outcome, is_terminal, recorded_at, sink_name, batch_id, fork_group_id,
-                        join_group_id, expand_group_id, error_hash, context_json, expected_branches_json))
+        c = self._outcomes_cols
+        c[0](outcome_id), c[1](token_id), c[2](outcome), c[3](is_terminal), c[4](recorded_at), c[5](sink_name)
+        c[6](batch_id), c[7](fork_group_id), c[8](join_group_id), c[9](expand_group_id), c[10](error_hash)
+        c[11](context_json), c[12](expected_branches_json)
 
-    def node_states(self, state_id: str, token_id: str, node_id: str, step_index: int, attempt: int, status: str,
+    def node_states(self, state_id: int, token_id: int, node_id: str, step_index: int, attempt: int, status: str,
                     input_hash: str, output_hash: str | None, context_before_json: str | None,
                     context_after_json: str | None, duration_ms: float | None, error_json: str | None,
                     success_reason_json: str | None, started_at: float, completed_at: float | None) -> None:
-        self._states((state_id, token_id, node_id, step_index, attempt, status, input_hash, output_hash,
-                      context_before_json, context_after_json, duration_ms, error_json, success_reason_json,
-                      started_at, completed_at))
+        c = self._states_cols
+        c[0](state_id), c[1](token_id), c[2](node_id), c[3](step_index), c[4](attempt), c[5](status)
+        c[6](input_hash), c[7](output_hash), c[8](context_before_json), c[9](context_after_json)
+        c[10](duration_ms), c[11](error_json), c[12](success_reason_json), c[13](started_at), c[14](completed_at)
+        if len(self._states_first) >= BATCH_ROWS:
+            self.seal()
 
-    def routing_events(self, event_id: str, state_id: str, edge_id: str, routing_group_id: str, ordinal: int,
+    def routing_events(self, event_id: int, state_id: int, edge_id: int, routing_group_id: int, ordinal: int,
                        mode: str, reason_hash: str | None, reason_ref: str | None, created_at: float) -> None:
-        self._routing((event_id, state_id, edge_id, routing_group_id, ordinal, mode, reason_hash, reason_ref,
-                       created_at))
+        c = self._routing_cols
+        c[0](event_id), c[1](state_id), c[2](edge_id), c[3](routing_group_id), c[4](ordinal), c[5](mode)
+        c[6](reason_hash), c[7](reason_ref), c[8](created_at)
 
-    def operations(self, operation_id: str, node_id: str, operation_type: str, started_at: float,
+    def operations(self, operation_id: int, node_id: str, operation_type: str, started_at: float,
                    completed_at: float | None, status: str, input_data_ref: str | None, input_data_hash: str | None,
                    output_data_ref: str | None, output_data_hash: str | None, error_message: str | None,
                    duration_ms: float | None) -> None:
-        self._buffers["operations"].append((
-            operation_id, node_id, operation_type, started_at, completed_at, status, input_data_ref, input_data_hash,
-            output_data_ref, output_data_hash, error_message, duration_ms))
+        self._add("operations", operation_id, node_id, operation_type, started_at, completed_at, status,
+                  input_data_ref, input_data_hash, output_data_ref, output_data_hash, error_message, duration_ms)
 
-    def calls(self, call_id: str, state_id: str | None, operation_id: str | None, call_index: int, call_type: str,
+    def calls(self, call_id: int, state_id: int | None, operation_id: str | None, call_index: int, call_type: str,
               status: str, request_hash: str, request_ref: str | None, response_hash: str | None,
               response_ref: str | None, error_json: str | None, latency_ms: float | None, created_at: float) -> None:
-        self._buffers["calls"].append((
-            call_id, state_id, operation_id, call_index, call_type, status, request_hash, request_ref, response_hash,
-            response_ref, error_json, latency_ms, created_at))
+        self._add("calls", call_id, state_id, operation_id, call_index, call_type, status, request_hash, request_ref,
+                  response_hash, response_ref, error_json, latency_ms, created_at)
 
-    def artifacts(self, artifact_id: str, produced_by_state_id: str | None, sink_node_id: str, artifact_type: str,
+    def artifacts(self, artifact_id: int, produced_by_state_id: int | None, sink_node_id: str, artifact_type: str,
                   path_or_uri: str, content_hash: str, size_bytes: int, idempotency_key: str | None,
                   created_at: float, row_count: int) -> None:
-        self._buffers["artifacts"].append((
-            artifact_id, produced_by_state_id, sink_node_id, artifact_type, path_or_uri, content_hash, size_bytes,
-            idempotency_key, created_at, row_count))
+        self._add("artifacts", artifact_id, produced_by_state_id, sink_node_id, artifact_type, path_or_uri,
+                  content_hash, size_bytes, idempotency_key, created_at, row_count)
 
-    def validation_errors(self, error_id: str, node_id: str | None, row_hash: str, row_data_json: str | None,
+    def validation_errors(self, error_id: int, node_id: str | None, row_hash: str, row_data_json: str | None,
                           error: str, schema_mode: str, destination: str, created_at: float,
                           violation_type: str | None, original_field_name: str | None,
                           normalized_field_name: str | None, expected_type: str | None, actual_type: str | None,
-                          row_id: str | None, source_location: str | None) -> None:
-        self._buffers["validation_errors"].append((
-            error_id, node_id, row_hash, row_data_json, error, schema_mode, destination, created_at, violation_type,
-            original_field_name, normalized_field_name, expected_type, actual_type, row_id, source_location))
+                          row_id: int | None, source_location: str | None) -> None:
+        self._add("validation_errors", error_id, node_id, row_hash, row_data_json, error, schema_mode, destination,
+                  created_at, violation_type, original_field_name, normalized_field_name, expected_type, actual_type,
+                  row_id, source_location)
 
-    def transform_errors(self, error_id: str, token_id: str, transform_id: str, row_hash: str,
+    def transform_errors(self, error_id: int, token_id: int, transform_id: str, row_hash: str,
                          row_data_json: str | None, error_details_json: str, destination: str,
                          created_at: float) -> None:
-        self._buffers["transform_errors"].append((
-            error_id, token_id, transform_id, row_hash, row_data_json, error_details_json, destination, created_at))
+        self._add("transform_errors", error_id, token_id, transform_id, row_hash, row_data_json, error_details_json,
+                  destination, created_at)
 
     # -- our tables ---------------------------------------------------------------------------
-    def coalesce_events(self, event_id: str, node_id: str, coalesce_name: str, row_id: str, event_type: str,
+    def coalesce_events(self, event_id: int, node_id: str, coalesce_name: str, row_id: int, event_type: str,
                         trigger: str, failure_reason: str | None, policy: str, merge_strategy: str,
                         quorum_count: int | None, timeout_seconds: float | None, select_branch: str | None,
                         expected_branches: list[str], branches_arrived: list[str], arrived_token_ids: list[str],
-                        arrival_offsets_ms: list[float], branches_lost: list[str], lost_reasons: list[str],
+                        arrival_offsets_ms: list[float | None], branches_lost: list[str], lost_reasons: list[str],
                         n_expected: int, n_arrived: int, n_lost: int, first_arrival_at: float | None,
-                        decided_at: float, wait_duration_ms: float | None, join_group_id: str | None,
-                        merged_token_id: str | None, merged_row_hash: str | None, union_collisions: list[str] | None,
-                        decision_event_id: str | None, late_branch: str | None, late_token_id: str | None,
+                        decided_at: float, wait_duration_ms: float | None, join_group_id: int | None,
+                        merged_token_id: int | None, merged_row_hash: str | None, union_collisions: list[str] | None,
+                        decision_event_id: int | None, late_branch: str | None, late_token_id: int | None,
                         late_by_ms: float | None, context_json: str) -> None:
-        self._buffers["coalesce_events"].append((
-            event_id, node_id, coalesce_name, row_id, event_type, trigger, failure_reason, policy, merge_strategy,
-            quorum_count, timeout_seconds, select_branch, expected_branches, branches_arrived, arrived_token_ids,
-            arrival_offsets_ms, branches_lost, lost_reasons, n_expected, n_arrived, n_lost, first_arrival_at,
-            decided_at, wait_duration_ms, join_group_id, merged_token_id, merged_row_hash, union_collisions,
-            decision_event_id, late_branch, late_token_id, late_by_ms, context_json))
+        self._add("coalesce_events", event_id, node_id, coalesce_name, row_id, event_type, trigger, failure_reason,
+                  policy, merge_strategy, quorum_count, timeout_seconds, select_branch, expected_branches,
+                  branches_arrived, arrived_token_ids, arrival_offsets_ms, branches_lost, lost_reasons, n_expected,
+                  n_arrived, n_lost, first_arrival_at, decided_at, wait_duration_ms, join_group_id, merged_token_id,
+                  merged_row_hash, union_collisions, decision_event_id, late_branch, late_token_id, late_by_ms,
+                  context_json)
 
     def payloads(self, payload_hash: str, payload_json: str) -> None:
         """Store a payload once per content hash (deduplicated over a bounded recent window)."""
@@ -197,35 +402,55 @@ class Recorder:
             self._payloads_older = recent
             self._payloads_recent = recent = set()
         recent.add(payload_hash)
-        self._payloads((payload_hash, payload_json))
+        c = self._payloads_cols
+        c[0](payload_hash), c[1](payload_json)
 
     # -- flushing ---------------------------------------------------------------------------------
     def buffered(self) -> int:
         """Records waiting in memory."""
-        return sum(len(b) for b in self._buffers.values())
+        return sum(len(b) for b in self._tables.values())
+
+    def seal(self) -> None:
+        """Convert every table's column lists into Arrow arrays (cheap while the values are hot)."""
+        for buffer in self._tables.values():
+            if len(buffer.columns[0]) >= BATCH_ROWS // 8:
+                buffer.seal()
 
     def tick(self) -> None:
-        """Flush full buffers, or everything once the flush interval has passed (cheap; call often)."""
-        limit = self.segment_rows
-        full = [name for name, buf in self._buffers.items() if len(buf) >= limit]
+        """Seal hot columns; write full tables, or everything once the flush interval has passed."""
+        self.seal()
         if time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
-        elif full:
+            return
+        full = [name for name, buffer in self._tables.items() if len(buffer) >= self.segment_rows]
+        if full:
             self.flush(full)
 
     def flush(self, tables: Iterable[str] | None = None) -> None:
-        """Write the named (default: all non-empty) buffers as one segment each."""
-        names = [n for n in (tables if tables is not None else self._buffers) if self._buffers[n]]
+        """Write the named (default: all non-empty) tables as one segment each."""
+        names = [n for n in (tables if tables is not None else self._tables) if len(self._tables[n])]
         if self.before_flush is not None:
             self.before_flush()
         for name in names:
-            rows = self._buffers[name]
-            batch = rows_to_arrow(TABLES[name], rows)
-            self.writer.write_segment(TABLES[name], self.run_id, batch)
-            self.records_written[name] += len(rows)
-            rows.clear()
+            buffer = self._tables[name]
+            count = len(buffer)
+            batches = buffer.take()
+            if self._segments is not None:
+                self._segments.submit(buffer.table, batches)
+            else:
+                self.writer.write_segment(buffer.table, self.run_id,
+                                          finish_batches(buffer.table, self.run_id, self.time_offset, batches))
+            self.records_written[name] += count
         self._last_flush = time.monotonic()
 
+    def pending_counts(self) -> dict[str, int]:
+        """Records per table, written or buffered."""
+        return {name: self.records_written[name] + len(buffer) for name, buffer in self._tables.items()}
+
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            if self._segments is not None:
+                self._segments.close()
         self.writer.close()

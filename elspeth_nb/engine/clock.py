@@ -11,6 +11,9 @@ from typing import Protocol
 
 
 class Clock(Protocol):
+    #: ``wall(t) == t + offset``: what turns an engine reading into epoch seconds.
+    offset: float
+
     def now(self) -> float: ...
 
     def wall(self, t: float) -> float: ...
@@ -22,12 +25,12 @@ class SystemClock:
     """Real time: ``time.monotonic`` anchored to ``time.time`` once, at construction."""
 
     def __init__(self) -> None:
-        self._mono0 = time.monotonic()
-        self._wall0 = time.time()
+        mono0 = time.monotonic()
+        self.offset = time.time() - mono0
         self.now = time.monotonic  # bound once: the engine calls it for every node visit
 
     def wall(self, t: float) -> float:
-        return self._wall0 + (t - self._mono0)
+        return t + self.offset
 
     def sleep_until(self, t: float) -> None:
         delay = t - time.monotonic()
@@ -48,13 +51,13 @@ class FakeClock:
 
     def __init__(self, start: float = 0.0, epoch: float = EPOCH) -> None:
         self._t = start
-        self._epoch = epoch
+        self.offset = epoch
 
     def now(self) -> float:
         return self._t
 
     def wall(self, t: float) -> float:
-        return self._epoch + t
+        return self.offset + t
 
     def sleep_until(self, t: float) -> None:
         self._t = max(self._t, t)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from elspeth_nb.audit.hashing import canonical_json, error_hash, stable_hash
+from elspeth_nb.audit.hashing import canonical_json, canonical_json_prepared, error_hash, json_number, stable_hash
 from elspeth_nb.audit.schema import CoalesceEventType, Outcome, StateStatus, Trigger
 from elspeth_nb.engine.executors import NodeExecutor, Route
 from elspeth_nb.engine.tokens import Duty, EngineContext, RowContext, Timer, Token, hash_row
@@ -54,14 +54,14 @@ class PendingJoin:
 class Decision:
     """A decided join, kept while the row is in flight so late arrivals can refer to it."""
 
-    event_id: str
+    event_id: int
     decided_at: float
     first_at: float | None
     merged: bool
     trigger: str
     failure_reason: str | None
-    join_group_id: str | None
-    merged_token_id: str | None
+    join_group_id: int | None
+    merged_token_id: int | None
 
 
 def policy_verdict(policy: str, n: int, quorum: int | None, arrived: int, lost: int, event: str) -> Verdict | None:
@@ -145,7 +145,7 @@ class CoalesceExecutor(NodeExecutor):
         for key, value in (("quorum_count", self.quorum), ("timeout_seconds", self.timeout),
                            ("select_branch", self.select_branch)):
             if value is not None:
-                self._settings[key] = value
+                self._settings[key] = json_number(value) if isinstance(value, float) else value
         self.merges = self.failures = self.late_arrivals = 0
 
     # -- events ----------------------------------------------------------------------------
@@ -213,28 +213,31 @@ class CoalesceExecutor(NodeExecutor):
             decision = self._fail(rc, entry, verdict, event_id, now)
         rc.joins[self.name] = decision
 
-    def _context(self, entry: PendingJoin, verdict: Verdict, event_id: str, now: float) -> dict[str, Any]:
+    def _context(self, entry: PendingJoin, verdict: Verdict, event_id: int, now: float) -> dict[str, Any]:
+        """The decision's context, ready for :func:`canonical_json_prepared` (floats in JSON form)."""
         first = entry.first_at
+        text = self.ctx.text
         context: dict[str, Any] = {
             "coalesce": self.name,
-            "event_id": event_id,
+            "event_id": text("coalesce_event", event_id),
             "outcome": CoalesceEventType.MERGED if verdict.merge else CoalesceEventType.FAILED,
             "trigger": verdict.trigger,
             **self._settings,
             "expected_branches": self.branches,
             "branches_arrived": entry.arrived(),
             "arrival_order": [
-                {"branch": b, "token_id": t.id, "arrival_offset_ms": (at - first) * 1000.0}  # type: ignore[operator]
+                {"branch": b, "token_id": text("token", t.id),
+                 "arrival_offset_ms": json_number((at - first) * 1000.0)}  # type: ignore[operator]
                 for b, t, at in entry.arrivals
             ],
             "branches_lost": entry.lost,
-            "wait_duration_ms": None if first is None else (now - first) * 1000.0,
+            "wait_duration_ms": None if first is None else json_number((now - first) * 1000.0),
         }
         if verdict.failure_reason is not None:
             context["failure_reason"] = verdict.failure_reason
         return context
 
-    def _merge(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: str, now: float) -> Decision:
+    def _merge(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: int, now: float) -> Decision:
         ctx = self.ctx
         rows = {b: t.row for b, t, _ in entry.arrivals}
         collisions: dict[str, dict[str, Any]] = {}
@@ -246,24 +249,28 @@ class CoalesceExecutor(NodeExecutor):
             merged = rows[self.select_branch]  # type: ignore[index]
         data, merged_hash = hash_row(merged)
         join_group_id = ctx.new_group_id()
-        token = ctx.new_token(rc, merged, data, merged_hash, entry.outer, join_group_id=join_group_id, step=self.step,
-                              at=now)
+        token = ctx.new_token(rc, merged, data, merged_hash, entry.outer, now, join_group_id=join_group_id,
+                              step=self.step)
         context = self._context(entry, verdict, event_id, now)
+        context.update(merged_token_id=ctx.text("token", token.id), join_group_id=ctx.text("group", join_group_id),
+                       merged_row_hash=merged_hash)
         if collisions:
             context["union_field_collisions"] = collisions
-        context.update(merged_token_id=token.id, join_group_id=join_group_id, merged_row_hash=merged_hash)
-        context_json = canonical_json(context)
-        rec, wall = ctx.rec, ctx.wall
-        merged_into = stable_hash({"merged_into": token.id})
+        if all(map(str.isascii, collisions)):
+            context_json = canonical_json_prepared(context)
+        else:  # non-ASCII field names need RFC 8785's UTF-16 key order
+            context_json = canonical_json(context)
+        rec = ctx.rec
+        merged_into = stable_hash({"merged_into": context["merged_token_id"]})
         for ordinal, (_, branch_token, arrived_at) in enumerate(entry.arrivals):
             rec.token_parents(token.id, branch_token.id, ordinal)
             rec.node_states(ctx.new_state_id(), branch_token.id, self.node_id, self.step, 0, StateStatus.COMPLETED,
                             branch_token.hash, merged_into, None, context_json, (now - arrived_at) * 1000.0, None, None,
-                            wall(arrived_at), wall(now))
-            ctx.finish(branch_token, Outcome.COALESCED, join_group_id=join_group_id, context_json=context_json, at=now)
+                            arrived_at, now)
+            ctx.finish(branch_token, Outcome.COALESCED, now, join_group_id=join_group_id, context_json=context_json)
         rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.COMPLETED,
                         stable_hash({b: t.hash for b, t, _ in entry.arrivals}), merged_hash, None, context_json,
-                        context["wait_duration_ms"], None, None, wall(entry.first_at), wall(now))  # type: ignore[arg-type]
+                        (now - entry.first_at) * 1000.0, None, None, entry.first_at, now)  # type: ignore[arg-type,operator]
         if ctx.store_boundary_payloads:
             ctx.store_payload(merged_hash, data)
         self._record_event(rc, entry, verdict, event_id, now, context_json, join_group_id, token.id, merged_hash,
@@ -273,27 +280,27 @@ class CoalesceExecutor(NodeExecutor):
         ctx.stack.append((receive, token, arg))
         return Decision(event_id, now, entry.first_at, True, verdict.trigger, None, join_group_id, token.id)
 
-    def _fail(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: str, now: float) -> Decision:
+    def _fail(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: int, now: float) -> Decision:
         ctx = self.ctx
         context = self._context(entry, verdict, event_id, now)
-        context_json = canonical_json(context)
+        context_json = canonical_json_prepared(context)
         reason = verdict.failure_reason or "failed"
         error_json = canonical_json({"failure_reason": reason, "policy": self.policy, "merge_strategy": self.strategy,
                                      "expected_branches": self.branches, "branches_arrived": entry.arrived(),
-                                     "branches_lost": sorted(entry.lost), "event_id": event_id})
+                                     "branches_lost": sorted(entry.lost), "event_id": context["event_id"]})
         grouping = error_hash(self._elspeth_reason(reason, entry))
         for _, token, arrived_at in entry.arrivals:
             ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.FAILED,
                                 token.hash, None, None, context_json, (now - arrived_at) * 1000.0, error_json, None,
-                                ctx.wall(arrived_at), ctx.wall(now))
-            ctx.finish(token, Outcome.FAILED, error_hash=grouping, context_json=context_json, at=now)
+                                arrived_at, now)
+            ctx.finish(token, Outcome.FAILED, now, error_hash=grouping, context_json=context_json)
         self._record_event(rc, entry, verdict, event_id, now, context_json, None, None, None, None)
         self.failures += 1
         if entry.outer:
             outer_coalesce, outer_branch = entry.outer[-1]
             outer_coalesce.branch_lost(rc, outer_branch, entry.outer[:-1],
                                        {"reason": "coalesce_failed", "node": self.name, "detail": reason,
-                                        "event_id": event_id}, now)
+                                        "event_id": context["event_id"]}, now)
         return Decision(event_id, now, entry.first_at, False, verdict.trigger, reason, None, None)
 
     def _elspeth_reason(self, reason: str, entry: PendingJoin) -> str:
@@ -304,8 +311,8 @@ class CoalesceExecutor(NodeExecutor):
             return f"quorum_impossible:need={self.quorum},max_possible={self.n - len(entry.lost)}"
         return reason
 
-    def _record_event(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: str, now: float,
-                      context_json: str, join_group_id: str | None, merged_token_id: str | None,
+    def _record_event(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: int, now: float,
+                      context_json: str, join_group_id: int | None, merged_token_id: int | None,
                       merged_hash: str | None, collisions: list[str] | None) -> None:
         ctx = self.ctx
         first = entry.first_at
@@ -313,10 +320,10 @@ class CoalesceExecutor(NodeExecutor):
             event_id, self.node_id, self.name, rc.row_id,
             CoalesceEventType.MERGED if verdict.merge else CoalesceEventType.FAILED, verdict.trigger,
             verdict.failure_reason, self.policy, self.strategy, self.quorum, self.timeout, self.select_branch,
-            self.branches, entry.arrived(), [t.id for _, t, _ in entry.arrivals],
+            self.branches, entry.arrived(), [ctx.text("token", t.id) for _, t, _ in entry.arrivals],
             [(at - first) * 1000.0 for _, _, at in entry.arrivals],  # type: ignore[operator]
             list(entry.lost), [r["reason"] for r in entry.lost.values()],
-            self.n, len(entry.arrivals), len(entry.lost), None if first is None else ctx.wall(first), ctx.wall(now),
+            self.n, len(entry.arrivals), len(entry.lost), first, now,
             None if first is None else (now - first) * 1000.0, join_group_id, merged_token_id, merged_hash,
             collisions, None, None, None, None, context_json,
         )
@@ -326,36 +333,40 @@ class CoalesceExecutor(NodeExecutor):
         ctx = self.ctx
         late_by_ms = (now - decision.decided_at) * 1000.0
         event_id = ctx.new_coalesce_event_id()
+        text = ctx.text
+        decision_id = text("coalesce_event", decision.event_id)
         context = {
-            "coalesce": self.name, "event_id": event_id, "outcome": CoalesceEventType.LATE_ARRIVAL,
-            "trigger": Trigger.LATE_ARRIVAL, **self._settings, "branch": branch, "token_id": token.id,
-            "late_by_ms": late_by_ms,
-            "decision": {"event_id": decision.event_id, "merged": decision.merged, "trigger": decision.trigger,
-                         "failure_reason": decision.failure_reason, "join_group_id": decision.join_group_id,
-                         "merged_token_id": decision.merged_token_id},
+            "coalesce": self.name, "event_id": text("coalesce_event", event_id),
+            "outcome": CoalesceEventType.LATE_ARRIVAL, "trigger": Trigger.LATE_ARRIVAL, **self._settings,
+            "branch": branch, "token_id": text("token", token.id), "late_by_ms": json_number(late_by_ms),
+            "decision": {
+                "event_id": decision_id, "merged": decision.merged, "trigger": decision.trigger,
+                "failure_reason": decision.failure_reason,
+                "join_group_id": None if decision.join_group_id is None else text("group", decision.join_group_id),
+                "merged_token_id": None if decision.merged_token_id is None else text("token",
+                                                                                      decision.merged_token_id),
+            },
         }
-        context_json = canonical_json(context)
+        context_json = canonical_json_prepared(context)
         if decision.merged:
             ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.COMPLETED,
-                                token.hash, stable_hash({"late_arrival_after": decision.event_id}), None, context_json,
-                                0.0, None, None, ctx.wall(now), ctx.wall(now))
-            ctx.finish(token, Outcome.LATE_ARRIVAL, join_group_id=decision.join_group_id, context_json=context_json,
-                       at=now)
+                                token.hash, stable_hash({"late_arrival_after": decision_id}), None, context_json,
+                                0.0, None, None, now, now)
+            ctx.finish(token, Outcome.LATE_ARRIVAL, now, join_group_id=decision.join_group_id,
+                       context_json=context_json)
         else:
             error_json = canonical_json({"failure_reason": "arrived_after_failure",
-                                         "decision_failure_reason": decision.failure_reason,
-                                         "event_id": decision.event_id})
+                                         "decision_failure_reason": decision.failure_reason, "event_id": decision_id})
             ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.FAILED,
-                                token.hash, None, None, context_json, 0.0, error_json, None, ctx.wall(now),
-                                ctx.wall(now))
-            ctx.finish(token, Outcome.FAILED, error_hash=error_hash("late_arrival_after_failure"),
-                       context_json=context_json, at=now)
+                                token.hash, None, None, context_json, 0.0, error_json, None, now, now)
+            ctx.finish(token, Outcome.FAILED, now, error_hash=error_hash("late_arrival_after_failure"),
+                       context_json=context_json)
         ctx.rec.coalesce_events(
             event_id, self.node_id, self.name, token.rc.row_id, CoalesceEventType.LATE_ARRIVAL, Trigger.LATE_ARRIVAL,
             decision.failure_reason, self.policy, self.strategy, self.quorum, self.timeout, self.select_branch,
-            self.branches, [branch], [token.id],
+            self.branches, [branch], [text("token", token.id)],
             [None if decision.first_at is None else (now - decision.first_at) * 1000.0], [], [], self.n, 1, 0,
-            ctx.wall(now), ctx.wall(decision.decided_at),
+            now, decision.decided_at,
             None, decision.join_group_id, decision.merged_token_id, None, None, decision.event_id, branch, token.id,
             late_by_ms, context_json,
         )

@@ -8,6 +8,7 @@ resolved once, after every executor exists, so a visit costs a few attribute loo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import cached_property
 from typing import Any
 
 from elspeth_nb.audit.hashing import canonical_bytes, canonical_json, error_hash, stable_hash
@@ -38,7 +39,7 @@ class NodeExecutor:
 class ErrorRouting:
     """Where a transform sends a row it failed on: a sink, ``discard`` (quarantined) or nowhere (failed)."""
 
-    def __init__(self, destination: str | None, route: Route | None, edge_id: str | None) -> None:
+    def __init__(self, destination: str | None, route: Route | None, edge_id: int | None) -> None:
         self.destination = destination
         self.route = route
         self.edge_id = edge_id
@@ -84,8 +85,7 @@ class TransformExecutor(NodeExecutor):
                 ctx.store_payload(out_hash, data)
             token.row, token.data, token.hash = out, data, out_hash
         ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, COMPLETED, input_hash,
-                            token.hash, None, None, (ended - started) * 1000.0, None, reason, ctx.wall(started),
-                            ctx.wall(ended))
+                            token.hash, None, None, (ended - started) * 1000.0, None, reason, started, ended)
         receive, arg = self.next  # type: ignore[misc]
         ctx.stack.append((receive, token, arg))
 
@@ -96,16 +96,16 @@ class TransformExecutor(NodeExecutor):
         error_json = canonical_json(details)
         state_id = ctx.new_state_id()
         ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, FAILED, token.hash, None, None, None,
-                            (ended - started) * 1000.0, error_json, None, ctx.wall(started), ctx.wall(ended))
+                            (ended - started) * 1000.0, error_json, None, started, ended)
         routing = self.on_error
         row_json = token.data.decode() if ctx.store_boundary_payloads else None
         ctx.rec.transform_errors(ctx.new_error_id(), token.id, self.node_id, token.hash, row_json, error_json,
-                                 routing.label, ctx.wall(ended))
+                                 routing.label, ended)
         summary = f"{details.get('reason', 'error')}"
         if routing.route is not None:
             loss = {"reason": "error_routed", "node": self.name, "sink": routing.destination, "detail": summary}
             ctx.rec.routing_events(ctx.new_event_id(), state_id, routing.edge_id, ctx.new_group_id(), 0,  # type: ignore[arg-type]
-                                   "divert", stable_hash(details), None, ctx.wall(ended))
+                                   "divert", stable_hash(details), None, ended)
             ctx.lose(token, loss, ended)
             receive, arg = routing.route
             ctx.stack.append((receive, token, (arg, ctx.loss_context(token, loss))))
@@ -118,7 +118,7 @@ class TransformExecutor(NodeExecutor):
             outcome = Outcome.FAILED
         context = ctx.loss_context(token, loss)
         ctx.lose(token, loss, ended)
-        ctx.finish(token, outcome, error_hash=error_hash(summary), context_json=context, at=ended)
+        ctx.finish(token, outcome, ended, error_hash=error_hash(summary), context_json=context)
 
 
 class LatencyExecutor(TransformExecutor):
@@ -143,10 +143,9 @@ class LatencyExecutor(TransformExecutor):
             self.fail(token, {"reason": "simulated_call_failed", "latency_ms": latency_ms}, started)
             return
         ctx.rec.calls(ctx.new_call_id(), state_id, None, 0, "simulated", "success", token.hash, None, token.hash,
-                      None, None, latency_ms, ctx.wall(ended))
+                      None, None, latency_ms, ended)
         ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, COMPLETED, token.hash,  # type: ignore[arg-type]
-                            token.hash, None, None, latency_ms, None, self._reason, ctx.wall(started),
-                            ctx.wall(ended))
+                            token.hash, None, None, latency_ms, None, self._reason, started, ended)
         receive, arg = self.next  # type: ignore[misc]
         ctx.stack.append((receive, token, arg))
 
@@ -159,8 +158,8 @@ class GateExecutor(NodeExecutor):
         super().__init__(ctx, name, node_id, step)
         self.condition = condition
         self.routes = dict(routes)
-        self.targets: dict[str, tuple[str, Any, str]] = {}  # label -> (kind, route|fork, edge_id)
-        self.fork_branches: list[tuple[str, Route, str, Any]] = []  # branch, route, edge_id, duty
+        self.targets: dict[str, tuple[str, Any, int]] = {}  # label -> (kind, route|fork, edge_id)
+        self.fork_branches: list[tuple[str, Route, int, Any]] = []  # branch, route, edge_id, duty
         self._decisions: dict[tuple[str, str], tuple[str, str, str | None]] = {}
 
     def receive(self, token: Token, arg: Any) -> None:
@@ -182,12 +181,12 @@ class GateExecutor(NodeExecutor):
         state_id = ctx.new_state_id()
         ended = ctx.now()
         ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, COMPLETED, token.hash, token.hash, None,
-                            context_json, (ended - started) * 1000.0, None, None, ctx.wall(started), ctx.wall(ended))
+                            context_json, (ended - started) * 1000.0, None, None, started, ended)
         if kind == "fork":
             self._fork(token, state_id, reason_hash, reason_ref, ended)
             return
         ctx.rec.routing_events(ctx.new_event_id(), state_id, edge_id, ctx.new_group_id(), 0, "move", reason_hash,
-                               reason_ref, ctx.wall(ended))
+                               reason_ref, ended)
         receive, route_arg = route
         if kind == "sink" and token.duties:
             loss = {"reason": "gate_routed_to_sink", "node": self.name, "sink": self.routes[label]}
@@ -210,29 +209,28 @@ class GateExecutor(NodeExecutor):
             cached = self._decisions[key] = (context, reason_hash, reason_hash if ctx.store_boundary_payloads else None)
         return cached
 
-    def _fork(self, token: Token, state_id: str, reason_hash: str, reason_ref: str | None, at: float) -> None:
+    def _fork(self, token: Token, state_id: int, reason_hash: str, reason_ref: str | None, at: float) -> None:
         ctx = self.ctx
         fork_group_id = ctx.new_group_id()
         routing_group_id = ctx.new_group_id()
-        wall = ctx.wall(at)
         children = []
         inherited = False
         for ordinal, (branch, route, edge_id, duty) in enumerate(self.fork_branches):
             duties = (*token.duties, duty) if duty is not None else ()
             inherited = inherited or duty is not None
-            child = ctx.new_token(token.rc, token.row, token.data, token.hash, duties, fork_group_id=fork_group_id,
-                                  branch_name=branch, step=self.step, at=at)
+            child = ctx.new_token(token.rc, token.row, token.data, token.hash, duties, at, fork_group_id=fork_group_id,
+                                  branch_name=branch, step=self.step)
             ctx.rec.token_parents(child.id, token.id, ordinal)
             ctx.rec.routing_events(ctx.new_event_id(), state_id, edge_id, routing_group_id, ordinal, "copy",
-                                   reason_hash, reason_ref, wall)
+                                   reason_hash, reason_ref, at)
             children.append((route, child))
         if token.duties and not inherited:
             ctx.lose(token, {"reason": "forked_without_coalesce", "node": self.name}, at)
-        ctx.finish(token, Outcome.FORKED, fork_group_id=fork_group_id, expected_branches_json=self._expected, at=at)
+        ctx.finish(token, Outcome.FORKED, at, fork_group_id=fork_group_id, expected_branches_json=self._expected)
         for (receive, arg), child in reversed(children):
             ctx.stack.append((receive, child, arg))
 
-    @property
+    @cached_property
     def _expected(self) -> str:
         return canonical_json([b for b, *_ in self.fork_branches])
 
@@ -241,11 +239,11 @@ class GateExecutor(NodeExecutor):
         ended = ctx.now()
         error_json = canonical_json(details)
         ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, FAILED, token.hash, None, None,
-                            None, (ended - started) * 1000.0, error_json, None, ctx.wall(started), ctx.wall(ended))
+                            None, (ended - started) * 1000.0, error_json, None, started, ended)
         loss = {"reason": "gate_failed", "node": self.name, "detail": details["reason"]}
         context = ctx.loss_context(token, loss)
         ctx.lose(token, loss, ended)
-        ctx.finish(token, Outcome.FAILED, error_hash=error_hash(details["reason"]), context_json=context, at=ended)
+        ctx.finish(token, Outcome.FAILED, ended, error_hash=error_hash(details["reason"]), context_json=context)
 
 
 class SinkExecutor(NodeExecutor):
@@ -259,7 +257,7 @@ class SinkExecutor(NodeExecutor):
         super().__init__(ctx, name, node_id, step)
         self.sink = sink
         self.write = sink.write
-        self.first_state_id: str | None = None
+        self.first_state_id: int | None = None
 
     def receive(self, token: Token, arg: Any) -> None:
         ctx = self.ctx
@@ -275,17 +273,17 @@ class SinkExecutor(NodeExecutor):
             error_json = canonical_json({"reason": "sink_write_failed", "type": type(exc).__name__,
                                          "exception": str(exc)})
             ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, FAILED, token.hash, None, None, None,
-                                (ended - started) * 1000.0, error_json, None, ctx.wall(started), ctx.wall(ended))
-            ctx.finish(token, Outcome.FAILED, sink_name=self.name, error_hash=error_hash("sink_write_failed"),
-                       context_json=context, at=ended)
+                                (ended - started) * 1000.0, error_json, None, started, ended)
+            ctx.finish(token, Outcome.FAILED, ended, sink_name=self.name, error_hash=error_hash("sink_write_failed"),
+                       context_json=context)
             return
         ended = ctx.now()
         if ctx.store_boundary_payloads and not ctx.store_all_payloads:
             ctx.store_payload(token.hash, token.data)
         ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, COMPLETED, token.hash, token.hash, None,
-                            None, (ended - started) * 1000.0, None, None, ctx.wall(started), ctx.wall(ended))
+                            None, (ended - started) * 1000.0, None, None, started, ended)
         if token.duties and context is None:
             loss = {"reason": "routed_to_sink", "node": self.name, "sink": self.name}
             context = ctx.loss_context(token, loss)
             ctx.lose(token, loss, ended)
-        ctx.finish(token, outcome, sink_name=self.name, context_json=context, at=ended)
+        ctx.finish(token, outcome, ended, sink_name=self.name, context_json=context)

@@ -174,14 +174,14 @@ class Engine:
             flush_interval_s: float) -> RunResult:
         store = AuditStore.create(self.audit_root)
         mark_interrupted(store, found_by="the next run in this store")
-        started_wall = time.time()
         started = time.perf_counter()
         with store.writing(self.run_id):
             rec = Recorder(self.run_id, writer or ParquetSegmentWriter(store.parquet_root), segment_rows=segment_rows,
-                           flush_interval_s=flush_interval_s, before_flush=self._flush_sinks)
+                           flush_interval_s=flush_interval_s, before_flush=self._flush_sinks,
+                           time_offset=self.clock.offset)
             self.ctx = ctx = EngineContext(self.run_id, rec, self.clock, self.payload_mode)
             self.open_rows = ctx.open_rows
-            self._record_run_start(started_wall)
+            self._record_run_start()
             rec.flush()
             status, error = RunStatus.COMPLETED, None
             try:
@@ -192,11 +192,11 @@ class Engine:
                 self._loop()
             except KeyboardInterrupt:
                 status, error = RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)"
-                self._finalize(status, error, started_wall)
+                self._finalize(status, error)
                 raise
             except Exception as exc:
                 status, error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
-            artifacts = self._finalize(status, error, started_wall)
+            artifacts = self._finalize(status, error)
         message = ""
         if sync_duckdb and writer is None:
             sync = store.sync_duckdb([self.run_id])
@@ -268,11 +268,10 @@ class Engine:
         if ctx.store_boundary_payloads:
             ctx.store_payload(row_hash, data)
             ref = row_hash
-        wall = ctx.wall(now)
-        ctx.rec.rows(rc.row_id, self.source_node.node_id, index, row_hash, ref, wall)
-        token = ctx.new_token(rc, record, data, row_hash, (), at=now)
+        ctx.rec.rows(rc.row_id, self.source_node.node_id, index, row_hash, ref, now)
+        token = ctx.new_token(rc, record, data, row_hash, (), now)
         ctx.rec.node_states(ctx.new_state_id(), token.id, self.source_node.node_id, 0, 0, StateStatus.COMPLETED,
-                            row_hash, row_hash, None, None, 0.0, None, None, wall, wall)
+                            row_hash, row_hash, None, None, 0.0, None, None, now, now)
         receive, arg = self.source_route
         ctx.stack.append((receive, token, arg))
 
@@ -283,25 +282,24 @@ class Engine:
         if ctx.store_boundary_payloads:
             ctx.store_payload(row_hash, data)
             ref = row_hash
-        wall = ctx.wall(now)
         node_id = self.source_node.node_id
-        ctx.rec.rows(rc.row_id, node_id, rc.index, row_hash, ref, wall)
-        token = ctx.new_token(rc, problem.raw, data, row_hash, (), at=now)
+        ctx.rec.rows(rc.row_id, node_id, rc.index, row_hash, ref, now)
+        token = ctx.new_token(rc, problem.raw, data, row_hash, (), now)
         details = {"reason": problem.violation_type, "error": problem.error, "location": problem.location}
         state_id = ctx.new_state_id()
         ctx.rec.node_states(state_id, token.id, node_id, 0, 0, StateStatus.FAILED, row_hash, None, None, None, 0.0,
-                            canonical_json(details), None, wall, wall)
+                            canonical_json(details), None, now, now)
         destination = self.quarantine_destination
         ctx.rec.validation_errors(ctx.new_error_id(), node_id, row_hash, data.decode(), problem.error,
-                                  self.source.schema_mode, destination, wall, problem.violation_type, problem.field,
+                                  self.source.schema_mode, destination, now, problem.violation_type, problem.field,
                                   problem.field, problem.expected_type, problem.actual_type, rc.row_id,
                                   problem.location)
         self.quarantined += 1
         if self.quarantine_route is None:
-            ctx.finish(token, Outcome.QUARANTINED, error_hash=error_hash(problem.violation_type), at=now)
+            ctx.finish(token, Outcome.QUARANTINED, now, error_hash=error_hash(problem.violation_type))
             return
         ctx.rec.routing_events(ctx.new_event_id(), state_id, self.edge_ids[("source", "__quarantine__")],
-                               ctx.new_group_id(), 0, "divert", stable_hash(details), None, wall)
+                               ctx.new_group_id(), 0, "divert", stable_hash(details), None, now)
         receive, _ = self.quarantine_route
         ctx.stack.append((receive, token, (Outcome.QUARANTINED, None)))
 
@@ -383,10 +381,11 @@ class Engine:
         return next(g for g in self.pipeline.config.gates if g.name == name)
 
     # -- run records ------------------------------------------------------------------------------
-    def _record_run_start(self, started_wall: float) -> None:
+    def _record_run_start(self) -> None:
         rec, ctx = self.ctx.rec, self.ctx
+        started = ctx.now()
         self._run_row = {
-            "started_at": started_wall, "config_hash": stable_hash(self.settings),
+            "started_at": started, "config_hash": stable_hash(self.settings),
             "settings_json": canonical_json(self.settings), "reproducibility_grade": self._grade(),
             "canonical_version": CANONICAL_VERSION, "source_schema_json": None,
             "source_field_resolution_json": None, "schema_version": SCHEMA_VERSION, "producer": PRODUCER,
@@ -394,19 +393,19 @@ class Engine:
             "payload_mode": self.payload_mode,
         }
         rec.runs(completed_at=None, status=RunStatus.RUNNING, revision=0, **self._run_row)
-        self.edge_ids: dict[tuple[str, str], str] = {}
+        self.edge_ids: dict[tuple[str, str], int] = {}
         names = {n.name: n.node_id for n in self.graph.nodes}
         for node in self.graph.nodes:
             config = dict(node.config)
             schema = (config.get("schema") or {}) if isinstance(config.get("schema"), dict) else {}
             rec.nodes(node.node_id, node.plugin_name, node.node_type, node.plugin_version, node.determinism,
-                      node.config_hash, canonical_json(config), None, node.step, started_wall,
+                      node.config_hash, canonical_json(config), None, node.step, started,
                       schema.get("mode"), canonical_json(schema["fields"]) if schema.get("fields") else None,
                       None, None, node.name)
         for edge in self.graph.edges:
             edge_id = ctx.new_edge_id()
             self.edge_ids[(edge.from_node, edge.label)] = edge_id
-            rec.edges(edge_id, names[edge.from_node], names[edge.to_node], edge.label, edge.mode, started_wall)
+            rec.edges(edge_id, names[edge.from_node], names[edge.to_node], edge.label, edge.mode, started)
 
     def _grade(self) -> str:
         kinds = {n.determinism for n in self.graph.nodes if n.node_type not in ("source", "sink")}
@@ -417,7 +416,7 @@ class Engine:
         for sink in self.opened_sinks:
             sink.flush()
 
-    def _finalize(self, status: str, error: str | None, started_wall: float) -> list[str]:
+    def _finalize(self, status: str, error: str | None) -> list[str]:
         ctx, rec = self.ctx, self.ctx.rec
         artifacts = []
         now = ctx.now()
@@ -435,26 +434,25 @@ class Engine:
             uri = artifact.path.resolve().as_uri()
             rec.artifacts(ctx.new_artifact_id(), getattr(executor, "first_state_id", None), node_id,
                           artifact.artifact_type, uri, artifact.content_hash, artifact.size_bytes, None,
-                          ctx.wall(now), artifact.rows)
-            rec.operations(ctx.new_operation_id(), node_id, "sink_write", ctx.wall(now), ctx.wall(ctx.now()),
+                          now, artifact.rows)
+            rec.operations(ctx.new_operation_id(), node_id, "sink_write", now, ctx.now(),
                            "completed", None, None, uri, artifact.content_hash, None, None)
             artifacts.append(str(artifact.path))
         source_started = getattr(self, "_source_started", now)
         source_ended = getattr(self, "_source_ended", now)
-        rec.operations(ctx.new_operation_id(), self.graph.nodes[0].node_id, "source_load", ctx.wall(source_started),
-                       ctx.wall(source_ended), "completed" if status == RunStatus.COMPLETED else "failed",
+        rec.operations(ctx.new_operation_id(), self.graph.nodes[0].node_id, "source_load", source_started,
+                       source_ended, "completed" if status == RunStatus.COMPLETED else "failed",
                        self.source.path.resolve().as_uri(), None, None, None, error,
                        (source_ended - source_started) * 1000.0)
         self._counts = self._count()
-        rec.runs(completed_at=time.time(), status=status, revision=1, counts_json=orjson.dumps(self._counts).decode(),
+        rec.runs(completed_at=ctx.now(), status=status, revision=1, counts_json=orjson.dumps(self._counts).decode(),
                  error_message=error, **self._run_row)
         rec.close()
         self._error = error
         return artifacts
 
     def _count(self) -> dict[str, Any]:
-        rec = self.ctx.rec
-        written = {t: n + len(rec._buffers[t]) for t, n in rec.records_written.items()}
+        written = self.ctx.rec.pending_counts()
         return {
             "rows": getattr(self, "rows_admitted", 0), "quarantined": getattr(self, "quarantined", 0),
             "outcomes": dict(sorted(self.ctx.outcome_counts.items())),

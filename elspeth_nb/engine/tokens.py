@@ -4,6 +4,10 @@ A :class:`Token` is one instance of a source row on one path. It carries its row
 canonical bytes and hash (computed once per distinct row object) and its *duties*: the stack of
 (coalesce, branch) it is expected to deliver, innermost last. A token that ends anywhere but at
 its coalesce reports itself lost to that coalesce, which is how branch loss is noticed.
+
+Inside the engine every id is an integer from a per-kind counter; the recorder turns them into
+text when it writes (:func:`elspeth_nb.audit.recorder.format_id`), and so does :meth:`EngineContext.text`
+for the ids that appear inside JSON contexts.
 """
 
 from __future__ import annotations
@@ -15,8 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from elspeth_nb.audit.hashing import canonical_bytes
-from elspeth_nb.audit.recorder import Recorder
-from elspeth_nb.audit.schema import Outcome
+from elspeth_nb.audit.recorder import ID_BASE, Recorder, id_prefix
 from elspeth_nb.engine.clock import Clock
 
 if TYPE_CHECKING:
@@ -24,22 +27,7 @@ if TYPE_CHECKING:
 
 Row = dict[str, Any]
 Duty = tuple["CoalesceExecutor", str]
-
-_ID_KINDS = {
-    "row": "1", "token": "2", "state": "3", "outcome": "4", "group": "5", "event": "6", "coalesce_event": "7",
-    "edge": "8", "call": "9", "operation": "a", "artifact": "b", "error": "c",
-}
-
-
-def id_factory(run_id: str, kind: str) -> Callable[[], str]:
-    """Ids of one kind for one run: 12 hex of the run id, a kind digit, a 19-digit counter.
-
-    They are 32 hex characters like ELSPETH's uuid4 ids, unique across kinds and runs, and they
-    sort in creation order, which keeps Parquet row-group statistics tight for lookups.
-    """
-    prefix = run_id[:12] + _ID_KINDS[kind]
-    counter = itertools.count()
-    return lambda: f"{prefix}{next(counter):019d}"
+_sha256 = hashlib.sha256
 
 
 class RowContext:
@@ -47,7 +35,7 @@ class RowContext:
 
     __slots__ = ("index", "joins", "live", "row_id")
 
-    def __init__(self, row_id: str, index: int) -> None:
+    def __init__(self, row_id: int, index: int) -> None:
         self.row_id = row_id
         self.index = index
         self.live = 0
@@ -57,7 +45,7 @@ class RowContext:
 class Token:
     __slots__ = ("data", "duties", "hash", "id", "rc", "row")
 
-    def __init__(self, token_id: str, rc: RowContext, row: Row, data: bytes, row_hash: str,
+    def __init__(self, token_id: int, rc: RowContext, row: Row, data: bytes, row_hash: str,
                  duties: tuple[Duty, ...]) -> None:
         self.id = token_id
         self.rc = rc
@@ -73,18 +61,24 @@ def hash_row(row: Any) -> tuple[bytes, str]:
     return data, _sha256(data).hexdigest()
 
 
-_sha256 = hashlib.sha256
+class Timer:
+    __slots__ = ("args", "callback", "cancelled", "due")
+
+    def __init__(self, due: float, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.due = due
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
 
 
 class EngineContext:
-    """Shared state of one run: recorder, clock, ids, work stack, timers, in-flight rows."""
+    """Shared state of one run: recorder, clock, id counters, work stack, timers, open rows."""
 
     def __init__(self, run_id: str, recorder: Recorder, clock: Clock, payload_mode: str) -> None:
         self.run_id = run_id
         self.rec = recorder
         self.clock = clock
         self.now = clock.now
-        self.wall = clock.wall
         self.payload_mode = payload_mode
         self.store_all_payloads = payload_mode == "all"
         self.store_boundary_payloads = payload_mode in ("all", "boundaries")
@@ -93,38 +87,39 @@ class EngineContext:
         self._timer_seq = itertools.count()
         self.open_rows: set[RowContext] = set()
         self.outcome_counts: dict[str, int] = {}
-        for kind in _ID_KINDS:
-            setattr(self, f"new_{kind}_id", id_factory(run_id, kind))
-        self.new_row_id: Callable[[], str]
-        self.new_token_id: Callable[[], str]
-        self.new_state_id: Callable[[], str]
-        self.new_outcome_id: Callable[[], str]
-        self.new_group_id: Callable[[], str]
-        self.new_event_id: Callable[[], str]
-        self.new_coalesce_event_id: Callable[[], str]
-        self.new_edge_id: Callable[[], str]
-        self.new_call_id: Callable[[], str]
-        self.new_operation_id: Callable[[], str]
-        self.new_artifact_id: Callable[[], str]
-        self.new_error_id: Callable[[], str]
+        self.new_row_id = itertools.count().__next__
+        self.new_token_id = itertools.count().__next__
+        self.new_state_id = itertools.count().__next__
+        self.new_outcome_id = itertools.count().__next__
+        self.new_group_id = itertools.count().__next__
+        self.new_event_id = itertools.count().__next__
+        self.new_coalesce_event_id = itertools.count().__next__
+        self.new_edge_id = itertools.count().__next__
+        self.new_call_id = itertools.count().__next__
+        self.new_operation_id = itertools.count().__next__
+        self.new_artifact_id = itertools.count().__next__
+        self.new_error_id = itertools.count().__next__
+        self._prefixes = {kind: id_prefix(run_id, kind) for kind in ("token", "group", "coalesce_event", "row")}
+
+    def text(self, kind: str, number: int) -> str:
+        """An id as it is written to the store (for ids inside JSON contexts)."""
+        return f"{self._prefixes[kind]}{ID_BASE + number}"
 
     # -- tokens --------------------------------------------------------------------------
-    def new_token(self, rc: RowContext, row: Row, data: bytes, row_hash: str, duties: tuple[Duty, ...], *,
-                  fork_group_id: str | None = None, join_group_id: str | None = None,
-                  branch_name: str | None = None, step: int | None = None, at: float | None = None) -> Token:
+    def new_token(self, rc: RowContext, row: Row, data: bytes, row_hash: str, duties: tuple[Duty, ...],
+                  at: float, *, fork_group_id: int | None = None, join_group_id: int | None = None,
+                  branch_name: str | None = None, step: int | None = None) -> Token:
         token = Token(self.new_token_id(), rc, row, data, row_hash, duties)
         rc.live += 1
-        when = self.now() if at is None else at
-        self.rec.tokens(token.id, rc.row_id, fork_group_id, join_group_id, None, branch_name, step, self.wall(when))
+        self.rec.tokens(token.id, rc.row_id, fork_group_id, join_group_id, None, branch_name, step, at)
         return token
 
-    def finish(self, token: Token, outcome: str, *, sink_name: str | None = None, error_hash: str | None = None,
-               context_json: str | None = None, fork_group_id: str | None = None, join_group_id: str | None = None,
-               expected_branches_json: str | None = None, at: float | None = None) -> None:
+    def finish(self, token: Token, outcome: str, at: float, *, sink_name: str | None = None,
+               error_hash: str | None = None, context_json: str | None = None, fork_group_id: int | None = None,
+               join_group_id: int | None = None, expected_branches_json: str | None = None) -> None:
         """Record the token's one terminal outcome and release it."""
-        when = self.now() if at is None else at
-        self.rec.token_outcomes(self.new_outcome_id(), token.id, outcome, 1, self.wall(when), sink_name, None,
-                                fork_group_id, join_group_id, None, error_hash, context_json, expected_branches_json)
+        self.rec.token_outcomes(self.new_outcome_id(), token.id, outcome, 1, at, sink_name, None, fork_group_id,
+                                join_group_id, None, error_hash, context_json, expected_branches_json)
         counts = self.outcome_counts
         counts[outcome] = counts.get(outcome, 0) + 1
         rc = token.rc
@@ -137,7 +132,8 @@ class EngineContext:
         """Tell the token's innermost coalesce that this branch will never arrive."""
         if token.duties:
             coalesce, branch = token.duties[-1]
-            coalesce.branch_lost(token.rc, branch, token.duties[:-1], {**reason, "token_id": token.id}, at)
+            reason = {**reason, "token_id": self.text("token", token.id)}
+            coalesce.branch_lost(token.rc, branch, token.duties[:-1], reason, at)
 
     @staticmethod
     def loss_context(token: Token, reason: dict[str, Any]) -> str | None:
@@ -145,17 +141,12 @@ class EngineContext:
         if not token.duties:
             return None
         coalesce, branch = token.duties[-1]
-        return canonical_bytes(
-            {"lost_branch": {"coalesce": coalesce.name, "branch": branch, **reason}}
-        ).decode()
+        return canonical_bytes({"lost_branch": {"coalesce": coalesce.name, "branch": branch, **reason}}).decode()
 
     def store_payload(self, row_hash: str, data: bytes) -> None:
         self.rec.payloads(row_hash, data.decode("utf-8"))
 
-    # -- scheduling ----------------------------------------------------------------------------
-    def push(self, receive: Callable[[Token, Any], None], token: Token, arg: Any = None) -> None:
-        self.stack.append((receive, token, arg))
-
+    # -- timers ----------------------------------------------------------------------------------
     def call_at(self, due: float, callback: Callable[..., None], *args: Any) -> Timer:
         """Schedule ``callback(*args)`` at engine time ``due``; the returned timer can be cancelled."""
         timer = Timer(due, callback, args)
@@ -177,16 +168,3 @@ class EngineContext:
         timer = heapq.heappop(self.timers)[2]
         timer.callback(*timer.args)
         return True
-
-
-class Timer:
-    __slots__ = ("args", "callback", "cancelled", "due")
-
-    def __init__(self, due: float, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
-        self.due = due
-        self.callback = callback
-        self.args = args
-        self.cancelled = False
-
-
-TERMINAL_OUTCOMES = Outcome.TERMINAL

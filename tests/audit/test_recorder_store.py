@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from elspeth_nb.audit.recorder import Recorder, rows_to_arrow
-from elspeth_nb.audit.schema import NODE_STATES, TABLES
+from elspeth_nb.audit.recorder import Recorder, finish_batches, format_id
+from elspeth_nb.audit.schema import TABLES
 from elspeth_nb.audit.store import AuditStore, duckdb_type
 from elspeth_nb.audit.writer import MemoryWriter, ParquetSegmentWriter
 from elspeth_nb.errors import AuditStoreError, SchemaVersionError
@@ -33,34 +33,38 @@ def test_every_column_type_maps_to_duckdb() -> None:
             assert duckdb_type(f.type)
 
 
-def test_rows_to_arrow_converts_epoch_seconds_and_nulls() -> None:
-    rows = [("s1", "t1", "n", 1, 0, "completed", "h", None, None, '{"a":1}', 1.5, None, None, 1767225600.25, None)]
-    table = rows_to_arrow(NODE_STATES, rows)
-    assert table.schema == NODE_STATES.file_schema
-    started = table.column("started_at")[0].as_py()
-    assert started.isoformat() == "2026-01-01T00:00:00.250000+00:00"
-    assert table.column("completed_at")[0].as_py() is None
+def test_ids_become_text_and_engine_times_become_utc_timestamps() -> None:
+    writer = MemoryWriter()
+    rec = Recorder("0123456789abcdef", writer, time_offset=1767225600.0, background=False)
+    rec.node_states(5, 7, "n", 1, 0, "completed", "h", None, None, '{"a":1}', 1.5, None, None, 0.25, None)
+    rec.close()
+    [row] = writer.table("node_states").to_pylist()
+    assert row["state_id"] == format_id("0123456789abcdef", "state", 5) == "0123456789ab31000000000000000005"
+    assert row["token_id"] == "0123456789ab21000000000000000007"
+    assert row["started_at"].isoformat() == "2026-01-01T00:00:00.250000+00:00"
+    assert row["completed_at"] is None and row["output_hash"] is None
 
 
 def test_flush_writes_one_segment_per_table_and_memory_writer_adds_run_id() -> None:
     writer = MemoryWriter()
     rec = Recorder("run1", writer)
-    rec.token_parents("t2", "t1", 0)
+    rec.token_parents(2, 1, 0)
     rec.payloads("h1", '{"a":1}')
     rec.payloads("h1", '{"a":1}')  # deduplicated
     rec.close()
     parents = writer.table("token_parents")
     assert parents.column_names == TABLES["token_parents"].columns
-    assert parents.to_pylist() == [{"token_id": "t2", "parent_token_id": "t1", "ordinal": 0, "run_id": "run1"}]
+    assert parents.to_pylist() == [{"token_id": format_id("run1", "token", 2),
+                                    "parent_token_id": format_id("run1", "token", 1), "ordinal": 0, "run_id": "run1"}]
     assert writer.table("payloads").num_rows == 1
     assert writer.table("rows").num_rows == 0
 
 
 def test_buffers_flush_when_full(tmp_path: Path) -> None:
     writer = ParquetSegmentWriter(tmp_path, fsync=False)
-    rec = Recorder("r", writer, segment_rows=3)
+    rec = Recorder("r", writer, segment_rows=3, background=False)
     for i in range(7):
-        rec.token_parents(f"t{i}", "p", i)
+        rec.token_parents(i, 100, i)
         rec.tick()
     files = sorted((tmp_path / "token_parents" / "run_id=r").glob("part-*.parquet"))
     assert [pq.read_metadata(f).num_rows for f in files] == [3, 3]
@@ -76,7 +80,7 @@ def test_segment_write_failure_leaves_no_partial_file(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(pq, "write_table", half_write)
     writer = ParquetSegmentWriter(tmp_path, fsync=False)
-    batch = rows_to_arrow(TABLES["token_parents"], [("t", "p", 0)])
+    batch = TABLES["token_parents"].file_schema.empty_table()
     with pytest.raises(AuditStoreError, match="No space left on device"):
         writer.write_segment(TABLES["token_parents"], "r", batch)
     assert list((tmp_path / "token_parents" / "run_id=r").iterdir()) == []
@@ -113,7 +117,7 @@ def _write_run(store: AuditStore, run_id: str) -> None:
     rec = Recorder(run_id, ParquetSegmentWriter(store.parquet_root, fsync=False))
     rec.runs(1.0, None, "c", "{}", None, "v", None, None, "running")
     rec.runs(1.0, 2.0, "c", "{}", None, "v", None, None, "completed", revision=1)
-    rec.token_parents("t2", "t1", 0)
+    rec.token_parents(2, 1, 0)
     rec.payloads("h", "{}")
     rec.close()
 
@@ -162,3 +166,19 @@ def test_rebuild_recreates_duckdb_from_parquet(tmp_path: Path) -> None:
     assert sorted(result.synced) == ["r1", "r2"]
     with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)
+
+
+def test_a_failing_background_write_surfaces_on_close(tmp_path: Path) -> None:
+    class Broken(MemoryWriter):
+        def write_segment(self, table, run_id, batch):  # type: ignore[no-untyped-def]
+            raise OSError(28, "No space left on device")
+
+    rec = Recorder("r", Broken())
+    rec.token_parents(1, 0, 0)
+    with pytest.raises(OSError, match="No space left"):
+        rec.close()
+
+
+def test_finish_batches_of_an_empty_table_has_the_file_schema() -> None:
+    table = finish_batches(TABLES["tokens"], "r", 0.0, [])
+    assert table.schema == TABLES["tokens"].file_schema and table.num_rows == 0

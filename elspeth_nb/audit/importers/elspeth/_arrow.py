@@ -1,0 +1,76 @@
+"""Vectorised Arrow helpers: timestamp parsing, keyed column patches and casting to our schema."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from elspeth_nb.audit.schema import TABLES
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+
+def to_utc(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, int]:
+    """ELSPETH's naive UTC text (or ISO 8601 with an offset) -> ``timestamp[us, UTC]``; (column, unparseable)."""
+    try:
+        return pc.cast(column, pa.timestamp("us")).cast(UTC_TS), 0
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    try:
+        return pc.cast(column, UTC_TS), 0
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = [_parse(v) for v in column.to_pylist()]
+        bad = sum(1 for v, raw in zip(values, column.to_pylist(), strict=True) if v is None and raw is not None)
+        return pa.chunked_array([pa.array(values, UTC_TS)]), bad
+
+
+def _parse(text: str | None) -> datetime | None:
+    """One timestamp the vectorised casts refused (mixed formats); None if unparseable."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def convert_timestamps(name: str, table: pa.Table) -> tuple[pa.Table, list[str]]:
+    """Every timestamp column of ``name`` (per our schema) parsed; a problem per column with bad values."""
+    problems = []
+    for f in TABLES[name].schema:
+        if pa.types.is_timestamp(f.type) and f.name in table.column_names:
+            index = table.schema.get_field_index(f.name)
+            converted, bad = to_utc(table.column(index))
+            table = table.set_column(index, pa.field(f.name, UTC_TS), converted)
+            if bad:
+                problems.append(f"{bad} unparseable timestamp(s) in {name}.{f.name} were imported as NULL")
+    return table, problems
+
+
+def lookup(keys: pa.ChunkedArray, table: pa.Table, key: str, value: str) -> pa.ChunkedArray:
+    """``table[value]`` of the row whose ``table[key]`` equals each of ``keys`` (NULL where none)."""
+    if table.num_rows == 0:
+        return pa.chunked_array([pa.nulls(len(keys), table.schema.field(value).type)])
+    index = pc.index_in(keys, value_set=table.column(key).combine_chunks(), skip_nulls=True)
+    return pc.take(table.column(value), index)
+
+
+def replace(table: pa.Table, name: str, values: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """``table`` with column ``name`` replaced (or appended) by ``values``."""
+    index = table.schema.get_field_index(name)
+    field = pa.field(name, values.type)
+    return table.set_column(index, field, values) if index >= 0 else table.append_column(field, values)
+
+
+def constant(table: pa.Table, value: object, type_: pa.DataType) -> pa.Array:
+    """A column of ``value`` as long as ``table``."""
+    return pa.array([value] * table.num_rows, type_) if value is not None else pa.nulls(table.num_rows, type_)
+
+
+def conform(table: pa.Table, name: str) -> pa.Table:
+    """Exactly ``TABLES[name].schema``: columns in order, cast (int64 -> int32, list child names...)."""
+    schema = TABLES[name].schema
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)

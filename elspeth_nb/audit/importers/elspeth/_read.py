@@ -1,0 +1,86 @@
+"""``read_landscape``: an ELSPETH Landscape SQLite file -> our audit tables as Arrow."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from elspeth_nb.audit.importers.elspeth import _derive, _sqlite
+from elspeth_nb.audit.importers.elspeth._model import LandscapeImport
+from elspeth_nb.audit.importers.elspeth._payloads import payload_problems as payload_problems_of
+from elspeth_nb.audit.importers.elspeth._payloads import payload_table, read_refs, used_refs
+from elspeth_nb.audit.schema import TABLES
+from elspeth_nb.errors import AuditStoreError
+
+
+def read_landscape(
+    db_path: str | Path,
+    *,
+    payloads: str | Path | None = None,
+    run_ids: Sequence[str] | None = None,
+) -> LandscapeImport:
+    """Read ELSPETH runs (all, or ``run_ids``) read-only and convert them to our tables.
+
+    ``payloads`` is ELSPETH's payload folder (``payload_store.base_path``); without it the
+    import holds hashes only. Non-fatal findings are listed in ``LandscapeImport.problems``.
+    """
+    db = Path(db_path)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    con, problems = _sqlite.open_checked(db)
+    try:
+        selected = _sqlite.select_runs(con, run_ids)
+    finally:
+        con.close()
+    raw, found = _sqlite.read_tables(db, selected, all_runs=run_ids is None)
+    problems += found
+    timings["read_sqlite_s"] = time.perf_counter() - started
+    payload_dir, payload_problems = _payload_dir(payloads)
+    tables, derive_problems, issues = _derive_with_payloads(db, raw, payload_dir)
+    timings["derive_and_payloads_s"] = time.perf_counter() - started - timings["read_sqlite_s"]
+    _derive.add_counts(tables)
+    timings["total_s"] = time.perf_counter() - started
+    ordered = {name: tables[name] for name in TABLES}
+    if payload_dir is not None:
+        payload_problems += payload_problems_of(payload_dir, issues)
+    return LandscapeImport(ordered, selected, problems + derive_problems + payload_problems, db.resolve(),
+                           payload_dir, issues, timings)
+
+
+def _derive_with_payloads(db: Path, raw: dict[str, pa.Table],
+                          payload_dir: Path | None) -> tuple[dict[str, pa.Table], list[str], dict[str, str]]:
+    """Derive our tables while a second thread loads and verifies the payload files (DuckDB frees the GIL)."""
+    mode = "all" if payload_dir is not None else "hashes"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(read_refs, payload_dir, used_refs(raw)) if payload_dir is not None else None
+        tables, problems, pairs = _derive_all(db, raw, mode)
+        loaded, issues = loading.result() if loading is not None else ({}, {})
+    tables["payloads"] = payload_table(pairs, loaded)
+    return tables, problems, issues
+
+
+def _derive_all(db: Path, raw: dict[str, pa.Table], mode: str) -> tuple[dict[str, pa.Table], list[str], pa.Table]:
+    """Our tables, the problems met, and the (run_id, ref) payload pairs, from one DuckDB connection."""
+    duck = _derive.connect(raw)
+    try:
+        tables, problems = _derive.derive(duck, raw, producer=f"elspeth (imported from {db.name})", payload_mode=mode)
+        return tables, problems, _derive.payload_refs(duck)
+    except duckdb.Error as exc:  # a malformed value deep in the data: say which file, keep the cause
+        raise AuditStoreError(f"{db} could not be converted: {exc}") from exc
+    finally:
+        duck.close()
+
+
+def _payload_dir(payloads: str | Path | None) -> tuple[Path | None, list[str]]:
+    """The payload folder if it exists; a missing one is a problem, and the import keeps hashes only."""
+    if payloads is None:
+        return None, []
+    folder = Path(payloads)
+    if not folder.is_dir():
+        return None, [f"payload folder {folder} does not exist (purged or not copied): imported with hashes only"]
+    return folder.resolve(), []

@@ -1,0 +1,127 @@
+"""``import_into_store``: imported runs -> Parquet segments of an audit store, swapped in atomically per run.
+
+A run's new segments are written under ``<store>/.import-staging/<run_id>.<nonce>/`` first. Once they
+are complete (and fsynced) a ``READY`` marker is written, then each table's partition is swapped:
+the old ``run_id=<id>`` folder is moved into the staging folder, the new one moved into place. A
+crash before ``READY`` leaves the old run untouched (the staging folder is deleted on the next
+import); a crash after it is rolled forward by the next import. Re-importing a run therefore
+replaces it and never duplicates it; audit.duckdb is then brought up to date for those runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from elspeth_nb.audit.importers.elspeth._model import ImportReport, LandscapeImport
+from elspeth_nb.audit.importers.elspeth._read import read_landscape
+from elspeth_nb.audit.schema import PARTITION_COLUMN, TABLES
+from elspeth_nb.audit.store import AuditStore
+from elspeth_nb.audit.writer import ParquetSegmentWriter, partition_dir
+from elspeth_nb.errors import AuditStoreError
+
+STAGING = ".import-staging"
+READY = "READY"
+
+
+def import_into_store(
+    db_path: str | Path,
+    audit_dir: str | Path,
+    *,
+    payloads: str | Path | None = None,
+    run_ids: Sequence[str] | None = None,
+) -> ImportReport:
+    """Import ELSPETH runs into the audit store at ``audit_dir``, replacing earlier imports of them."""
+    started = time.perf_counter()
+    imported = read_landscape(db_path, payloads=payloads, run_ids=run_ids)
+    store = AuditStore.create(audit_dir)
+    recover_staging(store)
+    for run_id in imported.run_ids:
+        try:
+            with store.writing(run_id):
+                _replace_run(store, imported, run_id)
+        except BlockingIOError as exc:
+            raise AuditStoreError(f"run {run_id} is being written to {store.root} by another process; "
+                                  "import it again when that process has finished") from exc
+    sync = store.sync_duckdb(imported.run_ids)
+    return ImportReport(
+        db_path=Path(db_path), audit_dir=store.root, run_ids=list(imported.run_ids),
+        source_rows=imported.source_rows, records=imported.records, seconds=time.perf_counter() - started,
+        problems=list(imported.problems), duckdb_message=sync.message or f"synced {len(sync.synced)} run(s)",
+    )
+
+
+def _replace_run(store: AuditStore, imported: LandscapeImport, run_id: str) -> None:
+    """Stage the run's segments, mark them complete, then swap every table's partition."""
+    staging = store.root / STAGING / f"{run_id}.{uuid.uuid4().hex[:12]}"
+    writer = ParquetSegmentWriter(staging / "parquet")
+    staged = []
+    for table in TABLES.values():
+        batch = _run_rows(imported.tables[table.name], run_id)
+        if batch.num_rows:
+            writer.write_segment(table, run_id, batch.select(table.file_columns))
+            staged.append(table.name)
+    writer.close()
+    marker = staging / f".{READY}.tmp"
+    marker.write_text(json.dumps({"run_id": run_id, "staged": staged}))
+    os.replace(marker, staging / READY)
+    _fsync_dir(staging)
+    _swap(store, staging)
+
+
+def _run_rows(table: pa.Table, run_id: str) -> pa.Table:
+    return table.filter(pc.equal(table.column(PARTITION_COLUMN), run_id))
+
+
+def _swap(store: AuditStore, staging: Path) -> str:
+    """Move each table's old partition aside and the staged one into place; safe to repeat after a crash.
+
+    A table listed as staged is done once its staged folder is gone; a table with no new rows only
+    needs its old partition (if any) moved away. Returns the run id.
+    """
+    plan = json.loads((staging / READY).read_text())
+    run_id, staged_tables = plan["run_id"], set(plan["staged"])
+    old_root = staging / "old"
+    old_root.mkdir(exist_ok=True)
+    for name in TABLES:
+        final = partition_dir(store.parquet_root, name, run_id)
+        staged = partition_dir(staging / "parquet", name, run_id)
+        if name in staged_tables and not staged.exists():
+            continue  # swapped before a crash
+        if final.exists():
+            os.replace(final, old_root / name)
+        if staged.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+    shutil.rmtree(staging)
+    return str(run_id)
+
+
+def recover_staging(store: AuditStore) -> list[str]:
+    """Finish swaps a crash interrupted (READY present) and drop incomplete stagings; returns run ids finished."""
+    root = store.root / STAGING
+    finished: list[str] = []
+    if not root.is_dir():
+        return finished
+    for staging in sorted(root.iterdir()):
+        if (staging / READY).exists():
+            finished.append(_swap(store, staging))
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+    return finished
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
