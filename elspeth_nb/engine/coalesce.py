@@ -16,7 +16,7 @@ from typing import Any
 from elspeth_nb.audit.hashing import canonical_json, canonical_json_prepared, error_hash, json_number, stable_hash
 from elspeth_nb.audit.schema import CoalesceEventType, Outcome, StateStatus, Trigger
 from elspeth_nb.engine.executors import NodeExecutor, Route
-from elspeth_nb.engine.tokens import Duty, EngineContext, RowContext, Timer, Token, hash_row
+from elspeth_nb.engine.tokens import Duty, EngineContext, RowContext, Timer, Token, _sha256, hash_row
 
 Row = dict[str, Any]
 
@@ -37,17 +37,34 @@ class Verdict:
 class PendingJoin:
     """A row's join that has not decided yet."""
 
-    __slots__ = ("arrivals", "first_at", "lost", "outer", "timer")
+    __slots__ = ("arrivals", "first_at", "lost", "outer", "seen", "timer")
 
     def __init__(self, outer: tuple[Duty, ...]) -> None:
         self.arrivals: list[tuple[str, Token, float]] = []
         self.lost: dict[str, dict[str, Any]] = {}
+        self.seen: set[str] = set()
         self.first_at: float | None = None
         self.outer = outer
         self.timer: Timer | None = None
 
     def arrived(self) -> list[str]:
         return [branch for branch, _, _ in self.arrivals]
+
+
+class DecisionFacts:
+    """What a decision's three records share, computed once: arrivals, offsets, ids as text."""
+
+    __slots__ = ("arrived", "event_id", "event_text", "now", "offsets", "token_texts", "wait_ms")
+
+    def __init__(self, ctx: EngineContext, entry: PendingJoin, event_id: int, now: float) -> None:
+        first = entry.first_at
+        self.event_id = event_id
+        self.event_text = ctx.text("coalesce_event", event_id)
+        self.now = now
+        self.arrived = [b for b, _, _ in entry.arrivals]
+        self.token_texts = [ctx.text("token", t.id) for _, t, _ in entry.arrivals]
+        self.offsets = [(at - first) * 1000.0 for _, _, at in entry.arrivals]  # type: ignore[operator]
+        self.wait_ms = None if first is None else (now - first) * 1000.0
 
 
 @dataclass(frozen=True)
@@ -159,8 +176,9 @@ class CoalesceExecutor(NodeExecutor):
             return
         if entry is None:
             entry = rc.joins[self.name] = PendingJoin(token.duties[:-1])
-        if branch in entry.lost or any(b == branch for b, _, _ in entry.arrivals):
+        if branch in entry.seen:
             raise EngineInvariantError(f"coalesce {self.name}: branch {branch} of row {rc.row_id} arrived twice")
+        entry.seen.add(branch)
         if entry.first_at is None:
             entry.first_at = now
             if self.timeout is not None and self.policy != "first":
@@ -178,6 +196,7 @@ class CoalesceExecutor(NodeExecutor):
             return
         if entry is None:
             entry = rc.joins[self.name] = PendingJoin(outer)
+        entry.seen.add(branch)
         entry.lost[branch] = reason
         verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost), "loss")
         if verdict is not None:
@@ -201,44 +220,40 @@ class CoalesceExecutor(NodeExecutor):
 
     # -- decisions --------------------------------------------------------------------------
     def _decide(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, now: float) -> None:
-        arrived = entry.arrived()
-        if verdict.merge and self.strategy == "select" and self.select_branch not in arrived:
+        facts = DecisionFacts(self.ctx, entry, self.ctx.new_coalesce_event_id(), now)
+        if verdict.merge and self.strategy == "select" and self.select_branch not in facts.arrived:
             verdict = Verdict(False, verdict.trigger, "select_branch_not_arrived")
         if entry.timer is not None:
             entry.timer.cancelled = True
-        event_id = self.ctx.new_coalesce_event_id()
         if verdict.merge:
-            decision = self._merge(rc, entry, verdict, event_id, now)
+            decision = self._merge(rc, entry, verdict, facts)
         else:
-            decision = self._fail(rc, entry, verdict, event_id, now)
+            decision = self._fail(rc, entry, verdict, facts)
         rc.joins[self.name] = decision
 
-    def _context(self, entry: PendingJoin, verdict: Verdict, event_id: int, now: float) -> dict[str, Any]:
+    def _context(self, entry: PendingJoin, verdict: Verdict, facts: DecisionFacts) -> dict[str, Any]:
         """The decision's context, ready for :func:`canonical_json_prepared` (floats in JSON form)."""
-        first = entry.first_at
-        text = self.ctx.text
         context: dict[str, Any] = {
             "coalesce": self.name,
-            "event_id": text("coalesce_event", event_id),
+            "event_id": facts.event_text,
             "outcome": CoalesceEventType.MERGED if verdict.merge else CoalesceEventType.FAILED,
             "trigger": verdict.trigger,
             **self._settings,
             "expected_branches": self.branches,
-            "branches_arrived": entry.arrived(),
+            "branches_arrived": facts.arrived,
             "arrival_order": [
-                {"branch": b, "token_id": text("token", t.id),
-                 "arrival_offset_ms": json_number((at - first) * 1000.0)}  # type: ignore[operator]
-                for b, t, at in entry.arrivals
+                {"branch": b, "token_id": t, "arrival_offset_ms": json_number(o)}
+                for b, t, o in zip(facts.arrived, facts.token_texts, facts.offsets, strict=True)
             ],
             "branches_lost": entry.lost,
-            "wait_duration_ms": None if first is None else json_number((now - first) * 1000.0),
+            "wait_duration_ms": None if facts.wait_ms is None else json_number(facts.wait_ms),
         }
         if verdict.failure_reason is not None:
             context["failure_reason"] = verdict.failure_reason
         return context
 
-    def _merge(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: int, now: float) -> Decision:
-        ctx = self.ctx
+    def _merge(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, facts: DecisionFacts) -> Decision:
+        ctx, now = self.ctx, facts.now
         rows = {b: t.row for b, t, _ in entry.arrivals}
         collisions: dict[str, dict[str, Any]] = {}
         if self.strategy == "union":
@@ -251,8 +266,9 @@ class CoalesceExecutor(NodeExecutor):
         join_group_id = ctx.new_group_id()
         token = ctx.new_token(rc, merged, data, merged_hash, entry.outer, now, join_group_id=join_group_id,
                               step=self.step)
-        context = self._context(entry, verdict, event_id, now)
-        context.update(merged_token_id=ctx.text("token", token.id), join_group_id=ctx.text("group", join_group_id),
+        merged_text = ctx.text("token", token.id)
+        context = self._context(entry, verdict, facts)
+        context.update(merged_token_id=merged_text, join_group_id=ctx.text("group", join_group_id),
                        merged_row_hash=merged_hash)
         if collisions:
             context["union_field_collisions"] = collisions
@@ -261,47 +277,47 @@ class CoalesceExecutor(NodeExecutor):
         else:  # non-ASCII field names need RFC 8785's UTF-16 key order
             context_json = canonical_json(context)
         rec = ctx.rec
-        merged_into = stable_hash({"merged_into": context["merged_token_id"]})
+        merged_into = _sha256(b'{"merged_into":"' + merged_text.encode() + b'"}').hexdigest()
+        node_id, step = self.node_id, self.step
         for ordinal, (_, branch_token, arrived_at) in enumerate(entry.arrivals):
             rec.token_parents(token.id, branch_token.id, ordinal)
-            rec.node_states(ctx.new_state_id(), branch_token.id, self.node_id, self.step, 0, StateStatus.COMPLETED,
+            rec.node_states(ctx.new_state_id(), branch_token.id, node_id, step, 0, StateStatus.COMPLETED,
                             branch_token.hash, merged_into, None, context_json, (now - arrived_at) * 1000.0, None, None,
                             arrived_at, now)
             ctx.finish(branch_token, Outcome.COALESCED, now, join_group_id=join_group_id, context_json=context_json)
-        rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.COMPLETED,
-                        stable_hash({b: t.hash for b, t, _ in entry.arrivals}), merged_hash, None, context_json,
-                        (now - entry.first_at) * 1000.0, None, None, entry.first_at, now)  # type: ignore[arg-type,operator]
+        inputs_hash = stable_hash({b: t.hash for b, t, _ in entry.arrivals})
+        rec.node_states(ctx.new_state_id(), token.id, node_id, step, 0, StateStatus.COMPLETED, inputs_hash, merged_hash,
+                        None, context_json, facts.wait_ms, None, None, entry.first_at, now)  # type: ignore[arg-type]
         if ctx.store_boundary_payloads:
             ctx.store_payload(merged_hash, data)
-        self._record_event(rc, entry, verdict, event_id, now, context_json, join_group_id, token.id, merged_hash,
+        self._record_event(rc, entry, verdict, facts, context_json, join_group_id, token.id, merged_hash,
                            sorted(collisions))
         self.merges += 1
         receive, arg = self.next  # type: ignore[misc]
         ctx.stack.append((receive, token, arg))
-        return Decision(event_id, now, entry.first_at, True, verdict.trigger, None, join_group_id, token.id)
+        return Decision(facts.event_id, now, entry.first_at, True, verdict.trigger, None, join_group_id, token.id)
 
-    def _fail(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: int, now: float) -> Decision:
-        ctx = self.ctx
-        context = self._context(entry, verdict, event_id, now)
-        context_json = canonical_json_prepared(context)
+    def _fail(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, facts: DecisionFacts) -> Decision:
+        ctx, now = self.ctx, facts.now
+        context_json = canonical_json_prepared(self._context(entry, verdict, facts))
         reason = verdict.failure_reason or "failed"
         error_json = canonical_json({"failure_reason": reason, "policy": self.policy, "merge_strategy": self.strategy,
-                                     "expected_branches": self.branches, "branches_arrived": entry.arrived(),
-                                     "branches_lost": sorted(entry.lost), "event_id": context["event_id"]})
+                                     "expected_branches": self.branches, "branches_arrived": facts.arrived,
+                                     "branches_lost": sorted(entry.lost), "event_id": facts.event_text})
         grouping = error_hash(self._elspeth_reason(reason, entry))
         for _, token, arrived_at in entry.arrivals:
             ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.FAILED,
                                 token.hash, None, None, context_json, (now - arrived_at) * 1000.0, error_json, None,
                                 arrived_at, now)
             ctx.finish(token, Outcome.FAILED, now, error_hash=grouping, context_json=context_json)
-        self._record_event(rc, entry, verdict, event_id, now, context_json, None, None, None, None)
+        self._record_event(rc, entry, verdict, facts, context_json, None, None, None, [])
         self.failures += 1
         if entry.outer:
             outer_coalesce, outer_branch = entry.outer[-1]
             outer_coalesce.branch_lost(rc, outer_branch, entry.outer[:-1],
                                        {"reason": "coalesce_failed", "node": self.name, "detail": reason,
-                                        "event_id": context["event_id"]}, now)
-        return Decision(event_id, now, entry.first_at, False, verdict.trigger, reason, None, None)
+                                        "event_id": facts.event_text}, now)
+        return Decision(facts.event_id, now, entry.first_at, False, verdict.trigger, reason, None, None)
 
     def _elspeth_reason(self, reason: str, entry: PendingJoin) -> str:
         """ELSPETH's failure string, so error_hash groups the same way in both systems."""
@@ -311,21 +327,17 @@ class CoalesceExecutor(NodeExecutor):
             return f"quorum_impossible:need={self.quorum},max_possible={self.n - len(entry.lost)}"
         return reason
 
-    def _record_event(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, event_id: int, now: float,
+    def _record_event(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, facts: DecisionFacts,
                       context_json: str, join_group_id: int | None, merged_token_id: int | None,
-                      merged_hash: str | None, collisions: list[str] | None) -> None:
-        ctx = self.ctx
-        first = entry.first_at
-        ctx.rec.coalesce_events(
-            event_id, self.node_id, self.name, rc.row_id,
+                      merged_hash: str | None, collisions: list[str]) -> None:
+        self.ctx.rec.coalesce_events(
+            facts.event_id, self.node_id, self.name, rc.row_id,
             CoalesceEventType.MERGED if verdict.merge else CoalesceEventType.FAILED, verdict.trigger,
             verdict.failure_reason, self.policy, self.strategy, self.quorum, self.timeout, self.select_branch,
-            self.branches, entry.arrived(), [ctx.text("token", t.id) for _, t, _ in entry.arrivals],
-            [(at - first) * 1000.0 for _, _, at in entry.arrivals],  # type: ignore[operator]
-            list(entry.lost), [r["reason"] for r in entry.lost.values()],
-            self.n, len(entry.arrivals), len(entry.lost), first, now,
-            None if first is None else (now - first) * 1000.0, join_group_id, merged_token_id, merged_hash,
-            collisions, None, None, None, None, context_json,
+            self.branches, facts.arrived, facts.token_texts, facts.offsets, list(entry.lost),
+            [r["reason"] for r in entry.lost.values()], self.n, len(facts.arrived), len(entry.lost), entry.first_at,
+            facts.now, facts.wait_ms, join_group_id, merged_token_id, merged_hash, collisions, None, None, None, None,
+            context_json,
         )
 
     def _late(self, token: Token, branch: str, decision: Decision, now: float) -> None:
