@@ -42,7 +42,7 @@ from elspeth_nb.engine.plugins import build_sink, build_source, build_transform
 from elspeth_nb.engine.plugins.sources import Quarantine
 from elspeth_nb.engine.plugins.transforms import Latency
 from elspeth_nb.engine.tokens import EngineContext, RowContext, hash_row
-from elspeth_nb.errors import CanonicalizationError, Error
+from elspeth_nb.errors import CanonicalizationError, Error, InputError
 
 PRODUCER = f"elspeth-nb {__version__}"
 
@@ -167,6 +167,8 @@ class Engine:
         self.source.check_readable()
         self.plugins = {t.name: build_transform(t, pipeline.base_dir) for t in config.transforms}
         self.sinks = {name: build_sink(s, pipeline.resolve_path) for name, s in config.sinks.items()}
+        for name, sink in self.sinks.items():
+            check_writable(sink.path, f"sinks.{name}.options.path")
         self.settings = config.model_dump(mode="json", exclude_none=True)
         self.opened_sinks: list[Any] = []
 
@@ -195,7 +197,7 @@ class Engine:
                 status, error = RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)"
                 self._finalize(status, error)
                 raise
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit from a plugin too: record it, then report it
                 status, error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
             artifacts = self._finalize(status, error)
         message = ""
@@ -274,7 +276,8 @@ class Engine:
         try:
             data, row_hash = hash_row(record)
         except CanonicalizationError as exc:
-            self._quarantine(rc, Quarantine(_safe_raw(record), str(exc), "non_finite", f"row {index}"), now)
+            location = self.source.current_location()
+            self._quarantine(rc, Quarantine(_safe_raw(record), str(exc), "non_finite", location), now)
             return
         ref = None
         if ctx.store_boundary_payloads:
@@ -482,6 +485,18 @@ class Engine:
             coalesce=counts["coalesce"], artifacts=tuple(artifacts), duckdb=duckdb_message,
             warnings=self.pipeline.warnings, error=self._error or error, counts=counts["records"],
         )
+
+
+def check_writable(path: Path, where: str) -> None:
+    """Fail before the run starts if a sink cannot write ``path``."""
+    if path.is_dir():
+        raise InputError(f"{where}: {path} is a directory; a sink writes a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{where}: cannot create the folder for {path}: {exc.strerror or exc}") from exc
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{where}: {path} is not writable")
 
 
 def _safe_raw(record: dict[str, Any]) -> dict[str, Any]:

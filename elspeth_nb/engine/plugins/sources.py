@@ -93,6 +93,7 @@ class _Source:
         self.schema_mode = schema_mode
         self.fields = tuple(fields)
         self.declared = {f.name: f for f in self.fields}
+        self._current = 0
 
     def check_readable(self) -> None:
         """Fail before the run starts if the input cannot be opened."""
@@ -108,6 +109,10 @@ class _Source:
 
     def location(self, line: int) -> str:
         return f"{self.path.name}:{line}"
+
+    def current_location(self) -> str:
+        """Where the record yielded last came from (for problems found after parsing, like NaN)."""
+        return self.location(self._current)
 
     def check_typed(self, row: dict[str, Any]) -> None:
         """Schema check for already-typed values (JSON, Parquet): presence, extras, types."""
@@ -185,6 +190,7 @@ class CsvSource(_Source):
             row = dict(zip(header, fields, strict=True))
             problem = _parse_text_fields(row, parsers)
             if problem is None:
+                self._current = line
                 yield row
             else:
                 yield Quarantine(dict(zip(header, fields, strict=True)), str(problem), problem.violation,
@@ -253,6 +259,7 @@ class JsonlSource(_Source):
             for number, raw in enumerate(handle, start=1):
                 if not raw.strip():
                     continue
+                self._current = number
                 yield self._parse(raw, number)
 
     def _parse(self, raw: bytes, number: int) -> dict[str, Any] | Quarantine:
@@ -308,10 +315,14 @@ class ParquetSource(_Source):
                 try:
                     self.check_typed(row)
                 except SchemaViolation as problem:
-                    yield Quarantine(_json_safe(row), str(problem), problem.violation, f"{self.path.name}#row{number}",
+                    yield Quarantine(_json_safe(row), str(problem), problem.violation, self.location(number),
                                      problem.field, problem.expected, problem.actual)
                     continue
+                self._current = number
                 yield row
+
+    def location(self, line: int) -> str:
+        return f"{self.path.name}#row{line}"
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
