@@ -35,7 +35,7 @@ _Fragment = orjson.Fragment
 _FLAT_TYPES = frozenset({str, int, bool, type(None)})
 
 
-class _NeedsReference(Exception):  # noqa: N818 - internal signal
+class _NeedsReference(Exception):
     """The value needs the careful path (special types, non-BMP keys, or an error to explain)."""
 
 

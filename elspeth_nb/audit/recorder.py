@@ -61,39 +61,21 @@ def format_id(run_id: str, kind: str, number: int) -> str:
     return f"{id_prefix(run_id, kind)}{ID_BASE + number}"
 
 
-#: Long text columns whose values repeat (one coalesce context on many records): stored once per
-#: mini-batch and referenced by code, instead of copied into Arrow for every record.
+#: Long text columns whose values repeat (one coalesce context on many records): converted to Arrow
+#: once per distinct value per mini-batch and referenced by code, instead of copied for every record.
 MEMO_COLUMNS: dict[str, frozenset[str]] = {
     "node_states": frozenset({"context_after_json", "success_reason_json", "error_json"}),
     "token_outcomes": frozenset({"context_json", "expected_branches_json"}),
 }
 
 
-class _MemoColumn:
-    """A text column kept as codes into a list of distinct values (``None`` stays NULL)."""
-
-    def __init__(self) -> None:
-        self.codes: list[int | None] = []
-        self.texts: list[str] = []
-        self.memo: dict[str, int] = {}
-
-    def append(self, value: str | None) -> None:
-        if value is None:
-            self.codes.append(None)
-            return
-        code = self.memo.get(value)
-        if code is None:
-            code = self.memo[value] = len(self.texts)
-            self.texts.append(value)
-        self.codes.append(code)
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def to_arrow(self) -> pa.Array:
-        array = pa.DictionaryArray.from_arrays(pa.array(self.codes, pa.int32()), pa.array(self.texts, pa.string()))
-        self.codes, self.texts, self.memo = [], [], {}
-        return array
+def _encode_repeated_text(values: list[str | None]) -> pa.Array:
+    """Dictionary-encode a text column whose values repeat, without copying each repeat into Arrow."""
+    distinct = dict.fromkeys(values)
+    distinct.pop(None, None)
+    index = {value: code for code, value in enumerate(distinct)}
+    codes = pa.array(list(map(index.get, values)), pa.int32())
+    return pa.DictionaryArray.from_arrays(codes, pa.array(list(index), pa.string()))
 
 
 class _ListColumn:
@@ -125,14 +107,13 @@ class _TableBuffer:
         memo = MEMO_COLUMNS.get(table.name, frozenset())
         self.raw_types = _raw_types(table)
         self.columns: list[Any] = []
-        for f, raw_type in zip(table.file_schema, self.raw_types, strict=True):
-            if f.name in memo:
-                self.columns.append(_MemoColumn())
-            elif pa.types.is_list(f.type):
+        for f in table.file_schema:
+            if pa.types.is_list(f.type):
                 self.columns.append(_ListColumn(f.type.value_type))
             else:
                 self.columns.append([])
         self.appends = tuple(c.append for c in self.columns)
+        self.repeated = frozenset(i for i, name in enumerate(table.file_columns) if name in memo)
         self.batches: list[list[pa.Array]] = []
         self.batched_rows = 0
 
@@ -145,12 +126,12 @@ class _TableBuffer:
         if not count:
             return
         arrays = []
-        for column, raw_type in zip(self.columns, self.raw_types, strict=True):
-            if isinstance(column, list):
-                arrays.append(pa.array(column, raw_type))
-                column.clear()
-            else:
+        for i, (column, raw_type) in enumerate(zip(self.columns, self.raw_types, strict=True)):
+            if not isinstance(column, list):
                 arrays.append(column.to_arrow())
+                continue
+            arrays.append(_encode_repeated_text(column) if i in self.repeated else pa.array(column, raw_type))
+            column.clear()
         self.batches.append(arrays)
         self.batched_rows += count
 
@@ -263,7 +244,7 @@ class Recorder:
         self._rows_cols, self._tokens_cols = t["rows"].appends, t["tokens"].appends
         self._parents_cols, self._outcomes_cols = t["token_parents"].appends, t["token_outcomes"].appends
         self._states_cols, self._routing_cols = t["node_states"].appends, t["routing_events"].appends
-        self._payloads_cols = t["payloads"].appends
+        self._payloads_cols, self._events_cols = t["payloads"].appends, t["coalesce_events"].appends
         self._states_first = t["node_states"].columns[0]
 
     def _add(self, table: str, *values: Any) -> None:
@@ -386,12 +367,14 @@ class Recorder:
                         merged_token_id: int | None, merged_row_hash: str | None, union_collisions: list[str] | None,
                         decision_event_id: int | None, late_branch: str | None, late_token_id: int | None,
                         late_by_ms: float | None, context_json: str) -> None:
-        self._add("coalesce_events", event_id, node_id, coalesce_name, row_id, event_type, trigger, failure_reason,
-                  policy, merge_strategy, quorum_count, timeout_seconds, select_branch, expected_branches,
-                  branches_arrived, arrived_token_ids, arrival_offsets_ms, branches_lost, lost_reasons, n_expected,
-                  n_arrived, n_lost, first_arrival_at, decided_at, wait_duration_ms, join_group_id, merged_token_id,
-                  merged_row_hash, union_collisions, decision_event_id, late_branch, late_token_id, late_by_ms,
-                  context_json)
+        c = self._events_cols
+        c[0](event_id), c[1](node_id), c[2](coalesce_name), c[3](row_id), c[4](event_type), c[5](trigger)
+        c[6](failure_reason), c[7](policy), c[8](merge_strategy), c[9](quorum_count), c[10](timeout_seconds)
+        c[11](select_branch), c[12](expected_branches), c[13](branches_arrived), c[14](arrived_token_ids)
+        c[15](arrival_offsets_ms), c[16](branches_lost), c[17](lost_reasons), c[18](n_expected), c[19](n_arrived)
+        c[20](n_lost), c[21](first_arrival_at), c[22](decided_at), c[23](wait_duration_ms), c[24](join_group_id)
+        c[25](merged_token_id), c[26](merged_row_hash), c[27](union_collisions), c[28](decision_event_id)
+        c[29](late_branch), c[30](late_token_id), c[31](late_by_ms), c[32](context_json)
 
     def payloads(self, payload_hash: str, payload_json: str) -> None:
         """Store a payload once per content hash (deduplicated over a bounded recent window)."""

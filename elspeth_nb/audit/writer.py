@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from elspeth_nb.audit.schema import PARTITION_COLUMN, Table
 from elspeth_nb.errors import AuditStoreError
 
-_PART = re.compile(r"^part-(\d+)\.parquet$")
+_PART = re.compile(r"^part-(?P<prefix>[a-z0-9]+-)?(?P<number>\d+)\.parquet$")
 
 
 class SegmentWriter(Protocol):
@@ -38,8 +38,10 @@ def partition_dir(parquet_root: Path, table: str, run_id: str) -> Path:
 class ParquetSegmentWriter:
     """Writes ``part-<n>.parquet`` files (zstd, one row group) into hive partitions, atomically."""
 
-    def __init__(self, parquet_root: Path, *, compression_level: int = 3, fsync: bool = True) -> None:
+    def __init__(self, parquet_root: Path, *, compression_level: int = 1, fsync: bool = True,
+                 part_prefix: str = "") -> None:
         self.parquet_root = Path(parquet_root)
+        self.part_prefix = part_prefix
         self.compression_level = compression_level
         self.fsync = fsync
         self._next_part: dict[tuple[str, str], int] = {}
@@ -51,11 +53,12 @@ class ParquetSegmentWriter:
         key = (table.name, run_id)
         if key not in self._next_part:
             directory.mkdir(parents=True, exist_ok=True)
-            self._next_part[key] = _next_part_number(directory)
+            self._next_part[key] = _next_part_number(directory, self.part_prefix)
         part = self._next_part[key]
         self._next_part[key] = part + 1
-        final = directory / f"part-{part:06d}.parquet"
-        temporary = directory / f".part-{part:06d}.parquet.tmp"
+        name = f"part-{self.part_prefix}{part:06d}.parquet"
+        final = directory / name
+        temporary = directory / f".{name}.tmp"
         try:
             pq.write_table(
                 batch,
@@ -63,6 +66,7 @@ class ParquetSegmentWriter:
                 compression="zstd",
                 compression_level=self.compression_level,
                 row_group_size=max(batch.num_rows, 1),
+                use_dictionary=dictionary_columns(table),
                 write_statistics=True,
             )
             if self.fsync:
@@ -104,9 +108,16 @@ class MemoryWriter:
         self.closed = True
 
 
-def _next_part_number(directory: Path) -> int:
-    """First unused part number in ``directory`` (a resumed or re-imported run appends)."""
-    numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _PART.match(p.name))]
+def dictionary_columns(table: Table) -> list[str]:
+    """Text columns worth dictionary-encoding: repeated values (names, statuses, contexts), not ids or hashes."""
+    return [f.name for f in table.file_schema if pa.types.is_string(f.type)
+            and not f.name.endswith(("_id", "_hash", "_ref")) and f.name != "payload_json"]
+
+
+def _next_part_number(directory: Path, prefix: str = "") -> int:
+    """First unused part number for ``prefix`` in ``directory`` (a resumed or re-imported run appends)."""
+    numbers = [int(m["number"]) for p in directory.iterdir()
+               if (m := _PART.match(p.name)) and (m["prefix"] or "") == prefix]
     return max(numbers, default=-1) + 1
 
 

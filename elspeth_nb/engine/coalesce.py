@@ -10,8 +10,7 @@ late arrivals with how late they were.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from elspeth_nb.audit.hashing import canonical_json, canonical_json_prepared, error_hash, json_number, stable_hash
 from elspeth_nb.audit.schema import CoalesceEventType, Outcome, StateStatus, Trigger
@@ -25,8 +24,7 @@ class EngineInvariantError(RuntimeError):
     """The engine reached a state its design rules out (a bug, never bad user input)."""
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """A policy's answer: merge or fail, what triggered it, and the failure reason."""
 
     merge: bool
@@ -67,8 +65,7 @@ class DecisionFacts:
         self.wait_ms = None if first is None else (now - first) * 1000.0
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """A decided join, kept while the row is in flight so late arrivals can refer to it."""
 
     event_id: int
@@ -225,11 +222,8 @@ class CoalesceExecutor(NodeExecutor):
             verdict = Verdict(False, verdict.trigger, "select_branch_not_arrived")
         if entry.timer is not None:
             entry.timer.cancelled = True
-        if verdict.merge:
-            decision = self._merge(rc, entry, verdict, facts)
-        else:
-            decision = self._fail(rc, entry, verdict, facts)
-        rc.joins[self.name] = decision
+        merge_or_fail = self._merge if verdict.merge else self._fail
+        rc.joins[self.name] = merge_or_fail(rc, entry, verdict, facts)
 
     def _context(self, entry: PendingJoin, verdict: Verdict, facts: DecisionFacts) -> dict[str, Any]:
         """The decision's context, ready for :func:`canonical_json_prepared` (floats in JSON form)."""

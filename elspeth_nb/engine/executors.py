@@ -157,6 +157,7 @@ class GateExecutor(NodeExecutor):
                  routes: Mapping[str, str]) -> None:
         super().__init__(ctx, name, node_id, step)
         self.condition = condition
+        self.evaluate = condition.evaluate
         self.routes = dict(routes)
         self.targets: dict[str, tuple[str, Any, int]] = {}  # label -> (kind, route|fork, edge_id)
         self.fork_branches: list[tuple[str, Route, int, Any]] = []  # branch, route, edge_id, duty
@@ -166,7 +167,7 @@ class GateExecutor(NodeExecutor):
         ctx = self.ctx
         started = ctx.now()
         try:
-            result = self.condition(token.row)
+            result = self.evaluate(token.row)
         except Exception as exc:
             self._fail(token, {"reason": "condition_error", "type": type(exc).__name__, "exception": str(exc)},
                        started)
@@ -196,7 +197,7 @@ class GateExecutor(NodeExecutor):
 
     def _decision(self, result: Any, label: str) -> tuple[str, str, str | None]:
         """Gate context and routing reason for one (result, label), computed once and cached."""
-        key = (repr(result), label)
+        key = (label if type(result) is bool else repr(result), label)
         cached = self._decisions.get(key)
         if cached is None:
             ctx = self.ctx

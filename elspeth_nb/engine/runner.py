@@ -1,14 +1,13 @@
-"""Run a pipeline: wire executors from the graph, drive the event loop, record the whole trail.
+"""Run a pipeline and record the whole trail: ``run_pipeline`` and the :class:`Engine` behind it.
 
-The loop is single-threaded and event-driven: a depth-first work stack (so a row's branches run
-in configured order when nothing waits), a timer heap on the engine clock (simulated calls and
-coalesce timeouts), and up to ``max_in_flight`` source rows at once, so memory stays flat
-however long the input is.
+The engine checks everything it can before a run starts (source readable, sinks writable, store
+writable), records the run, nodes and edges, processes the rows (in this process, or sharded over
+worker processes for large inputs, see :mod:`elspeth_nb.engine.parallel`), then records artifacts,
+operations and the final run revision, and brings audit.duckdb up to date.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 import uuid
@@ -20,31 +19,22 @@ from typing import Any
 import orjson
 
 from elspeth_nb._version import __version__
-from elspeth_nb.audit.hashing import canonical_json, error_hash, stable_hash
+from elspeth_nb.audit.hashing import canonical_json, stable_hash
 from elspeth_nb.audit.recorder import Recorder
-from elspeth_nb.audit.schema import CANONICAL_VERSION, SCHEMA_VERSION, Outcome, RunStatus, StateStatus
+from elspeth_nb.audit.schema import CANONICAL_VERSION, SCHEMA_VERSION, RunStatus
 from elspeth_nb.audit.store import AuditStore, mark_interrupted
 from elspeth_nb.audit.writer import ParquetSegmentWriter, SegmentWriter
 from elspeth_nb.engine.clock import Clock, SystemClock
-from elspeth_nb.engine.coalesce import CoalesceExecutor, EngineInvariantError
 from elspeth_nb.engine.dag import Pipeline, load_pipeline
-from elspeth_nb.engine.executors import (
-    ErrorRouting,
-    GateExecutor,
-    LatencyExecutor,
-    NodeExecutor,
-    Route,
-    SinkExecutor,
-    TransformExecutor,
-)
-from elspeth_nb.engine.expressions import compile_condition
 from elspeth_nb.engine.plugins import build_sink, build_source, build_transform
-from elspeth_nb.engine.plugins.sources import Quarantine
-from elspeth_nb.engine.plugins.transforms import Latency
-from elspeth_nb.engine.tokens import EngineContext, RowContext, hash_row
-from elspeth_nb.errors import CanonicalizationError, Error, InputError
+from elspeth_nb.engine.plugins.sinks import Artifact, CsvSink
+from elspeth_nb.engine.processor import ProcessStats, RowProcessor
+from elspeth_nb.engine.tokens import EngineContext
+from elspeth_nb.errors import Error, InputError
 
 PRODUCER = f"elspeth-nb {__version__}"
+#: Inputs at least this large are sharded over worker processes when ``workers`` is left automatic.
+SHARD_MIN_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,6 +54,10 @@ class RunResult:
     warnings: tuple[str, ...] = ()
     error: str | None = None
     counts: Mapping[str, int] = field(default_factory=dict)
+    workers: int = 1
+    #: Seconds spent writing the trail (until the Parquet segments were complete) and updating audit.duckdb.
+    trail_s: float = 0.0
+    duckdb_s: float = 0.0
 
     @property
     def rows_per_second(self) -> float:
@@ -75,14 +69,15 @@ class RunResult:
             "duration_s": round(self.duration_s, 3), "rows": self.rows, "quarantined": self.quarantined,
             "outcomes": dict(self.outcomes), "coalesce": {k: dict(v) for k, v in self.coalesce.items()},
             "artifacts": list(self.artifacts), "duckdb": self.duckdb, "warnings": list(self.warnings),
-            "error": self.error,
+            "error": self.error, "workers": self.workers,
         }
 
     def __repr__(self) -> str:
         outcomes = ", ".join(f"{k}={v}" for k, v in sorted(self.outcomes.items()))
         lines = [
             f"Run {self.run_id}: {self.status} in {self.duration_s:.2f}s "
-            f"({self.rows} source rows, {self.rows_per_second:,.0f} rows/s)",
+            f"({self.rows} source rows, {self.rows_per_second:,.0f} rows/s"
+            f"{f', {self.workers} workers' if self.workers > 1 else ''})",
             f"  audit store: {self.audit_path}",
             f"  outcomes: {outcomes}",
         ]
@@ -111,6 +106,19 @@ class RunFailedError(Error, RuntimeError):
         self.result = result
 
 
+@dataclass
+class RunOutcome:
+    """What processing produced, whether in this process or merged from workers."""
+
+    stats: ProcessStats
+    outcome_counts: dict[str, int]
+    records: dict[str, int]
+    artifacts: dict[str, tuple[Artifact, int | None]]  # sink -> (artifact, first sink state id)
+    error: str | None = None
+    status: str = RunStatus.COMPLETED
+    shard_seconds: list[dict[str, float]] = field(default_factory=list)
+
+
 def run_pipeline(
     pipeline: str | os.PathLike[str] | Pipeline | Mapping[str, Any],
     *,
@@ -118,6 +126,7 @@ def run_pipeline(
     clock: Clock | None = None,
     payloads: str | None = None,
     max_in_flight: int | None = None,
+    workers: int | None = None,
     run_id: str | None = None,
     sync_duckdb: bool = True,
     writer: SegmentWriter | None = None,
@@ -125,6 +134,9 @@ def run_pipeline(
     flush_interval_s: float = 5.0,
 ) -> RunResult:
     """Run a pipeline (YAML path, mapping or :class:`Pipeline`) and write its audit trail.
+
+    ``workers`` > 1 shards large inputs over worker processes (default: automatic, two on a
+    multi-core machine for inputs over 4 MB with the system clock, one otherwise).
 
     >>> result = run_pipeline("data/demo/pipeline.yaml", audit="/tmp/enb-doctest")  # doctest: +SKIP
     >>> result.status  # doctest: +SKIP
@@ -143,6 +155,7 @@ def run_pipeline(
         payload_mode=payloads or loaded.config.audit.payloads,
         max_in_flight=max_in_flight or loaded.config.engine.max_in_flight,
         run_id=run_id or uuid.uuid4().hex,
+        workers=workers,
     )
     return engine.run(sync_duckdb=sync_duckdb, writer=writer, segment_rows=segment_rows,
                       flush_interval_s=flush_interval_s)
@@ -152,7 +165,7 @@ class Engine:
     """One run of one pipeline."""
 
     def __init__(self, pipeline: Pipeline, *, audit_root: Path, clock: Clock, payload_mode: str,
-                 max_in_flight: int, run_id: str) -> None:
+                 max_in_flight: int, run_id: str, workers: int | None = None) -> None:
         if payload_mode not in ("all", "boundaries", "hashes"):
             raise ValueError(f"payloads must be all, boundaries or hashes, not {payload_mode!r}")
         self.pipeline = pipeline
@@ -170,234 +183,104 @@ class Engine:
         for name, sink in self.sinks.items():
             check_writable(sink.path, f"sinks.{name}.options.path")
         self.settings = config.model_dump(mode="json", exclude_none=True)
-        self.opened_sinks: list[Any] = []
+        self.workers = self._choose_workers(workers)
+
+    def _choose_workers(self, requested: int | None) -> int:
+        """Shard only when it pays and is safe: big input, real clock, sinks whose parts concatenate."""
+        if requested is not None:
+            wanted = max(1, int(requested))
+        elif not isinstance(self.clock, SystemClock) or self.source.path.stat().st_size < SHARD_MIN_BYTES:
+            wanted = 1
+        else:
+            wanted = min(2, os.cpu_count() or 1)
+        if any(isinstance(s, CsvSink) for s in self.sinks.values()):
+            return 1  # CSV headers come from each part's first row; keep one writer
+        return wanted
 
     # -- the run --------------------------------------------------------------------------------
     def run(self, *, sync_duckdb: bool, writer: SegmentWriter | None, segment_rows: int,
             flush_interval_s: float) -> RunResult:
         store = AuditStore.create(self.audit_root)
         mark_interrupted(store, found_by="the next run in this store")
+        self.store = store
+        self.segment_rows, self.flush_interval_s = segment_rows, flush_interval_s
         started = time.perf_counter()
         with store.writing(self.run_id):
-            rec = Recorder(self.run_id, writer or ParquetSegmentWriter(store.parquet_root), segment_rows=segment_rows,
-                           flush_interval_s=flush_interval_s, before_flush=self._flush_sinks,
-                           time_offset=self.clock.offset)
-            self.ctx = ctx = EngineContext(self.run_id, rec, self.clock, self.payload_mode)
-            self.open_rows = ctx.open_rows
-            self._record_run_start()
+            rec = self.recorder(writer, before_flush=None)
+            ctx = EngineContext(self.run_id, rec, self.clock, self.payload_mode)
+            self.edge_ids = self._record_run_start(ctx)
             rec.flush()
-            status, error = RunStatus.COMPLETED, None
             try:
-                self._wire()
-                for sink in self.sinks.values():
-                    sink.open()
-                    self.opened_sinks.append(sink)
-                self._loop()
+                if self.workers > 1:
+                    from elspeth_nb.engine.parallel import run_sharded
+
+                    outcome = run_sharded(self, self.workers)
+                else:
+                    outcome = self._run_here(ctx)
             except KeyboardInterrupt:
-                status, error = RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)"
-                self._finalize(status, error)
-                raise
-            except BaseException as exc:  # SystemExit from a plugin too: record it, then report it
-                status, error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
-            artifacts = self._finalize(status, error)
-        message = ""
+                outcome = self._empty_outcome(RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)")
+            except BaseException as exc:
+                outcome = self._empty_outcome(RunStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            counts = self._finalize(ctx, outcome)
+        trail_s = time.perf_counter() - started
+        message, duckdb_s = "", 0.0
         if sync_duckdb and writer is None:
             sync = store.sync_duckdb([self.run_id])
-            message = sync.message or f"up to date ({sync.seconds:.2f}s)"
-        result = self._result(status, error, time.perf_counter() - started, artifacts, message)
-        if status != RunStatus.COMPLETED:
-            raise RunFailedError(f"run {self.run_id} {status}: {error}", result)
+            message, duckdb_s = sync.message or f"up to date ({sync.seconds:.2f}s)", sync.seconds
+        result = RunResult(
+            run_id=self.run_id, status=outcome.status, audit_path=self.audit_root,
+            duration_s=time.perf_counter() - started, rows=outcome.stats.rows, quarantined=outcome.stats.quarantined,
+            outcomes=dict(sorted(outcome.outcome_counts.items())), coalesce=outcome.stats.coalesce,
+            artifacts=tuple(str(a.path) for a, _ in outcome.artifacts.values()), duckdb=message,
+            warnings=self.pipeline.warnings, error=outcome.error, counts=counts, workers=self.workers,
+            trail_s=trail_s, duckdb_s=duckdb_s,
+        )
+        if outcome.status == RunStatus.INTERRUPTED:
+            raise KeyboardInterrupt(f"run {self.run_id} interrupted; its trail is complete up to that point")
+        if outcome.status != RunStatus.COMPLETED:
+            raise RunFailedError(f"run {self.run_id} {outcome.status}: {outcome.error}", result)
         return result
 
-    def _loop(self) -> None:
-        """Drive the run; the cyclic GC is relaxed meanwhile (rows release their cycles themselves)."""
-        thresholds = gc.get_threshold()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 1000)
+    def recorder(self, writer: SegmentWriter | None, before_flush: Any, part_prefix: str = "") -> Recorder:
+        """A recorder for this run, writing Parquet segments unless ``writer`` is given."""
+        target = writer or ParquetSegmentWriter(self.store.parquet_root, part_prefix=part_prefix)
+        return Recorder(self.run_id, target, segment_rows=self.segment_rows, flush_interval_s=self.flush_interval_s,
+                        before_flush=before_flush, time_offset=self.clock.offset)
+
+    def _run_here(self, ctx: EngineContext) -> RunOutcome:
+        """Process every record in this process, with the run's own recorder."""
+        opened: list[Any] = []
+
+        def flush_sinks() -> None:  # sink bytes reach the OS before the audit says they were written
+            for sink in opened:
+                sink.flush()
+
+        ctx.rec.before_flush = flush_sinks
+        processor: RowProcessor | None = None
+        status, error = RunStatus.COMPLETED, None
         try:
-            self._drive()
-        finally:
-            gc.set_threshold(*thresholds)
-            gc.unfreeze()
+            for sink in self.sinks.values():
+                sink.open()
+                opened.append(sink)
+            processor = RowProcessor(self.pipeline, ctx, source=self.source, plugins=self.plugins, sinks=self.sinks,
+                                     edge_ids=self.edge_ids, max_in_flight=self.max_in_flight)
+            processor.process()
+        except KeyboardInterrupt:
+            status, error = RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)"
+        except BaseException as exc:  # SystemExit from a plugin too: record it, then report it
+            status, error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
+        stats = processor.stats if processor is not None else ProcessStats()
+        artifacts = {name: (sink.close(), stats.first_sink_states.get(name))
+                     for name, sink in self.sinks.items() if sink in opened}
+        return RunOutcome(stats, dict(ctx.outcome_counts), {}, artifacts, error, status)
 
-    def _drive(self) -> None:
-        ctx, stack, rec = self.ctx, self.ctx.stack, self.ctx.rec
-        records = self.source.records()
-        admitted = 0
-        exhausted = False
-        self._source_started = ctx.now()
-        while True:
-            while stack:
-                receive, token, arg = stack.pop()
-                receive(token, arg)
-            if ctx.timers and ctx.fire_due_timer():
-                continue
-            if not exhausted and len(self.open_rows) < self.max_in_flight:
-                record = next(records, None)
-                if record is None:
-                    exhausted = True
-                    self._source_ended = ctx.now()
-                    continue
-                self._admit(record, admitted)
-                admitted += 1
-                if admitted & 255 == 0:
-                    rec.tick()
-                continue
-            due = ctx.next_due()
-            if due is not None:
-                rec.tick()
-                self.clock.sleep_until(due)
-                continue
-            if exhausted and self.open_rows:
-                self._end_of_source()
-                if stack:
-                    continue
-                raise EngineInvariantError(
-                    f"{len(self.open_rows)} row(s) still have live tokens after end of source")
-            if exhausted:
-                break
-        self.rows_admitted = admitted
-
-    def _end_of_source(self) -> None:
-        """Decide every join still pending (the engine normally leaves none)."""
-        for rc in list(self.open_rows):
-            for coalesce in self.coalesces:
-                coalesce.flush(rc)
-
-    # -- source rows ----------------------------------------------------------------------------
-    def _admit(self, record: dict[str, Any] | Quarantine, index: int) -> None:
-        ctx = self.ctx
-        now = ctx.now()
-        rc = RowContext(ctx.new_row_id(), index)
-        self.open_rows.add(rc)
-        if type(record) is not dict:
-            self._quarantine(rc, record, now)  # type: ignore[arg-type]
-            return
-        try:
-            data, row_hash = hash_row(record)
-        except CanonicalizationError as exc:
-            location = self.source.current_location()
-            self._quarantine(rc, Quarantine(_safe_raw(record), str(exc), "non_finite", location), now)
-            return
-        ref = None
-        if ctx.store_boundary_payloads:
-            ctx.store_payload(row_hash, data)
-            ref = row_hash
-        ctx.rec.rows(rc.row_id, self.source_node.node_id, index, row_hash, ref, now)
-        token = ctx.new_token(rc, record, data, row_hash, (), now)
-        ctx.rec.node_states(ctx.new_state_id(), token.id, self.source_node.node_id, 0, 0, StateStatus.COMPLETED,
-                            row_hash, row_hash, None, None, 0.0, None, None, now, now)
-        receive, arg = self.source_route
-        ctx.stack.append((receive, token, arg))
-
-    def _quarantine(self, rc: RowContext, problem: Quarantine, now: float) -> None:
-        ctx = self.ctx
-        data, row_hash = hash_row(problem.raw)
-        ref = None
-        if ctx.store_boundary_payloads:
-            ctx.store_payload(row_hash, data)
-            ref = row_hash
-        node_id = self.source_node.node_id
-        ctx.rec.rows(rc.row_id, node_id, rc.index, row_hash, ref, now)
-        token = ctx.new_token(rc, problem.raw, data, row_hash, (), now)
-        details = {"reason": problem.violation_type, "error": problem.error, "location": problem.location}
-        state_id = ctx.new_state_id()
-        ctx.rec.node_states(state_id, token.id, node_id, 0, 0, StateStatus.FAILED, row_hash, None, None, None, 0.0,
-                            canonical_json(details), None, now, now)
-        destination = self.quarantine_destination
-        ctx.rec.validation_errors(ctx.new_error_id(), node_id, row_hash, data.decode(), problem.error,
-                                  self.source.schema_mode, destination, now, problem.violation_type, problem.field,
-                                  problem.field, problem.expected_type, problem.actual_type, rc.row_id,
-                                  problem.location)
-        self.quarantined += 1
-        if self.quarantine_route is None:
-            ctx.finish(token, Outcome.QUARANTINED, now, error_hash=error_hash(problem.violation_type))
-            return
-        ctx.rec.routing_events(ctx.new_event_id(), state_id, self.edge_ids[("source", "__quarantine__")],
-                               ctx.new_group_id(), 0, "divert", stable_hash(details), None, now)
-        receive, _ = self.quarantine_route
-        ctx.stack.append((receive, token, (Outcome.QUARANTINED, None)))
-
-    # -- wiring -----------------------------------------------------------------------------------
-    def _wire(self) -> None:
-        """Build one executor per node and resolve every route once."""
-        ctx, graph = self.ctx, self.graph
-        self.executors: dict[str, NodeExecutor] = {}
-        self.quarantined = 0
-        self.rows_admitted = 0
-        for node in graph.nodes:
-            if node.node_type == "source":
-                self.source_node = node
-            elif node.node_type == "transform":
-                plugin = self.plugins[node.name]
-                cls = LatencyExecutor if isinstance(plugin, Latency) else TransformExecutor
-                self.executors[node.name] = cls(ctx, node.name, node.node_id, node.step, plugin)
-            elif node.node_type == "gate":
-                gate = self._gate_config(node.name)
-                self.executors[node.name] = GateExecutor(ctx, node.name, node.node_id, node.step,
-                                                         compile_condition(gate.condition), gate.routes)
-            elif node.node_type == "coalesce":
-                config = next(c for c in self.pipeline.config.coalesce if c.name == node.name)
-                self.executors[node.name] = CoalesceExecutor(ctx, node.name, node.node_id, node.step, config)
-            else:
-                self.executors[node.name] = SinkExecutor(ctx, node.name, node.node_id, node.step,
-                                                         self.sinks[node.name])
-        self.coalesces = [e for e in self.executors.values() if isinstance(e, CoalesceExecutor)]
-        self._wire_routes()
-
-    def _wire_routes(self) -> None:
-        config, graph = self.pipeline.config, self.graph
-        self.source_route = self._route(config.source.on_success, Outcome.COMPLETED)
-        failure = config.source.options.on_validation_failure
-        self.quarantine_destination = failure
-        self.quarantine_route = None if failure == "discard" else self._route(failure, Outcome.QUARANTINED)
-        for transform in config.transforms:
-            executor = self.executors[transform.name]
-            assert isinstance(executor, TransformExecutor)
-            executor.next = self._route(transform.on_success, Outcome.COMPLETED)
-            target = transform.on_error
-            if target is None or target == "discard":
-                executor.on_error = ErrorRouting(target, None, None)
-            else:
-                executor.on_error = ErrorRouting(target, self._route(target, Outcome.ROUTED),
-                                                 self.edge_ids[(transform.name, f"__error_{transform.name}__")])
-        for gate in config.gates:
-            executor = self.executors[gate.name]
-            assert isinstance(executor, GateExecutor)
-            for label, destination in gate.routes.items():
-                if destination == "fork":
-                    executor.targets[label] = ("fork", None, "")
-                    continue
-                kind = graph.resolve(destination).kind
-                executor.targets[label] = (kind, self._route(destination, Outcome.ROUTED),
-                                           self.edge_ids[(gate.name, label)])
-            for branch in gate.fork_to or ():
-                target = graph.fork_targets.get((gate.name, branch))
-                duty = None if target is None else (self.executors[target[0]], target[1])
-                executor.fork_branches.append(
-                    (branch, self._route(branch, Outcome.ROUTED), self.edge_ids[(gate.name, branch)], duty))
-        for coalesce in config.coalesce:
-            executor = self.executors[coalesce.name]
-            assert isinstance(executor, CoalesceExecutor)
-            executor.next = self._route(coalesce.on_success, Outcome.COMPLETED)
-
-    def _route(self, label: str | None, sink_outcome: str) -> Route:
-        destination = self.graph.resolve(label) if label is not None else None
-        if destination is None or destination.kind == "discard" or destination.name is None:
-            raise EngineInvariantError(f"no route for {label!r}")
-        executor = self.executors[destination.name]
-        if destination.kind == "sink":
-            return executor.receive, sink_outcome
-        if isinstance(executor, CoalesceExecutor):
-            return executor.receive, destination.coalesce_branch
-        return executor.receive, None
-
-    def _gate_config(self, name: str) -> Any:
-        return next(g for g in self.pipeline.config.gates if g.name == name)
+    @staticmethod
+    def _empty_outcome(status: str, error: str | None) -> RunOutcome:
+        return RunOutcome(ProcessStats(), {}, {}, {}, error, status)
 
     # -- run records ------------------------------------------------------------------------------
-    def _record_run_start(self) -> None:
-        rec, ctx = self.ctx.rec, self.ctx
+    def _record_run_start(self, ctx: EngineContext) -> dict[tuple[str, str], int]:
+        rec = ctx.rec
         started = ctx.now()
         self._run_row = {
             "started_at": started, "config_hash": stable_hash(self.settings),
@@ -408,83 +291,46 @@ class Engine:
             "payload_mode": self.payload_mode,
         }
         rec.runs(completed_at=None, status=RunStatus.RUNNING, revision=0, **self._run_row)
-        self.edge_ids: dict[tuple[str, str], int] = {}
-        names = {n.name: n.node_id for n in self.graph.nodes}
         for node in self.graph.nodes:
             config = dict(node.config)
-            schema = (config.get("schema") or {}) if isinstance(config.get("schema"), dict) else {}
+            schema = config.get("schema") if isinstance(config.get("schema"), dict) else {}
             rec.nodes(node.node_id, node.plugin_name, node.node_type, node.plugin_version, node.determinism,
-                      node.config_hash, canonical_json(config), None, node.step, started,
-                      schema.get("mode"), canonical_json(schema["fields"]) if schema.get("fields") else None,
-                      None, None, node.name)
+                      node.config_hash, canonical_json(config), None, node.step, started, schema.get("mode"),
+                      canonical_json(schema["fields"]) if schema.get("fields") else None, None, None, node.name)
+        edge_ids: dict[tuple[str, str], int] = {}
+        names = {n.name: n.node_id for n in self.graph.nodes}
         for edge in self.graph.edges:
-            edge_id = ctx.new_edge_id()
-            self.edge_ids[(edge.from_node, edge.label)] = edge_id
+            edge_id = edge_ids[(edge.from_node, edge.label)] = ctx.new_edge_id()
             rec.edges(edge_id, names[edge.from_node], names[edge.to_node], edge.label, edge.mode, started)
+        return edge_ids
 
     def _grade(self) -> str:
         kinds = {n.determinism for n in self.graph.nodes if n.node_type not in ("source", "sink")}
         return "full_reproducible" if kinds <= {"deterministic", "seeded"} else "replay_reproducible"
 
-    def _flush_sinks(self) -> None:
-        """Sink bytes reach the OS before the audit says they were written."""
-        for sink in self.opened_sinks:
-            sink.flush()
-
-    def _finalize(self, status: str, error: str | None) -> list[str]:
-        ctx, rec = self.ctx, self.ctx.rec
-        artifacts = []
-        now = ctx.now()
-        for name, sink in self.sinks.items():
-            if sink not in self.opened_sinks:
-                continue
-            executor = self.executors.get(name)
-            try:
-                artifact = sink.close()
-            except (OSError, AttributeError, Error) as exc:
-                error = error or f"sink {name} could not be closed: {exc}"
-                status = RunStatus.FAILED if status == RunStatus.COMPLETED else status
-                continue
+    def _finalize(self, ctx: EngineContext, outcome: RunOutcome) -> dict[str, int]:
+        """Artifacts, operations and the final run revision; returns records per table."""
+        rec, now = ctx.rec, ctx.now()
+        for name, (artifact, first_state) in outcome.artifacts.items():
             node_id = self.graph.node(name).node_id
             uri = artifact.path.resolve().as_uri()
-            rec.artifacts(ctx.new_artifact_id(), getattr(executor, "first_state_id", None), node_id,
-                          artifact.artifact_type, uri, artifact.content_hash, artifact.size_bytes, None,
-                          now, artifact.rows)
-            rec.operations(ctx.new_operation_id(), node_id, "sink_write", now, ctx.now(),
-                           "completed", None, None, uri, artifact.content_hash, None, None)
-            artifacts.append(str(artifact.path))
-        source_started = getattr(self, "_source_started", now)
-        source_ended = getattr(self, "_source_ended", now)
-        rec.operations(ctx.new_operation_id(), self.graph.nodes[0].node_id, "source_load", source_started,
-                       source_ended, "completed" if status == RunStatus.COMPLETED else "failed",
-                       self.source.path.resolve().as_uri(), None, None, None, error,
-                       (source_ended - source_started) * 1000.0)
-        self._counts = self._count()
-        rec.runs(completed_at=ctx.now(), status=status, revision=1, counts_json=orjson.dumps(self._counts).decode(),
-                 error_message=error, **self._run_row)
+            rec.artifacts(ctx.new_artifact_id(), first_state, node_id, artifact.artifact_type, uri,
+                          artifact.content_hash, artifact.size_bytes, None, now, artifact.rows)
+            rec.operations(ctx.new_operation_id(), node_id, "sink_write", now, now, "completed", None, None, uri,
+                           artifact.content_hash, None, None)
+        stats = outcome.stats
+        started, ended = stats.source_started or now, stats.source_ended or now
+        rec.operations(ctx.new_operation_id(), self.graph.nodes[0].node_id, "source_load", started, ended,
+                       "completed" if outcome.status == RunStatus.COMPLETED else "failed",
+                       self.source.path.resolve().as_uri(), None, None, None, outcome.error, (ended - started) * 1000.0)
+        records = {t: n + outcome.records.get(t, 0) for t, n in rec.pending_counts().items()}
+        counts = {"rows": stats.rows, "quarantined": stats.quarantined,
+                  "outcomes": dict(sorted(outcome.outcome_counts.items())), "coalesce": stats.coalesce,
+                  "records": records, "workers": self.workers}
+        rec.runs(completed_at=ctx.now(), status=outcome.status, revision=1, counts_json=orjson.dumps(counts).decode(),
+                 error_message=outcome.error, **self._run_row)
         rec.close()
-        self._error = error
-        return artifacts
-
-    def _count(self) -> dict[str, Any]:
-        written = self.ctx.rec.pending_counts()
-        return {
-            "rows": getattr(self, "rows_admitted", 0), "quarantined": getattr(self, "quarantined", 0),
-            "outcomes": dict(sorted(self.ctx.outcome_counts.items())),
-            "coalesce": {c.name: {"merged": c.merges, "failed": c.failures, "late_arrivals": c.late_arrivals}
-                         for c in getattr(self, "coalesces", [])},
-            "records": written,
-        }
-
-    def _result(self, status: str, error: str | None, seconds: float, artifacts: list[str],
-                duckdb_message: str) -> RunResult:
-        counts = self._counts
-        return RunResult(
-            run_id=self.run_id, status=status, audit_path=self.audit_root, duration_s=seconds,
-            rows=counts["rows"], quarantined=counts["quarantined"], outcomes=counts["outcomes"],
-            coalesce=counts["coalesce"], artifacts=tuple(artifacts), duckdb=duckdb_message,
-            warnings=self.pipeline.warnings, error=self._error or error, counts=counts["records"],
-        )
+        return records
 
 
 def check_writable(path: Path, where: str) -> None:
@@ -497,9 +343,3 @@ def check_writable(path: Path, where: str) -> None:
         raise InputError(f"{where}: cannot create the folder for {path}: {exc.strerror or exc}") from exc
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise InputError(f"{where}: {path} is not writable")
-
-
-def _safe_raw(record: dict[str, Any]) -> dict[str, Any]:
-    """A JSON-safe stand-in for a row that cannot be hashed (non-finite floats become strings)."""
-    return {k: (repr(v) if isinstance(v, float) else v) if not isinstance(v, dict | list) else repr(v)
-            for k, v in record.items()}

@@ -74,7 +74,7 @@ class Timer:
 class EngineContext:
     """Shared state of one run: recorder, clock, id counters, work stack, timers, open rows."""
 
-    def __init__(self, run_id: str, recorder: Recorder, clock: Clock, payload_mode: str) -> None:
+    def __init__(self, run_id: str, recorder: Recorder, clock: Clock, payload_mode: str, id_offset: int = 0) -> None:
         self.run_id = run_id
         self.rec = recorder
         self.clock = clock
@@ -87,18 +87,18 @@ class EngineContext:
         self._timer_seq = itertools.count()
         self.open_rows: set[RowContext] = set()
         self.outcome_counts: dict[str, int] = {}
-        self.new_row_id = itertools.count().__next__
-        self.new_token_id = itertools.count().__next__
-        self.new_state_id = itertools.count().__next__
-        self.new_outcome_id = itertools.count().__next__
-        self.new_group_id = itertools.count().__next__
-        self.new_event_id = itertools.count().__next__
-        self.new_coalesce_event_id = itertools.count().__next__
-        self.new_edge_id = itertools.count().__next__
-        self.new_call_id = itertools.count().__next__
-        self.new_operation_id = itertools.count().__next__
-        self.new_artifact_id = itertools.count().__next__
-        self.new_error_id = itertools.count().__next__
+        self.new_row_id = itertools.count(id_offset).__next__
+        self.new_token_id = itertools.count(id_offset).__next__
+        self.new_state_id = itertools.count(id_offset).__next__
+        self.new_outcome_id = itertools.count(id_offset).__next__
+        self.new_group_id = itertools.count(id_offset).__next__
+        self.new_event_id = itertools.count(id_offset).__next__
+        self.new_coalesce_event_id = itertools.count(id_offset).__next__
+        self.new_edge_id = itertools.count(id_offset).__next__
+        self.new_call_id = itertools.count(id_offset).__next__
+        self.new_operation_id = itertools.count(id_offset).__next__
+        self.new_artifact_id = itertools.count(id_offset).__next__
+        self.new_error_id = itertools.count(id_offset).__next__
         self._prefixes = {kind: id_prefix(run_id, kind) for kind in ("token", "group", "coalesce_event", "row")}
 
     def text(self, kind: str, number: int) -> str:

@@ -105,19 +105,26 @@ class JsonlSink(_FileSink):
 
 
 class JsonArraySink(_FileSink):
-    """A JSON array, one canonical row per line."""
+    """A JSON array, one canonical row per line (a ``fragment`` holds the rows only, for sharded runs)."""
 
     plugin = "json"
 
+    def __init__(self, path: Path, fragment: bool = False) -> None:
+        super().__init__(path)
+        self.fragment = fragment
+
     def _start(self) -> None:
-        self._emit(b"[")
+        if not self.fragment:
+            self._emit(b"[")
 
     def write(self, row: dict[str, Any], canonical: bytes) -> None:
-        self._emit((b"\n" if self.rows == 0 else b",\n") + canonical)
+        separator = b"," if self.rows else b""
+        self._emit(separator + (canonical if self.fragment and not self.rows else b"\n" + canonical))
         self.rows += 1
 
     def _end(self) -> None:
-        self._emit(b"\n]\n" if self.rows else b"]\n")
+        if not self.fragment:
+            self._emit(b"\n]\n" if self.rows else b"]\n")
 
 
 class CsvSink(_FileSink):
@@ -208,3 +215,63 @@ class ParquetSink:
 
 
 Sink = JsonlSink | JsonArraySink | CsvSink | ParquetSink
+
+
+def part_sink(sink: Sink, index: int) -> Sink:
+    """The sink a worker of a sharded run writes: ``<path>.part<index>``, joined by :func:`assemble_parts`."""
+    path = sink.path.with_name(f"{sink.path.name}.part{index}")
+    if isinstance(sink, JsonArraySink):
+        return JsonArraySink(path, fragment=True)
+    if isinstance(sink, CsvSink):
+        raise ValueError("CSV sinks are not sharded: each part would take its header from its own first row")
+    return type(sink)(path)
+
+
+def assemble_parts(sink: Sink, parts: list[tuple[Path, int]]) -> Artifact:
+    """Join the workers' parts (path, rows) of ``sink`` into its file, in order, and delete the parts."""
+    rows = sum(n for _, n in parts)
+    if isinstance(sink, ParquetSink):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(p) for p, n in parts if n]
+        if tables:
+            pq.write_table(pa.concat_tables(tables, promote_options="permissive"), sink.path, compression="zstd")
+        else:
+            sink.path.write_bytes(b"")
+        data_hash, size = _hash_file(sink.path)
+    else:
+        digest, size = hashlib.sha256(), 0
+        with sink.path.open("wb") as out:
+            def emit(data: bytes) -> None:
+                nonlocal size
+                out.write(data)
+                digest.update(data)
+                size += len(data)
+
+            array = isinstance(sink, JsonArraySink)
+            if array:
+                emit(b"[")
+            written = 0
+            for path, count in parts:
+                if array and count:
+                    emit(b"\n" if written == 0 else b",\n")
+                with path.open("rb") as part:
+                    while chunk := part.read(1 << 20):
+                        emit(chunk)
+                written += count
+            if array:
+                emit(b"\n]\n" if written else b"]\n")
+        data_hash = digest.hexdigest()
+    for path, _ in parts:
+        path.unlink(missing_ok=True)
+    return Artifact(sink.path, data_hash, size, rows)
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size

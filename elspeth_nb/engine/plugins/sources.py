@@ -147,44 +147,23 @@ class CsvSource(_Source):
         self.delimiter, self.quotechar, self.encoding = delimiter, quotechar, encoding
         self.header: list[str] = []
 
-    def records(self) -> Iterator[dict[str, Any] | Quarantine]:
-        bad_lines: set[int] = set()
-        previous_limit = csv.field_size_limit(MAX_FIELD_BYTES)
-        try:
-            with self.path.open("rb") as handle:
-                lines = _decoded_lines(handle, self.encoding, bad_lines)
-                reader = csv.reader(lines, delimiter=self.delimiter, quotechar=self.quotechar)
-                yield from self._rows(reader, bad_lines)
-        finally:
-            csv.field_size_limit(previous_limit)
-
-    def _rows(self, reader: Any, bad_lines: set[int]) -> Iterator[dict[str, Any] | Quarantine]:
-        header = self._read_header(reader)
-        width = len(header)
-        parsers = [(f.name, _TEXT_PARSERS[f.type], f) for f in self.fields if f.name in header]
-        last_line = reader.line_num
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
+    def records(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any] | Quarantine]:
+        """Rows and quarantines of records ``start <= index < stop`` (skipped records are only split)."""
+        header: list[str] = []
+        parsers: list[tuple[str, Callable[[str], Any], FieldRule]] = []
+        for index, (line, fields) in enumerate(self._split()):
+            if index < start:
+                continue
+            if stop is not None and index >= stop:
                 return
-            except csv.Error as exc:
-                yield Quarantine({"line": reader.line_num}, f"malformed CSV record: {exc}", "malformed_row",
-                                 self.location(reader.line_num))
-                last_line = reader.line_num
+            if type(fields) is not list:
+                yield fields
                 continue
-            line = reader.line_num
-            if bad_lines and any(n in bad_lines for n in range(last_line + 1, line + 1)):
-                raw = [f.encode("utf-8", "surrogateescape").decode(self.encoding, "backslashreplace") for f in fields]
-                yield Quarantine({"fields": raw}, f"bytes that are not valid {self.encoding}", "encoding",
-                                 self.location(line))
-                last_line = line
-                continue
-            last_line = line
-            if not fields:
-                continue
-            if len(fields) != width:
-                yield Quarantine({"fields": fields}, f"record has {len(fields)} fields, the header has {width}",
+            if not header:
+                header = self.header
+                parsers = [(f.name, _TEXT_PARSERS[f.type], f) for f in self.fields if f.name in header]
+            if len(fields) != len(header):
+                yield Quarantine({"fields": fields}, f"record has {len(fields)} fields, the header has {len(header)}",
                                  "malformed_row", self.location(line))
                 continue
             row = dict(zip(header, fields, strict=True))
@@ -195,6 +174,42 @@ class CsvSource(_Source):
             else:
                 yield Quarantine(dict(zip(header, fields, strict=True)), str(problem), problem.violation,
                                  self.location(line), problem.field, problem.expected, problem.actual)
+
+    def count_records(self) -> int:
+        """How many records ``records()`` yields (rows and quarantines), found by splitting only."""
+        return sum(1 for _ in self._split())
+
+    def _split(self) -> Iterator[tuple[int, list[str] | Quarantine]]:
+        """(line number, fields) per non-blank record after the header; encoding and CSV errors as Quarantine."""
+        bad_lines: set[int] = set()
+        previous_limit = csv.field_size_limit(MAX_FIELD_BYTES)
+        try:
+            with self.path.open("rb") as handle:
+                reader = csv.reader(_decoded_lines(handle, self.encoding, bad_lines), delimiter=self.delimiter,
+                                    quotechar=self.quotechar)
+                self._read_header(reader)
+                last_line = reader.line_num
+                while True:
+                    try:
+                        fields = next(reader)
+                    except StopIteration:
+                        return
+                    except csv.Error as exc:
+                        last_line = reader.line_num
+                        yield last_line, Quarantine({"line": last_line}, f"malformed CSV record: {exc}",
+                                                    "malformed_row", self.location(last_line))
+                        continue
+                    line = reader.line_num
+                    if bad_lines and any(n in bad_lines for n in range(last_line + 1, line + 1)):
+                        raw = [f.encode("utf-8", "surrogateescape").decode(self.encoding, "backslashreplace")
+                               for f in fields]
+                        yield line, Quarantine({"fields": raw}, f"bytes that are not valid {self.encoding}",
+                                               "encoding", self.location(line))
+                    elif fields:
+                        yield line, fields
+                    last_line = line
+        finally:
+            csv.field_size_limit(previous_limit)
 
     def _read_header(self, reader: Any) -> list[str]:
         try:
@@ -254,13 +269,24 @@ class JsonlSource(_Source):
         super().__init__(path, schema_mode, fields)
         self.encoding = encoding
 
-    def records(self) -> Iterator[dict[str, Any] | Quarantine]:
+    def records(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any] | Quarantine]:
+        """Rows and quarantines of records ``start <= index < stop`` (one per non-blank line)."""
+        for index, (number, raw) in enumerate(self._lines()):
+            if index < start:
+                continue
+            if stop is not None and index >= stop:
+                return
+            self._current = number
+            yield self._parse(raw, number)
+
+    def count_records(self) -> int:
+        return sum(1 for _ in self._lines())
+
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
         with self.path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                self._current = number
-                yield self._parse(raw, number)
+                if raw.strip():
+                    yield number, raw
 
     def _parse(self, raw: bytes, number: int) -> dict[str, Any] | Quarantine:
         where = self.location(number)
@@ -304,14 +330,21 @@ class ParquetSource(_Source):
         except Exception as exc:
             raise InputError(f"source.options.path: {self.path} is not a readable Parquet file: {exc}") from exc
 
-    def records(self) -> Iterator[dict[str, Any] | Quarantine]:
+    def records(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any] | Quarantine]:
+        """Rows and quarantines of rows ``start <= index < stop``, read batch by batch."""
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(self.path)
         number = 0
-        for batch in parquet.iter_batches(batch_size=self.batch_size):
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_size):
+            if number + batch.num_rows <= start:
+                number += batch.num_rows
+                continue
             for row in batch.to_pylist():
                 number += 1
+                if number <= start:
+                    continue
+                if stop is not None and number > stop:
+                    return
                 try:
                     self.check_typed(row)
                 except SchemaViolation as problem:
@@ -320,6 +353,11 @@ class ParquetSource(_Source):
                     continue
                 self._current = number
                 yield row
+
+    def count_records(self) -> int:
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(self.path).metadata.num_rows)
 
     def location(self, line: int) -> str:
         return f"{self.path.name}#row{line}"

@@ -1,0 +1,180 @@
+"""Sharded runs: a large input split into contiguous record ranges, one forked worker per range.
+
+Rows never interact across source rows (a coalesce joins the branches of one row), so a run can be
+split by source record. Each worker processes its range with its own recorder (segments named
+``part-w<k>-<n>``), id counters offset by ``(k + 1) * 10**16`` and sink parts; the parent joins the
+sink parts in range order, so outputs are in the same order a single process would write them.
+A worker whose parent dies exits on its own, leaving the run to be found ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from elspeth_nb.audit.schema import RunStatus
+from elspeth_nb.engine.plugins.sinks import Artifact, assemble_parts, part_sink
+from elspeth_nb.engine.processor import ProcessStats, RowProcessor
+from elspeth_nb.engine.tokens import EngineContext
+
+if TYPE_CHECKING:
+    from elspeth_nb.engine.runner import Engine, RunOutcome
+
+ID_STRIDE = 10**16
+
+
+@dataclass
+class ShardResult:
+    """What one worker reports back (pickled through a pipe)."""
+
+    index: int
+    status: str = RunStatus.COMPLETED
+    error: str | None = None
+    stats: ProcessStats = field(default_factory=ProcessStats)
+    outcome_counts: dict[str, int] = field(default_factory=dict)
+    records: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # sink -> (part path, rows)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the worker's time went
+
+
+def shard_bounds(total: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous, nearly equal record ranges.
+
+    >>> shard_bounds(10, 3)
+    [(0, 3), (3, 6), (6, 10)]
+    """
+    return [(total * k // workers, total * (k + 1) // workers) for k in range(workers)]
+
+
+def run_sharded(engine: Engine, workers: int) -> RunOutcome:
+    """Process the engine's source over ``workers`` forked processes and merge what they did."""
+    from elspeth_nb.engine.runner import RunOutcome
+
+    bounds = shard_bounds(engine.source.count_records(), workers)
+    context = multiprocessing.get_context("fork")
+    processes, pipes = [], {}
+    for index, (start, stop) in enumerate(bounds):
+        receive_end, send_end = context.Pipe(duplex=False)
+        process = context.Process(target=_worker, args=(engine, index, start, stop, send_end, os.getpid()),
+                                  name=f"elspeth-nb-shard-{index}")
+        process.start()
+        send_end.close()
+        processes.append(process)
+        pipes[receive_end] = index
+    try:
+        results = _collect(pipes, processes)
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+        raise
+    finally:
+        for process in processes:
+            process.join()
+    outcome = RunOutcome(ProcessStats(), {}, {}, {})
+    outcome.shard_seconds = [r.seconds for r in results]
+    _merge(outcome, results)
+    outcome.artifacts = {name: (artifact, outcome.stats.first_sink_states.get(name))
+                         for name, artifact in _assemble(engine, results).items()}
+    return outcome
+
+
+def _collect(pipes: dict[Connection, int], processes: list[Any]) -> list[ShardResult]:
+    results: dict[int, ShardResult] = {}
+    waiting = dict(pipes)
+    while waiting:
+        for conn in wait(list(waiting)):
+            index = waiting.pop(conn)  # type: ignore[call-overload]
+            try:
+                results[index] = conn.recv()  # type: ignore[union-attr]
+            except EOFError:
+                processes[index].join()
+                results[index] = ShardResult(index, RunStatus.FAILED,
+                                             f"worker {index} exited with code {processes[index].exitcode}")
+    return [results[i] for i in sorted(results)]
+
+
+def _merge(outcome: RunOutcome, results: list[ShardResult]) -> None:
+    stats = outcome.stats
+    started = [r.stats.source_started for r in results if r.stats.source_started]
+    ended = [r.stats.source_ended for r in results if r.stats.source_ended]
+    stats.source_started, stats.source_ended = min(started, default=0.0), max(ended, default=0.0)
+    for result in results:
+        stats.rows += result.stats.rows
+        stats.quarantined += result.stats.quarantined
+        for name, counts in result.stats.coalesce.items():
+            merged = stats.coalesce.setdefault(name, dict.fromkeys(counts, 0))
+            for key, value in counts.items():
+                merged[key] += value
+        for name, state in result.stats.first_sink_states.items():
+            if stats.first_sink_states.get(name) is None:
+                stats.first_sink_states[name] = state
+        for key, value in result.outcome_counts.items():
+            outcome.outcome_counts[key] = outcome.outcome_counts.get(key, 0) + value
+        for key, value in result.records.items():
+            outcome.records[key] = outcome.records.get(key, 0) + value
+        if result.status != RunStatus.COMPLETED and outcome.status == RunStatus.COMPLETED:
+            outcome.status, outcome.error = result.status, f"worker {result.index}: {result.error}"
+
+
+def _assemble(engine: Engine, results: list[ShardResult]) -> dict[str, Artifact]:
+    artifacts = {}
+    for name, sink in engine.sinks.items():
+        parts = [(Path(r.parts[name][0]), r.parts[name][1]) for r in results if name in r.parts]
+        if parts:
+            artifacts[name] = assemble_parts(sink, parts)
+    return artifacts
+
+
+def _worker(engine: Engine, index: int, start: int, stop: int, conn: Connection, parent: int) -> None:
+    """Body of worker ``index``: process records [start, stop) and report a ShardResult."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    began = time.perf_counter()
+    result = ShardResult(index)
+    sinks = {name: part_sink(sink, index) for name, sink in engine.sinks.items()}
+    opened: list[Any] = []
+
+    def flush_sinks() -> None:  # sink bytes reach the OS before the audit says they were written
+        for sink in opened:
+            sink.flush()
+
+    rec = engine.recorder(None, before_flush=flush_sinks, part_prefix=f"w{index}-")
+    ctx = EngineContext(engine.run_id, rec, engine.clock, engine.payload_mode, id_offset=(index + 1) * ID_STRIDE)
+    processor: RowProcessor | None = None
+    try:
+        for sink in sinks.values():
+            sink.open()
+            opened.append(sink)
+        processor = RowProcessor(engine.pipeline, ctx, source=engine.source, plugins=engine.plugins, sinks=sinks,
+                                 edge_ids=engine.edge_ids, max_in_flight=engine.max_in_flight)
+        processor.process(start, stop)
+        result.seconds["process"] = time.perf_counter() - began
+    except KeyboardInterrupt:
+        result.status, result.error = RunStatus.INTERRUPTED, "interrupted"
+    except BaseException as exc:
+        result.status, result.error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
+    if processor is not None:
+        result.stats = processor.stats
+    for name, sink in sinks.items():
+        if sink in opened:
+            artifact = sink.close()
+            result.parts[name] = (str(artifact.path), artifact.rows)
+    rec.close()
+    result.seconds["total"] = time.perf_counter() - began
+    result.outcome_counts = dict(ctx.outcome_counts)
+    result.records = dict(rec.records_written)
+    conn.send(result)
+    conn.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker never outlives the run that started it."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(70)
