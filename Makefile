@@ -33,4 +33,4 @@ bench: $(STAMP)  ## the throughput benchmark at 10k and 100k rows
 	$(PY) bench/engine_throughput.py --rows 10000 100000
 
 clean:  ## remove the virtual environment and generated files
-	rm -rf $(VENV) data/demo/audit data/demo/output .pytest_cache
+	rm -rf $(VENV) data/demo/audit data/demo/output data/demo/report.html .pytest_cache bench/_stores

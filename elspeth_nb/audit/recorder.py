@@ -190,16 +190,22 @@ class _BackgroundSegments:
         self._raise()
         self._queue.put((table, batches))
 
+    def drain(self) -> None:
+        """Wait until every submitted segment is written."""
+        self._queue.join()
+        self._raise()
+
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue
-            table, batches = item
             try:
-                self.writer.write_segment(table, self.run_id,
-                                          finish_batches(table, self.run_id, self.time_offset, batches))
+                if self._error is None:
+                    table, batches = item
+                    self.writer.write_segment(table, self.run_id,
+                                              finish_batches(table, self.run_id, self.time_offset, batches))
             except BaseException as exc:  # reported to the engine thread, never swallowed
                 self._error = exc
+            finally:
+                self._queue.task_done()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -425,6 +431,12 @@ class Recorder:
                                           finish_batches(buffer.table, self.run_id, self.time_offset, batches))
             self.records_written[name] += count
         self._last_flush = time.monotonic()
+
+    def drain(self) -> None:
+        """Write out everything buffered except ``runs`` and wait until it is on disk."""
+        self.flush([name for name in self._tables if name != "runs"])
+        if self._segments is not None:
+            self._segments.drain()
 
     def pending_counts(self) -> dict[str, int]:
         """Records per table, written or buffered."""

@@ -215,13 +215,27 @@ PAYLOADS = _table(
     origin="extension",
 )
 
+SEGMENT_DIGESTS = _table(
+    "segment_digests", ("table_name", "part_file"),
+    "Tamper evidence: one row per Parquet segment of the run (every table except runs): its SHA-256 and "
+    "record count, leaves of the run's Merkle root (runs.merkle_root), and a 64-bit fingerprint per record "
+    "in file order, which locates a changed, missing or moved record.",
+    ("table_name", _S), ("part_file", _S), ("record_count", _I64), ("file_sha256", _S),
+    ("fingerprints", pa.list_(pa.int64())), ("written_at", _TS),
+    ("run_id", _S),
+    origin="extension",
+)
+
 TABLES: Mapping[str, Table] = {
     t.name: t
     for t in (
         RUNS, NODES, EDGES, ROWS, TOKENS, TOKEN_PARENTS, TOKEN_OUTCOMES, NODE_STATES, ROUTING_EVENTS,
         OPERATIONS, CALLS, ARTIFACTS, VALIDATION_ERRORS, TRANSFORM_ERRORS, COALESCE_EVENTS, PAYLOADS,
+        SEGMENT_DIGESTS,
     )
 }
+#: Tables whose segments are covered by a run's Merkle root (runs holds the root; digests are its leaves).
+DIGESTED_TABLES = tuple(name for name in TABLES if name not in ("runs", "segment_digests"))
 
 
 def table(name: str) -> Table:

@@ -26,6 +26,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from elspeth_nb.audit.integrity import SegmentDigest
 from elspeth_nb.audit.schema import PARTITION_COLUMN, SCHEMA_VERSION, TABLES, Table
 from elspeth_nb.audit.writer import partition_dir
 from elspeth_nb.errors import AuditStoreError, SchemaVersionError
@@ -185,6 +186,19 @@ class AuditStore:
                 if d.is_dir():
                     total += sum(f.stat().st_size for f in d.glob("part-*.parquet"))
         return total
+
+    def read_partition(self, table: str, run_id: str) -> pa.Table:
+        """Every segment of one table for one run, in part-file order (the file schema, no run_id)."""
+        directory = partition_dir(self.parquet_root, table, run_id)
+        files = sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
+        schema = TABLES[table].file_schema
+        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()
+
+    def segment_digests(self, run_id: str) -> list[SegmentDigest]:
+        """The run's segment digests (the leaves of its Merkle root)."""
+        rows = self.read_partition("segment_digests", run_id).select(
+            ["table_name", "part_file", "record_count", "file_sha256"]).to_pylist()
+        return [SegmentDigest(**row) for row in rows]
 
     # -- liveness ----------------------------------------------------------------------------------
     def lock_path(self, run_id: str) -> Path:

@@ -7,8 +7,10 @@ a hidden temporary name and renamed into place, so a reader never sees a partial
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Protocol
@@ -16,7 +18,8 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from elspeth_nb.audit.schema import PARTITION_COLUMN, Table
+from elspeth_nb.audit.integrity import fingerprints
+from elspeth_nb.audit.schema import DIGESTED_TABLES, PARTITION_COLUMN, SEGMENT_DIGESTS, Table
 from elspeth_nb.errors import AuditStoreError
 
 _PART = re.compile(r"^part-(?P<prefix>[a-z0-9]+-)?(?P<number>\d+)\.parquet$")
@@ -36,7 +39,11 @@ def partition_dir(parquet_root: Path, table: str, run_id: str) -> Path:
 
 
 class ParquetSegmentWriter:
-    """Writes ``part-<n>.parquet`` files (zstd, one row group) into hive partitions, atomically."""
+    """Writes ``part-<n>.parquet`` files (zstd, one row group) into hive partitions, atomically.
+
+    Each segment of a digested table is hashed (SHA-256 of its bytes) and fingerprinted record by
+    record as it is written; :meth:`write_digests` stores those as a ``segment_digests`` segment.
+    """
 
     def __init__(self, parquet_root: Path, *, compression_level: int = 1, fsync: bool = True,
                  part_prefix: str = "") -> None:
@@ -45,6 +52,7 @@ class ParquetSegmentWriter:
         self.compression_level = compression_level
         self.fsync = fsync
         self._next_part: dict[tuple[str, str], int] = {}
+        self._digests: dict[str, list[tuple[str, str, int, str, pa.Array, float]]] = defaultdict(list)
         self.files_written = 0
         self.bytes_written = 0
 
@@ -59,29 +67,55 @@ class ParquetSegmentWriter:
         name = f"part-{self.part_prefix}{part:06d}.parquet"
         final = directory / name
         temporary = directory / f".{name}.tmp"
+        sink = pa.BufferOutputStream()
+        pq.write_table(batch, sink, compression="zstd", compression_level=self.compression_level,
+                       row_group_size=max(batch.num_rows, 1), use_dictionary=dictionary_columns(table),
+                       write_statistics=True)
+        data = sink.getvalue()
         try:
-            pq.write_table(
-                batch,
-                temporary,
-                compression="zstd",
-                compression_level=self.compression_level,
-                row_group_size=max(batch.num_rows, 1),
-                use_dictionary=dictionary_columns(table),
-                write_statistics=True,
-            )
-            if self.fsync:
-                _fsync_file(temporary)
+            with temporary.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                if self.fsync:
+                    os.fsync(handle.fileno())
             os.replace(temporary, final)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             raise AuditStoreError(f"cannot write audit segment {final}: {exc.strerror or exc}") from exc
+        if table.name in DIGESTED_TABLES:
+            self._digests[run_id].append((table.name, name, batch.num_rows, hashlib.sha256(data).hexdigest(),
+                                          fingerprints(batch), time.time()))
         self.files_written += 1
-        self.bytes_written += final.stat().st_size
+        self.bytes_written += len(data)
+
+    def write_digests(self, run_id: str) -> None:
+        """Store the digests of the segments written so far for ``run_id`` (one segment_digests file)."""
+        entries = self._digests.pop(run_id, [])
+        if not entries:
+            return
+        names, parts, counts, hashes, prints, times = zip(*entries, strict=True)
+        batch = pa.Table.from_arrays([
+            pa.array(names, pa.string()), pa.array(parts, pa.string()), pa.array(counts, pa.int64()),
+            pa.array(hashes, pa.string()),
+            pa.ListArray.from_arrays(pa.array(_offsets(prints), pa.int32()),
+                                     pa.concat_arrays(list(prints)) if prints else pa.array([], pa.int64())),
+            pa.array([int(t * 1e6) for t in times], pa.timestamp("us", tz="UTC")),
+        ], schema=SEGMENT_DIGESTS.file_schema)
+        self.write_segment(SEGMENT_DIGESTS, run_id, batch)
 
     def close(self) -> None:
+        for run_id in list(self._digests):
+            self.write_digests(run_id)
         if self.fsync:
             for table, run_id in self._next_part:
                 _fsync_dir(partition_dir(self.parquet_root, table, run_id))
+
+
+def _offsets(arrays: tuple[pa.Array, ...]) -> list[int]:
+    offsets = [0]
+    for array in arrays:
+        offsets.append(offsets[-1] + len(array))
+    return offsets
 
 
 class MemoryWriter:
@@ -119,14 +153,6 @@ def _next_part_number(directory: Path, prefix: str = "") -> int:
     numbers = [int(m["number"]) for p in directory.iterdir()
                if (m := _PART.match(p.name)) and (m["prefix"] or "") == prefix]
     return max(numbers, default=-1) + 1
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

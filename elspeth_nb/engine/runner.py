@@ -20,6 +20,7 @@ import orjson
 
 from elspeth_nb._version import __version__
 from elspeth_nb.audit.hashing import canonical_json, stable_hash
+from elspeth_nb.audit.integrity import run_root
 from elspeth_nb.audit.recorder import Recorder
 from elspeth_nb.audit.schema import CANONICAL_VERSION, SCHEMA_VERSION, RunStatus
 from elspeth_nb.audit.store import AuditStore, mark_interrupted
@@ -58,6 +59,8 @@ class RunResult:
     #: Seconds spent writing the trail (until the Parquet segments were complete) and updating audit.duckdb.
     trail_s: float = 0.0
     duckdb_s: float = 0.0
+    #: The run's Merkle root over all its segments (None when the trail was not written to Parquet).
+    merkle_root: str | None = None
 
     @property
     def rows_per_second(self) -> float:
@@ -69,7 +72,7 @@ class RunResult:
             "duration_s": round(self.duration_s, 3), "rows": self.rows, "quarantined": self.quarantined,
             "outcomes": dict(self.outcomes), "coalesce": {k: dict(v) for k, v in self.coalesce.items()},
             "artifacts": list(self.artifacts), "duckdb": self.duckdb, "warnings": list(self.warnings),
-            "error": self.error, "workers": self.workers,
+            "error": self.error, "workers": self.workers, "merkle_root": self.merkle_root,
         }
 
     def __repr__(self) -> str:
@@ -83,6 +86,8 @@ class RunResult:
         ]
         for name, stats in self.coalesce.items():
             lines.append(f"  coalesce {name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        if self.merkle_root:
+            lines.append(f"  merkle root: {self.merkle_root}")
         if self.duckdb:
             lines.append(f"  audit.duckdb: {self.duckdb}")
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -233,7 +238,7 @@ class Engine:
             outcomes=dict(sorted(outcome.outcome_counts.items())), coalesce=outcome.stats.coalesce,
             artifacts=tuple(str(a.path) for a, _ in outcome.artifacts.values()), duckdb=message,
             warnings=self.pipeline.warnings, error=outcome.error, counts=counts, workers=self.workers,
-            trail_s=trail_s, duckdb_s=duckdb_s,
+            trail_s=trail_s, duckdb_s=duckdb_s, merkle_root=getattr(self, "merkle_root", None),
         )
         if outcome.status == RunStatus.INTERRUPTED:
             raise KeyboardInterrupt(f"run {self.run_id} interrupted; its trail is complete up to that point")
@@ -327,10 +332,19 @@ class Engine:
         counts = {"rows": stats.rows, "quarantined": stats.quarantined,
                   "outcomes": dict(sorted(outcome.outcome_counts.items())), "coalesce": stats.coalesce,
                   "records": records, "workers": self.workers}
+        self.merkle_root = self._seal_trail(rec)
         rec.runs(completed_at=ctx.now(), status=outcome.status, revision=1, counts_json=orjson.dumps(counts).decode(),
-                 error_message=outcome.error, **self._run_row)
+                 error_message=outcome.error, merkle_root=self.merkle_root, **self._run_row)
         rec.close()
         return records
+
+    def _seal_trail(self, rec: Recorder) -> str | None:
+        """Write every record but the final run revision, then compute the run's Merkle root."""
+        rec.drain()
+        if not isinstance(rec.writer, ParquetSegmentWriter):
+            return None
+        rec.writer.write_digests(self.run_id)
+        return run_root(self.store.segment_digests(self.run_id))
 
 
 def check_writable(path: Path, where: str) -> None:

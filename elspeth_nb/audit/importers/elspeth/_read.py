@@ -45,7 +45,7 @@ def read_landscape(
     timings["derive_and_payloads_s"] = time.perf_counter() - started - timings["read_sqlite_s"]
     _derive.add_counts(tables)
     timings["total_s"] = time.perf_counter() - started
-    ordered = {name: tables[name] for name in TABLES}
+    ordered = {name: tables[name] if name in tables else TABLES[name].schema.empty_table() for name in TABLES}
     if payload_dir is not None:
         payload_problems += payload_problems_of(payload_dir, issues)
     return LandscapeImport(ordered, selected, problems + derive_problems + payload_problems, db.resolve(),

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from elspeth_nb.audit.importers.elspeth._model import ImportReport, LandscapeImport
 from elspeth_nb.audit.importers.elspeth._read import read_landscape
+from elspeth_nb.audit.integrity import run_root
 from elspeth_nb.audit.schema import PARTITION_COLUMN, TABLES
 from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.writer import ParquetSegmentWriter, partition_dir
@@ -64,10 +65,12 @@ def _replace_run(store: AuditStore, imported: LandscapeImport, run_id: str) -> N
     """Stage the run's segments, mark them complete, then swap every table's partition."""
     staging = store.root / STAGING / f"{run_id}.{uuid.uuid4().hex[:12]}"
     batches = {name: _run_rows(imported.tables[name], run_id) for name in TABLES}
-    staged = [name for name in TABLES if batches[name].num_rows]
-    by_size = sorted(staged, key=lambda name: -batches[name].nbytes)
+    staged = [name for name in TABLES if batches[name].num_rows or name == "segment_digests"]
+    by_size = sorted((n for n in staged if n not in ("runs", "segment_digests")), key=lambda n: -batches[n].nbytes)
     with ThreadPoolExecutor(max_workers=2) as pool:  # pyarrow writes Parquet without the GIL
-        list(pool.map(lambda names: _write(staging, run_id, names, batches), (by_size[0::2], by_size[1::2])))
+        list(pool.map(lambda lane: _write(staging, run_id, lane[1], batches, f"t{lane[0]}-"),
+                      enumerate((by_size[0::2], by_size[1::2]))))
+    _write_runs_with_root(staging, run_id, batches["runs"])
     marker = staging / f".{READY}.tmp"
     marker.write_text(json.dumps({"run_id": run_id, "staged": staged}))
     os.replace(marker, staging / READY)
@@ -75,11 +78,21 @@ def _replace_run(store: AuditStore, imported: LandscapeImport, run_id: str) -> N
     _swap(store, staging)
 
 
-def _write(staging: Path, run_id: str, names: list[str], batches: dict[str, pa.Table]) -> None:
-    """One writer per thread, each with its own tables."""
-    writer = ParquetSegmentWriter(staging / "parquet")
+def _write(staging: Path, run_id: str, names: list[str], batches: dict[str, pa.Table], prefix: str) -> None:
+    """One writer per thread, each with its own tables and part-name prefix (its digests file too)."""
+    writer = ParquetSegmentWriter(staging / "parquet", part_prefix=prefix)
     for name in names:
         writer.write_segment(TABLES[name], run_id, batches[name].select(TABLES[name].file_columns))
+    writer.close()
+
+
+def _write_runs_with_root(staging: Path, run_id: str, runs: pa.Table) -> None:
+    """The imported run rows, carrying the Merkle root of the segments staged for the run."""
+    root = run_root(AuditStore(staging).segment_digests(run_id))
+    runs = runs.set_column(runs.schema.get_field_index("merkle_root"), "merkle_root",
+                           pa.array([root] * runs.num_rows, pa.string()))
+    writer = ParquetSegmentWriter(staging / "parquet", part_prefix="r-")
+    writer.write_segment(TABLES["runs"], run_id, runs.select(TABLES["runs"].file_columns))
     writer.close()
 
 

@@ -1,0 +1,149 @@
+"""Verify a run against its Merkle root and name the first table and record that no longer match.
+
+The root is recomputed from the segment files as they are now. When a segment's bytes changed,
+the stored record fingerprints locate what happened in it: a changed record, a missing or an
+added one, or records that moved. A root saved earlier (``expected_root``) proves the run,
+digests included, was not changed since it was saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from elspeth_nb.audit.integrity import SegmentDigest, fingerprints, ordered, run_root
+from elspeth_nb.audit.schema import DIGESTED_TABLES, TABLES
+from elspeth_nb.audit.store import AuditStore, latest_run_rows
+from elspeth_nb.audit.writer import partition_dir
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing that no longer matches: where, which record (when it can be told), what."""
+
+    table: str
+    part_file: str | None
+    record: str | None
+    kind: str
+    detail: str
+
+
+@dataclass
+class RunVerification:
+    """The outcome of :func:`verify_run`."""
+
+    run_id: str
+    stored_root: str | None
+    computed_root: str | None
+    expected_root: str | None = None
+    findings: list[Finding] = field(default_factory=list)
+    segments: int = 0
+
+    @property
+    def ok(self) -> bool:
+        roots_agree = self.stored_root is not None and self.computed_root == self.stored_root
+        expected = self.expected_root is None or self.expected_root == self.computed_root
+        return not self.findings and roots_agree and expected
+
+
+def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None) -> RunVerification:
+    """Recompute the run's Merkle root from its segment files and locate every difference."""
+    runs = latest_run_rows(store)
+    stored_root = runs[run_id].get("merkle_root") if run_id in runs else None
+    digests = ordered(store.segment_digests(run_id))
+    result = RunVerification(run_id, stored_root, None, expected_root, segments=len(digests))  # type: ignore[arg-type]
+    if not digests:
+        result.findings.append(Finding("segment_digests", None, None, "no_digests",
+                                       "the run has no segment digests (it is still running or was interrupted)"))
+        return result
+    fingerprint_lists = _stored_fingerprints(store, run_id)
+    recomputed = []
+    for digest in digests:
+        path = partition_dir(store.parquet_root, digest.table_name, run_id) / digest.part_file
+        actual = _file_sha256(path)
+        recomputed.append(SegmentDigest(digest.table_name, digest.part_file, digest.record_count, actual or "missing"))
+        if actual != digest.file_sha256:
+            result.findings.append(_locate(path, digest, fingerprint_lists.get((digest.table_name, digest.part_file))))
+    result.findings += _unlisted_segments(store, run_id, digests)
+    result.computed_root = run_root(recomputed)
+    if stored_root is not None and run_root(digests) != stored_root:
+        result.findings.append(Finding("segment_digests", None, None, "digests_changed",
+                                       "the segment digests no longer give the run's stored Merkle root"))
+    if expected_root is not None and result.computed_root != expected_root:
+        result.findings.append(Finding("runs", None, None, "root_changed",
+                                       f"the Merkle root is {result.computed_root}, not the expected {expected_root}"))
+    return result
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stored_fingerprints(store: AuditStore, run_id: str) -> dict[tuple[str, str], list[int]]:
+    table = store.read_partition("segment_digests", run_id).select(["table_name", "part_file", "fingerprints"])
+    return {(r["table_name"], r["part_file"]): r["fingerprints"] for r in table.to_pylist()}
+
+
+def _locate(path: Path, digest: SegmentDigest, stored: list[int] | None) -> Finding:
+    """Which record of a changed segment no longer matches (or why that cannot be told)."""
+    where = (digest.table_name, digest.part_file)
+    if not path.is_file():
+        return Finding(*where, None, "segment_missing", f"{path} is gone")
+    try:
+        records = pq.read_table(path, schema=TABLES[digest.table_name].file_schema)
+    except (OSError, pa.ArrowException) as exc:
+        return Finding(*where, None, "segment_unreadable", f"the file's bytes changed and it no longer reads: {exc}")
+    if stored is None:
+        return Finding(*where, None, "bytes_changed", "the file's bytes changed")
+    actual = fingerprints(records).to_pylist()
+    return _compare(records, digest, stored, actual)
+
+
+def _compare(records: pa.Table, digest: SegmentDigest, stored: list[int], actual: list[int]) -> Finding:
+    where = (digest.table_name, digest.part_file)
+    first = next((i for i, (a, b) in enumerate(zip(stored, actual, strict=False)) if a != b), None)
+    if first is None and len(actual) == len(stored):
+        return Finding(*where, None, "bytes_changed", "the file's bytes changed but every record reads the same")
+    if len(actual) < len(stored):
+        position = first if first is not None else len(actual)
+        return Finding(*where, f"position {position}", "record_missing",
+                       f"{len(stored) - len(actual)} record(s) missing; the first at position {position}")
+    if len(actual) > len(stored):
+        position = first if first is not None else len(stored)
+        return Finding(*where, _key(digest.table_name, records, position), "record_added",
+                       f"{len(actual) - len(stored)} record(s) added; the first at position {position}")
+    assert first is not None
+    if sorted(stored) == sorted(actual):
+        return Finding(*where, _key(digest.table_name, records, first), "records_moved",
+                       f"records were reordered; the first moved record is at position {first}")
+    return Finding(*where, _key(digest.table_name, records, first), "record_changed", f"the record at position {first} changed")
+
+
+def _key(table: str, records: pa.Table, position: int) -> str:
+    """The record at ``position`` named by its table's key columns."""
+    row = records.slice(position, 1).to_pylist()[0]
+    return ", ".join(f"{k}={row[k]}" for k in TABLES[table].key if k in row) or f"position {position}"
+
+
+def _unlisted_segments(store: AuditStore, run_id: str, digests: list[SegmentDigest]) -> list[Finding]:
+    """Segment files on disk that the run never wrote (added afterwards)."""
+    listed = {(d.table_name, d.part_file) for d in digests}
+    found = []
+    for table in DIGESTED_TABLES:
+        directory = partition_dir(store.parquet_root, table, run_id)
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.glob("part-*.parquet")):
+            if (table, path.name) not in listed:
+                found.append(Finding(table, path.name, None, "segment_added", "a segment the run did not write"))
+    return found
