@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from elspeth_nb.audit.schema import DIGESTED_TABLES, TABLES
 
+
 def fingerprints(records: pa.Table) -> pa.Array:
     """A 64-bit fingerprint per record (DuckDB ``hash`` of all its columns), as int64, in record order.
 

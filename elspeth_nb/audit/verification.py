@@ -126,7 +126,8 @@ def _compare(records: pa.Table, digest: SegmentDigest, stored: list[int], actual
     if sorted(stored) == sorted(actual):
         return Finding(*where, _key(digest.table_name, records, first), "records_moved",
                        f"records were reordered; the first moved record is at position {first}")
-    return Finding(*where, _key(digest.table_name, records, first), "record_changed", f"the record at position {first} changed")
+    return Finding(*where, _key(digest.table_name, records, first), "record_changed",
+                   f"the record at position {first} changed")
 
 
 def _key(table: str, records: pa.Table, position: int) -> str:
