@@ -245,7 +245,7 @@ class AuditStore:
         self.pending_dir().mkdir(parents=True, exist_ok=True)
         (self.pending_dir() / run_id).touch()
 
-    def sync_duckdb(self, run_ids: Iterable[str], *, attempts: int = 5, wait_s: float = 0.2) -> SyncResult:
+    def sync_duckdb(self, run_ids: Iterable[str], *, attempts: int = 4, wait_s: float = 0.1) -> SyncResult:
         """Copy the runs' Parquet rows into audit.duckdb, replacing what it held for them.
 
         A reader holding the file blocks the write; we retry ``attempts`` times, then leave the
@@ -427,5 +427,7 @@ def mark_interrupted(store: AuditStore, found_by: str) -> list[str]:
                    error_message=f"the writing process ended before the run finished (found by {found_by})")
         row.pop(PARTITION_COLUMN, None)
         writer.write_segment(RUNS, run_id, pa.Table.from_pylist([row], schema=RUNS.file_schema))
+        for leftover in store.parquet_root.glob(f"*/{PARTITION_COLUMN}={run_id}/.part-*.tmp"):
+            leftover.unlink(missing_ok=True)  # a segment the dead writer never finished: never visible
     writer.close()
     return stale

@@ -1,0 +1,136 @@
+"""A run killed at any moment (SIGKILL) leaves a store that opens, whose completed runs still verify,
+in which no partial Parquet file is visible and the interrupted run is flagged; audit.duckdb is
+rebuilt from the Parquet with one call. A reader in another process sees a running pipeline grow.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+
+from elspeth_nb.audit.store import AuditStore, interrupted_runs, latest_run_rows, mark_interrupted
+from elspeth_nb.audit.verification import verify_run
+from elspeth_nb.engine.runner import run_pipeline
+from tests.cases import fork_pipeline, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WRITER = textwrap.dedent("""
+    import json, sys
+    from elspeth_nb.engine.runner import run_pipeline
+    pipeline = json.loads(sys.argv[1])
+    print("started", flush=True)
+    run_pipeline(pipeline, segment_rows=300, flush_interval_s=0.05, max_in_flight=64)
+""")
+
+
+def _slow_pipeline(folder: Path, rows: int = 400) -> dict[str, object]:
+    source = folder / "in.csv"
+    lines = ["id,category,amount,note"] + [f"{i},{'toys' if i % 7 == 0 else 'books'},{i},note {i}" for i in range(rows)]
+    source.write_text("\n".join(lines) + "\n")
+    pipeline = fork_pipeline(source, policy="best_effort", timeout_seconds=0.05, lose_c_for="toys",
+                             slow={"b": 20, "c": 70})
+    pipeline["engine"] = {"max_in_flight": 64}
+    return pipeline
+
+
+def _start(pipeline: dict[str, object]) -> subprocess.Popen[str]:
+    import json
+
+    process = subprocess.Popen([sys.executable, "-c", WRITER, json.dumps(pipeline)], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout is not None and process.stdout.readline().strip() == "started"
+    return process
+
+
+def _visible_segments_readable(store: AuditStore) -> int:
+    files = list(store.parquet_root.glob("*/run_id=*/part-*.parquet"))
+    for path in files:
+        pq.read_metadata(path)  # a partial file would not have a footer
+    return len(files)
+
+
+def test_sigkill_at_random_points_never_damages_the_store(tmp_path: Path) -> None:
+    rng = random.Random(20261125)
+    pipeline = _slow_pipeline(tmp_path)
+    completed = run_pipeline(pipeline)  # a finished run that every crash must leave intact
+    store = AuditStore.open(tmp_path / "audit")
+    killed = []
+    for _ in range(20):
+        process = _start(pipeline)
+        time.sleep(rng.uniform(0.05, 1.6))
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        killed.append(process.returncode)
+        store = AuditStore.open(tmp_path / "audit")
+        assert _visible_segments_readable(store) > 0
+        assert verify_run(store, completed.run_id).ok
+    assert all(code == -signal.SIGKILL for code in killed)
+    stale = interrupted_runs(store)
+    runs = latest_run_rows(store)
+    assert stale and all(runs[r]["status"] == "running" for r in stale)
+    assert completed.run_id not in stale
+    assert sorted(mark_interrupted(store, found_by="the test")) == sorted(stale)
+    assert {latest_run_rows(store)[r]["status"] for r in stale} == {"interrupted"}
+    assert not list(store.parquet_root.glob("*/run_id=*/.part-*.tmp"))  # leftovers of killed writers cleaned
+    rebuilt = store.rebuild_duckdb()
+    assert completed.run_id in rebuilt.synced
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        statuses = dict(con.execute("SELECT run_id, status FROM runs").fetchall())
+    assert statuses[completed.run_id] == "completed"
+    assert {statuses[r] for r in stale} == {"interrupted"}
+
+
+def test_a_reader_in_another_process_sees_a_running_pipeline_grow(tmp_path: Path) -> None:
+    pipeline = _slow_pipeline(tmp_path, rows=600)
+    process = _start(pipeline)
+    reader = textwrap.dedent("""
+        import sys, duckdb
+        glob = sys.argv[1]
+        con = duckdb.connect()
+        print(con.execute("SELECT count(*) FROM read_parquet(?)", [glob]).fetchone()[0])
+    """)
+    counts = []
+    try:
+        while process.poll() is None:
+            out = subprocess.run([sys.executable, "-c", reader,
+                                  str(tmp_path / "audit" / "parquet" / "node_states" / "*" / "*.parquet")],
+                                 capture_output=True, text=True, check=True)
+            counts.append(int(out.stdout))
+            time.sleep(0.1)
+    finally:
+        _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert len(counts) >= 3 and counts == sorted(counts) and counts[-1] > counts[0]
+
+
+def test_the_end_of_run_duckdb_update_survives_a_reader_holding_the_file(tmp_path: Path) -> None:
+    pipeline = fork_pipeline(write_csv(tmp_path / "in.csv"))
+    first = run_pipeline(pipeline)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys
+        con = duckdb.connect({str(tmp_path / 'audit' / 'audit.duckdb')!r}, read_only=True)
+        print("ready", flush=True)
+        sys.stdin.readline()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        second = run_pipeline(pipeline)
+        assert second.status == "completed"
+        assert "held by another process" in second.duckdb and "pending" in second.duckdb
+    finally:
+        holder.communicate("\n", timeout=30)
+    store = AuditStore.open(tmp_path / "audit")
+    assert store.pending_runs() == [second.run_id]
+    assert store.sync_duckdb([]).ok
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        assert {r for (r,) in con.execute("SELECT run_id FROM runs").fetchall()} == {first.run_id, second.run_id}
