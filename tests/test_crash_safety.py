@@ -47,7 +47,8 @@ def _start(pipeline: dict[str, object]) -> subprocess.Popen[str]:
     import json
 
     process = subprocess.Popen([sys.executable, "-c", WRITER, json.dumps(pipeline)], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert process.stdout is not None and process.stdout.readline().strip() == "started"
     return process
 
