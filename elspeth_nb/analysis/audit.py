@@ -1,0 +1,134 @@
+"""``open_audit`` and the :class:`Audit` facade: every audit question is one method call.
+
+The class body is a table of contents; each helper lives in the module of its topic
+(``runs``, ``lineage``, ``coalesce``, ``integrity``, ``verify``, ``diff``, ``query``) and takes the
+``Audit`` as its first argument.
+
+>>> audit = open_audit(store_path)
+>>> audit.kind
+'store'
+>>> audit.runs().height
+1
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from elspeth_nb.analysis import coalesce as _coalesce
+from elspeth_nb.analysis import diff as _diff
+from elspeth_nb.analysis import integrity as _integrity
+from elspeth_nb.analysis import lineage as _lineage
+from elspeth_nb.analysis import query as _query
+from elspeth_nb.analysis import runs as _runs
+from elspeth_nb.analysis import verify as _verify
+from elspeth_nb.analysis._connection import Database
+from elspeth_nb.analysis.results import html_block, html_table, text_table
+
+if TYPE_CHECKING:
+    import duckdb
+    import polars as pl
+
+
+class Audit:
+    """An opened audit trail (store folder, audit.duckdb or ELSPETH Landscape), read-only.
+
+    Every helper accepts ``run_id="latest"`` (the run that started last), a run id, or a unique
+    prefix of one, and returns a polars DataFrame or a small result object with ``.to_polars()``.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- where the data comes from ------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """The store folder or database file this audit reads."""
+        return self._db.path
+
+    @property
+    def kind(self) -> str:
+        """``store`` (Parquet folder), ``duckdb`` (audit.duckdb) or ``elspeth`` (Landscape SQLite)."""
+        return self._db.kind
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection; every audit table is a view of the same name (use it, not a cursor of it)."""
+        return self._db.con
+
+    @property
+    def import_problems(self) -> list[str]:
+        """Non-fatal findings of the ELSPETH importer (empty for our own stores)."""
+        return list(self._db.import_problems)
+
+    def refresh(self) -> None:
+        """Re-create the views and re-read run liveness: picks up new runs, tables and columns."""
+        self._db.refresh()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Audit:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- runs -------------------------------------------------------------------------------------------
+    runs = _runs.runs
+    run_summary = _runs.run_summary
+    outcomes = _runs.outcomes
+
+    # -- lineage ----------------------------------------------------------------------------------------
+    lineage = _lineage.lineage
+
+    # -- coalesce analytics --------------------------------------------------------------------------------
+    coalesce_events = _coalesce.coalesce_events
+    merge_timings = _coalesce.merge_timings
+    merge_timing_summary = _coalesce.merge_timing_summary
+    policy_outcomes = _coalesce.policy_outcomes
+
+    # -- integrity --------------------------------------------------------------------------------------
+    check = _integrity.check
+    verify = _verify.verify
+
+    # -- comparison and free SQL ------------------------------------------------------------------------
+    diff_runs = _diff.diff_runs
+    sql = _query.sql
+
+    # -- display ----------------------------------------------------------------------------------------
+    def _listing(self) -> tuple[str, pl.DataFrame]:
+        runs = self.runs().select("run_id", "status", "started_at", "rows", "tokens", "merged", "coalesce_failed",
+                                  "late_arrivals")
+        return f"Audit ({self.kind}) {self.path}: {runs.height} run(s)", runs
+
+    def __repr__(self) -> str:
+        title, runs = self._listing()
+        return f"{title}\n{text_table(runs, indent='  ')}" if runs.height else title
+
+    def to_html(self) -> str:
+        title, runs = self._listing()
+        return html_block(title, html_table(runs))
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+
+def open_audit(path: str | os.PathLike[str], *, payloads: str | os.PathLike[str] | None = None,
+               mark_interrupted: bool = False) -> Audit:
+    """Open an audit store folder, an ``audit.duckdb`` file or an ELSPETH Landscape SQLite file, read-only.
+
+    ``payloads`` is ELSPETH's payload folder (only for a Landscape file). ``mark_interrupted=True``
+    records, in the store, an ``interrupted`` revision for runs whose writing process is gone
+    (``elspeth-nb check`` does this); without it nothing is ever written.
+
+    >>> open_audit(store_path).kind
+    'store'
+    >>> open_audit(store_path / "audit.duckdb").kind
+    'duckdb'
+    """
+    return Audit(Database.open(path, payloads=payloads, mark_interrupted_runs=mark_interrupted))

@@ -1,0 +1,259 @@
+"""Coalesce analytics: decisions, per-branch merge timings and their percentiles, policy outcomes.
+
+Everything is computed in DuckDB over ``coalesce_events``: lists are unnested there, never
+looped over in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table
+from elspeth_nb.audit.store import quote_ident
+from elspeth_nb.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from elspeth_nb.analysis.audit import Audit
+
+#: Columns ``merge_timing_summary`` may group by.
+SUMMARY_GROUPS = ("coalesce", "branch", "policy", "merge_strategy", "trigger", "event_type")
+
+
+def _coalesce_filter(self: Audit, run: str, coalesce: str | None) -> str:
+    """SQL condition on ``coalesce_name`` (parameter ``$coalesce``); unknown names raise NotFoundError."""
+    if coalesce is None:
+        return ""
+    if not isinstance(coalesce, str):
+        raise TypeError(f"coalesce must be a coalesce name (str) or None, not {type(coalesce).__name__}")
+    known = [r[0] for r in self._db.rows(
+        "SELECT DISTINCT node_name FROM nodes WHERE run_id = $run AND node_type = 'coalesce' AND node_name IS NOT NULL "
+        "UNION SELECT DISTINCT coalesce_name FROM coalesce_events WHERE run_id = $run ORDER BY 1", {"run": run})]
+    if coalesce not in known:
+        raise NotFoundError(f"Coalesce in run `{run}`:", coalesce, known)
+    return " AND coalesce_name = $coalesce"
+
+
+def _params(run: str, coalesce: str | None) -> dict[str, Any]:
+    return {"run": run, "coalesce": coalesce} if coalesce is not None else {"run": run}
+
+
+def coalesce_events(self: Audit, run_id: str = "latest", coalesce: str | None = None,
+                    include_late: bool = False) -> pl.DataFrame:
+    """One row per coalesce decision (merged or failed), typed, lists kept as lists; late arrivals if asked.
+
+    >>> events = audit.coalesce_events()
+    >>> sorted(set(events["event_type"]))
+    ['merged']
+    >>> events.select("trigger", "branches_arrived").row(0)
+    ('all_arrived', ['a', 'b', 'c'])
+    """
+    run = self._db.resolve_run(run_id)
+    where = _coalesce_filter(self, run, coalesce)
+    if not include_late:
+        where += " AND event_type <> 'late_arrival'"
+    return self._db.frame(
+        f"SELECT * FROM coalesce_events WHERE run_id = $run{where} "  # noqa: S608 - fixed fragments only
+        f"ORDER BY decided_at, event_type = 'late_arrival', event_id", _params(run, coalesce))
+
+
+_TIMINGS_SQL = """
+WITH d AS (
+    SELECT * FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival'{where}
+), e AS (
+    SELECT event_id, coalesce_name, row_id, policy, merge_strategy, trigger, event_type, wait_duration_ms,
+           decided_at, branches_arrived, arrived_token_ids, arrival_offsets_ms, branches_lost, lost_reasons,
+           context_json,
+           unnest(expected_branches) AS branch, generate_subscripts(expected_branches, 1) AS branch_position
+    FROM d
+), e2 AS (
+    SELECT *, list_position(branches_arrived, branch) AS arrived_at, list_position(branches_lost, branch) AS lost_at
+    FROM e
+), late AS (
+    SELECT decision_event_id, late_branch, any_value(late_token_id) AS late_token_id, min(late_by_ms) AS late_by_ms
+    FROM coalesce_events WHERE run_id = $run AND event_type = 'late_arrival' GROUP BY ALL
+), after_loss AS (  -- a branch token that ended elsewhere once the decision was taken
+    SELECT t.row_id, o.token_id,
+           json_extract_string(o.context_json, '$.lost_branch.coalesce') AS coalesce_name,
+           json_extract_string(o.context_json, '$.lost_branch.branch') AS branch,
+           json_extract_string(o.context_json, '$.lost_branch.reason') AS reason
+    FROM token_outcomes o JOIN tokens t ON t.token_id = o.token_id AND t.run_id = o.run_id
+    WHERE o.run_id = $run AND o.is_terminal = 1 AND json_exists(o.context_json, '$.lost_branch')
+)
+SELECT e2.event_id, e2.coalesce_name AS coalesce, e2.row_id, e2.policy, e2.merge_strategy, e2.trigger,
+       e2.event_type, e2.branch,
+       CASE WHEN e2.arrived_at IS NOT NULL THEN 'arrived'
+            WHEN late.late_branch IS NOT NULL THEN 'late'
+            WHEN e2.lost_at IS NOT NULL THEN 'lost'
+            ELSE 'missing' END AS status,
+       coalesce(e2.arrived_token_ids[e2.arrived_at], late.late_token_id,
+                (json_extract(e2.context_json, '$.branches_lost') -> e2.branch) ->> 'token_id',
+                a.token_id) AS token_id,
+       e2.arrived_at::INTEGER AS arrival_rank,
+       e2.arrival_offsets_ms[e2.arrived_at] AS arrival_offset_ms,
+       e2.wait_duration_ms,
+       late.late_by_ms,
+       coalesce(e2.lost_reasons[e2.lost_at], CASE WHEN e2.arrived_at IS NULL AND late.late_branch IS NULL
+                                                  THEN a.reason END) AS lost_reason
+FROM e2
+LEFT JOIN late ON late.decision_event_id = e2.event_id AND late.late_branch = e2.branch
+LEFT JOIN after_loss a ON a.row_id = e2.row_id AND a.coalesce_name = e2.coalesce_name AND a.branch = e2.branch
+ORDER BY e2.decided_at, e2.event_id, e2.branch_position
+"""
+
+
+def _timings_sql(where: str) -> str:
+    return _TIMINGS_SQL.replace("{where}", where)
+
+
+def merge_timings(self: Audit, run_id: str = "latest", coalesce: str | None = None) -> pl.DataFrame:
+    """One row per (coalesce decision, expected branch): how and when each branch got there.
+
+    ``status`` is ``arrived`` (with its 1-based ``arrival_rank`` and ``arrival_offset_ms`` after
+    the first arrival), ``late`` (reached the coalesce ``late_by_ms`` after the decision),
+    ``lost`` (the decision knew it would never come: ``lost_reason``) or ``missing`` (had not
+    come when the decision was taken; ``lost_reason`` says why when the branch token ended
+    elsewhere afterwards). ``wait_duration_ms`` is the decision's wait, repeated per branch.
+
+    >>> timings = audit.merge_timings()
+    >>> timings.select("branch", "status", "arrival_rank").head(3).rows()
+    [('a', 'arrived', 1), ('b', 'arrived', 2), ('c', 'arrived', 3)]
+    """
+    run = self._db.resolve_run(run_id)
+    where = _coalesce_filter(self, run, coalesce)
+    return self._db.frame(_timings_sql(where), _params(run, coalesce))
+
+
+def _stats(column: str, prefix: str) -> str:
+    c = quote_ident(column)
+    return (f"avg({c}) AS {prefix}_mean_ms, quantile_cont({c}, 0.5) AS {prefix}_p50_ms, "
+            f"quantile_cont({c}, 0.9) AS {prefix}_p90_ms, quantile_cont({c}, 0.99) AS {prefix}_p99_ms, "
+            f"max({c}) AS {prefix}_max_ms")
+
+
+def merge_timing_summary(self: Audit, run_id: str = "latest",
+                         by: str | Sequence[str] = ("coalesce", "branch")) -> pl.DataFrame:
+    """Count, mean, p50, p90, p99 and max of decision waits and branch arrival offsets, per group.
+
+    ``by`` is ``("coalesce", "branch")`` (default), ``("coalesce",)``, ``("coalesce", "policy")``
+    or any combination of coalesce, branch, policy, merge_strategy, trigger, event_type.
+    Wait statistics count each decision once per group (``decisions``); arrival statistics
+    cover the branches that arrived (``arrivals``); ``late``, ``lost`` and ``missing`` count
+    branches. Percentiles are DuckDB's ``quantile_cont`` (linear interpolation).
+
+    >>> audit.merge_timing_summary(by=("coalesce",)).select("coalesce", "decisions", "arrivals").rows()
+    [('merge3', 4, 12)]
+    """
+    groups = (by,) if isinstance(by, str) else tuple(by)
+    unknown = [g for g in groups if g not in SUMMARY_GROUPS]
+    if not groups or unknown or len(set(groups)) != len(groups):
+        raise ValueError(f"by must be distinct names from {', '.join(SUMMARY_GROUPS)}; got {by!r}")
+    run = self._db.resolve_run(run_id)
+    keys = ", ".join(quote_ident(g) for g in groups)
+    sql = f"""
+    WITH m AS ({_timings_sql("")}),
+    w AS (SELECT {keys}, count(*) AS decisions, {_stats("wait_duration_ms", "wait")}
+          FROM (SELECT DISTINCT {keys}, event_id, wait_duration_ms FROM m) GROUP BY ALL),
+    a AS (SELECT {keys}, count(*) FILTER (WHERE status = 'arrived') AS arrivals,
+                 {_stats("arrival_offset_ms", "arrival")},
+                 count(*) FILTER (WHERE status = 'late') AS late, count(*) FILTER (WHERE status = 'lost') AS lost,
+                 count(*) FILTER (WHERE status = 'missing') AS missing
+          FROM m GROUP BY ALL)
+    SELECT * FROM w JOIN a USING ({keys}) ORDER BY {keys}
+    """  # noqa: S608 - group names come from SUMMARY_GROUPS only
+    return self._db.frame(sql, {"run": run})
+
+
+_POLICY_SQL = """
+WITH d AS (SELECT * FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival'),
+     l AS (SELECT * FROM coalesce_events WHERE run_id = $run AND event_type = 'late_arrival'),
+     lost AS (SELECT coalesce_name, unnest(branches_lost) AS branch, unnest(lost_reasons) AS reason FROM d)
+SELECT coalesce_name AS coalesce, 'trigger' AS kind, trigger AS key, NULL::VARCHAR AS reason, count(*) AS count,
+       NULL::DOUBLE AS mean_late_by_ms, NULL::DOUBLE AS max_late_by_ms
+FROM d GROUP BY ALL
+UNION ALL BY NAME
+SELECT coalesce_name AS coalesce, 'result' AS kind,
+       CASE WHEN event_type = 'merged' THEN 'merged' ELSE 'failed' END AS key,
+       failure_reason AS reason, count(*) AS count
+FROM d GROUP BY ALL
+UNION ALL BY NAME
+SELECT coalesce_name AS coalesce, 'lost_branch' AS kind, branch AS key, reason, count(*) AS count
+FROM lost GROUP BY ALL
+UNION ALL BY NAME
+SELECT coalesce_name AS coalesce, 'late_arrival' AS kind, late_branch AS key,
+       CASE WHEN failure_reason IS NULL THEN 'after_merge' ELSE 'after_failure' END AS reason, count(*) AS count,
+       avg(late_by_ms) AS mean_late_by_ms, max(late_by_ms) AS max_late_by_ms
+FROM l GROUP BY ALL
+ORDER BY coalesce, kind, key, reason NULLS FIRST
+"""
+
+
+@dataclass(frozen=True)
+class PolicyOutcomes(Displayable):
+    """Per coalesce: decisions by trigger, merges vs failures by reason, lost branches, late arrivals."""
+
+    run_id: str
+    tidy: pl.DataFrame
+
+    def _kind(self, kind: str, key: str, reason: str | None = None, late: bool = False) -> pl.DataFrame:
+        cols = ["coalesce", pl.col("key").alias(key)]
+        if reason:
+            cols.append(pl.col("reason").alias(reason))
+        cols.append("count")
+        if late:
+            cols += ["mean_late_by_ms", "max_late_by_ms"]
+        return self.tidy.filter(pl.col("kind") == kind).select(cols)
+
+    @property
+    def by_trigger(self) -> pl.DataFrame:
+        """coalesce, trigger, count of decisions."""
+        return self._kind("trigger", "trigger")
+
+    @property
+    def results(self) -> pl.DataFrame:
+        """coalesce, result (merged | failed), failure_reason, count."""
+        return self._kind("result", "result", "failure_reason")
+
+    @property
+    def lost_branches(self) -> pl.DataFrame:
+        """coalesce, branch, reason, count: branches the decisions knew were lost."""
+        return self._kind("lost_branch", "branch", "reason")
+
+    @property
+    def late_arrivals(self) -> pl.DataFrame:
+        """coalesce, branch, after (after_merge | after_failure), count, mean/max late_by_ms."""
+        return self._kind("late_arrival", "branch", "after", late=True)
+
+    def to_polars(self) -> pl.DataFrame:
+        """Tidy: coalesce, kind (trigger | result | lost_branch | late_arrival), key, reason, count, late stats."""
+        return self.tidy
+
+    def _sections(self) -> list[tuple[str, pl.DataFrame]]:
+        return [("Decisions by trigger", self.by_trigger), ("Merges and failures", self.results),
+                ("Lost branches", self.lost_branches), ("Late arrivals", self.late_arrivals)]
+
+    def __repr__(self) -> str:
+        lines = [f"Policy outcomes of run {self.run_id}"]
+        for title, frame in self._sections():
+            lines += [f"{title}:", text_table(frame, indent="  ")]
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        return html_block(f"Policy outcomes of run {self.run_id}",
+                          *(html_table(frame, title) for title, frame in self._sections()))
+
+
+def policy_outcomes(self: Audit, run_id: str = "latest") -> PolicyOutcomes:
+    """How each coalesce's policy played out: triggers, merges vs failures, lost branches, late arrivals.
+
+    >>> outcomes = audit.policy_outcomes()
+    >>> outcomes.by_trigger.rows()
+    [('merge3', 'all_arrived', 4)]
+    >>> sorted(set(outcomes.to_polars()["kind"]))
+    ['result', 'trigger']
+    """
+    run = self._db.resolve_run(run_id)
+    return PolicyOutcomes(run, self._db.frame(_POLICY_SQL, {"run": run}))

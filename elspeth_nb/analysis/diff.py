@@ -1,0 +1,160 @@
+"""What changed between two runs: config, nodes, outcome counts, coalesce decisions, wait percentiles."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table
+
+if TYPE_CHECKING:
+    from elspeth_nb.analysis.audit import Audit
+
+_NODES_SQL = """
+WITH a AS (SELECT node_name, node_type, plugin_name, config_hash FROM nodes WHERE run_id = $a),
+     b AS (SELECT node_name, node_type, plugin_name, config_hash FROM nodes WHERE run_id = $b)
+SELECT coalesce(a.node_name, b.node_name) AS node_name,
+       CASE WHEN a.node_name IS NULL THEN 'added' WHEN b.node_name IS NULL THEN 'removed' ELSE 'changed' END AS change,
+       coalesce(a.node_type, b.node_type) AS node_type, a.plugin_name AS plugin_a, b.plugin_name AS plugin_b,
+       a.config_hash AS config_hash_a, b.config_hash AS config_hash_b
+FROM a FULL OUTER JOIN b ON a.node_name = b.node_name
+WHERE a.node_name IS NULL OR b.node_name IS NULL OR a.config_hash IS DISTINCT FROM b.config_hash
+   OR a.plugin_name IS DISTINCT FROM b.plugin_name
+ORDER BY change, node_name
+"""
+
+_OUTCOMES_SQL = """
+WITH c AS (SELECT run_id, outcome, count(*) AS n FROM token_outcomes
+           WHERE run_id IN ($a, $b) AND is_terminal = 1 GROUP BY ALL)
+SELECT outcome, coalesce(sum(n) FILTER (WHERE run_id = $a), 0)::BIGINT AS a,
+       coalesce(sum(n) FILTER (WHERE run_id = $b), 0)::BIGINT AS b, b - a AS delta
+FROM c GROUP BY outcome ORDER BY outcome
+"""
+
+_DECISIONS_SQL = """
+WITH c AS (SELECT run_id, coalesce_name AS coalesce, event_type, trigger, failure_reason, count(*) AS n
+           FROM coalesce_events WHERE run_id IN ($a, $b) GROUP BY ALL)
+SELECT coalesce, event_type, trigger, failure_reason, coalesce(sum(n) FILTER (WHERE run_id = $a), 0)::BIGINT AS a,
+       coalesce(sum(n) FILTER (WHERE run_id = $b), 0)::BIGINT AS b, b - a AS delta
+FROM c GROUP BY ALL ORDER BY coalesce, event_type, trigger, failure_reason NULLS FIRST
+"""
+
+_TIMINGS_SQL = """
+WITH s AS (
+    SELECT run_id, coalesce_name AS coalesce, count(*)::DOUBLE AS decisions, avg(wait_duration_ms) AS mean,
+           quantile_cont(wait_duration_ms, 0.5) AS p50, quantile_cont(wait_duration_ms, 0.9) AS p90,
+           quantile_cont(wait_duration_ms, 0.99) AS p99, max(wait_duration_ms) AS max
+    FROM coalesce_events WHERE run_id IN ($a, $b) AND event_type <> 'late_arrival' GROUP BY ALL
+), long AS (UNPIVOT s ON decisions, mean, p50, p90, p99, max INTO NAME stat VALUE value)
+SELECT coalesce, stat, any_value(value) FILTER (WHERE run_id = $a) AS a,
+       any_value(value) FILTER (WHERE run_id = $b) AS b, b - a AS delta
+FROM long GROUP BY coalesce, stat
+ORDER BY coalesce, list_position(['decisions', 'mean', 'p50', 'p90', 'p99', 'max'], stat)
+"""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``a.b[0].c -> value``; lists of named items by name: ``transforms[b_call].plugin``.
+
+    >>> _flatten({"transforms": [{"name": "t1", "options": {"x": 1}}], "sinks": {"out": {"plugin": "csv"}}})
+    {'transforms[t1].name': 't1', 'transforms[t1].options.x': 1, 'sinks.out.plugin': 'csv'}
+    """
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out or {prefix: {}}
+    if isinstance(value, list) and value and any(isinstance(v, dict | list) for v in value):
+        names = [v.get("name") if isinstance(v, dict) else None for v in value]
+        by_name = all(isinstance(n, str) for n in names) and len(set(names)) == len(names)
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{names[i] if by_name else i}]"))
+        return out
+    return {prefix: value}
+
+
+def _config_diff(settings_a: str | None, settings_b: str | None) -> pl.DataFrame:
+    a = _flatten(json.loads(settings_a)) if settings_a else {}
+    b = _flatten(json.loads(settings_b)) if settings_b else {}
+    rows = []
+    for key in sorted(a.keys() | b.keys()):
+        if key in a and key in b and a[key] == b[key]:
+            continue
+        change = "added" if key not in a else "removed" if key not in b else "changed"
+        rows.append({"key": key, "change": change,
+                     "a": json.dumps(a[key], sort_keys=True) if key in a else None,
+                     "b": json.dumps(b[key], sort_keys=True) if key in b else None})
+    return pl.DataFrame(rows, schema={"key": pl.String, "change": pl.String, "a": pl.String, "b": pl.String})
+
+
+@dataclass(frozen=True)
+class RunDiff(Displayable):
+    """Differences between run ``a`` and run ``b`` (deltas are b - a)."""
+
+    a: str
+    b: str
+    config: pl.DataFrame
+    nodes: pl.DataFrame
+    outcomes: pl.DataFrame
+    decisions: pl.DataFrame
+    timings: pl.DataFrame
+
+    @property
+    def same_config(self) -> bool:
+        return self.config.height == 0 and self.nodes.height == 0
+
+    def _sections(self) -> list[tuple[str, pl.DataFrame]]:
+        return [("Config (settings)", self.config), ("Nodes", self.nodes), ("Outcome counts", self.outcomes),
+                ("Coalesce decisions", self.decisions), ("Wait time (ms)", self.timings)]
+
+    def to_polars(self) -> pl.DataFrame:
+        """Tidy: section, key, a, b (as text) and the numeric delta where there is one."""
+        def tidy(section: str, frame: pl.DataFrame, keys: list[str], a: str, b: str,
+                 delta: str | None) -> pl.DataFrame:
+            key = pl.concat_str([pl.col(k).cast(pl.String).fill_null("-") for k in keys], separator=" / ")
+            return frame.select(pl.lit(section).alias("section"), key.alias("key"),
+                                pl.col(a).cast(pl.String).alias("a"), pl.col(b).cast(pl.String).alias("b"),
+                                (pl.col(delta).cast(pl.Float64) if delta else pl.lit(None, pl.Float64)).alias("delta"))
+
+        return pl.concat([
+            tidy("config", self.config, ["key"], "a", "b", None),
+            tidy("nodes", self.nodes, ["node_name", "change"], "config_hash_a", "config_hash_b", None),
+            tidy("outcomes", self.outcomes, ["outcome"], "a", "b", "delta"),
+            tidy("decisions", self.decisions, ["coalesce", "event_type", "trigger", "failure_reason"], "a", "b",
+                 "delta"),
+            tidy("timings", self.timings, ["coalesce", "stat"], "a", "b", "delta"),
+        ])
+
+    def __repr__(self) -> str:
+        lines = [f"Run diff {self.a} -> {self.b}"]
+        for title, frame in self._sections():
+            lines += [f"{title}:", text_table(frame, indent="  ") if frame.height else "  (no difference)"]
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        return html_block(f"Run diff {self.a} → {self.b}", *(html_table(f, t, 100) for t, f in self._sections()))
+
+
+def diff_runs(self: Audit, a: str, b: str = "latest") -> RunDiff:
+    """What changed from run ``a`` to run ``b``: settings, nodes, outcome counts, decisions, wait percentiles.
+
+    >>> diff = audit.diff_runs("latest", "latest")
+    >>> diff.same_config, diff.outcomes["delta"].to_list()
+    (True, [0, 0, 0])
+    """
+    db = self._db
+    run_a, run_b = db.resolve_run(a), db.resolve_run(b)
+    params = {"a": run_a, "b": run_b}
+    settings = dict(db.rows("SELECT run_id, settings_json FROM runs WHERE run_id IN ($a, $b)", params))
+    return RunDiff(
+        a=run_a, b=run_b,
+        config=_config_diff(settings.get(run_a), settings.get(run_b)),
+        nodes=db.frame(_NODES_SQL, params),
+        outcomes=db.frame(_OUTCOMES_SQL, params),
+        decisions=db.frame(_DECISIONS_SQL, params),
+        timings=db.frame(_TIMINGS_SQL, params),
+    )

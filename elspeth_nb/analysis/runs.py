@@ -1,0 +1,206 @@
+"""Runs: the list of runs, one run's summary, and its terminal outcome counts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from elspeth_nb.analysis._connection import INTERNAL, NEWEST_FIRST
+from elspeth_nb.analysis.results import Displayable, format_value, html_block, html_pairs, html_table, text_table
+from elspeth_nb.audit.schema import CoalesceEventType, Outcome
+
+if TYPE_CHECKING:
+    from elspeth_nb.analysis.audit import Audit
+
+#: Terminal outcomes that mean the row's data did not get where it was going. ``late_arrival`` is not one.
+FAILURE_OUTCOMES = (Outcome.FAILED, Outcome.QUARANTINED)
+OUTCOME_GROUPINGS = ("outcome", "node", "sink", "branch")
+
+_RUNS_SQL = f"""
+WITH rw AS (SELECT run_id, count(*) AS n FROM rows GROUP BY run_id),
+     tk AS (SELECT run_id, count(*) AS n FROM tokens GROUP BY run_id),
+     ce AS (SELECT run_id,
+                   count(*) FILTER (WHERE event_type = '{CoalesceEventType.MERGED}') AS merged,
+                   count(*) FILTER (WHERE event_type = '{CoalesceEventType.FAILED}') AS failed,
+                   count(*) FILTER (WHERE event_type = '{CoalesceEventType.LATE_ARRIVAL}') AS late
+            FROM coalesce_events GROUP BY run_id)
+SELECT r.run_id, r.status, r.started_at, r.completed_at,
+       epoch(r.completed_at) - epoch(r.started_at) AS duration_s,
+       r.producer, r.pipeline_path, r.payload_mode,
+       coalesce(rw.n, 0) AS rows, coalesce(tk.n, 0) AS tokens, coalesce(ce.merged, 0) AS merged,
+       coalesce(ce.failed, 0) AS coalesce_failed, coalesce(ce.late, 0) AS late_arrivals
+FROM runs r
+LEFT JOIN {INTERNAL}.run_order o USING (run_id)
+LEFT JOIN rw USING (run_id) LEFT JOIN tk USING (run_id) LEFT JOIN ce USING (run_id)
+ORDER BY {NEWEST_FIRST}
+"""  # noqa: S608 - constants only
+
+
+def runs(self: Audit) -> pl.DataFrame:
+    """Every run in the audit, newest first, with its size and coalesce counts.
+
+    Columns: run_id, status, started_at, completed_at, duration_s, producer, pipeline_path,
+    payload_mode, rows (source rows), tokens, merged, coalesce_failed, late_arrivals.
+
+    >>> audit.runs().columns[:3]
+    ['run_id', 'status', 'started_at']
+    """
+    self._db.update_liveness()
+    return self._db.frame(_RUNS_SQL)
+
+
+_HEADER_SQL = """
+SELECT run_id, status, started_at, completed_at, epoch(completed_at) - epoch(started_at) AS duration_s,
+       config_hash, canonical_version, reproducibility_grade, producer, pipeline_path, payload_mode, schema_version,
+       revision, error_message, merkle_root,
+       (SELECT count(*) FROM rows WHERE run_id = $run) AS rows,
+       (SELECT count(*) FROM tokens WHERE run_id = $run) AS tokens,
+       (SELECT count(*) FROM node_states WHERE run_id = $run) AS node_states,
+       (SELECT count(*) FROM token_outcomes WHERE run_id = $run AND is_terminal = 1 AND outcome = 'quarantined')
+           AS quarantined,
+       (SELECT count(*) FROM validation_errors WHERE run_id = $run) AS validation_errors,
+       (SELECT count(*) FROM transform_errors WHERE run_id = $run) AS transform_errors,
+       (SELECT count(*) FROM artifacts WHERE run_id = $run) AS artifacts
+FROM runs WHERE run_id = $run
+"""
+
+_NODES_SQL = """
+WITH s AS (SELECT * FROM node_states WHERE run_id = $run),
+     w AS (SELECT node_id, count(*) AS decisions, avg(wait_duration_ms) AS mean_wait_ms,
+                  quantile_cont(wait_duration_ms, 0.95) AS p95_wait_ms, max(wait_duration_ms) AS max_wait_ms
+           FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival' GROUP BY node_id)
+SELECT n.node_name, n.node_type, n.plugin_name AS plugin,
+       coalesce(n.sequence_in_pipeline, min(s.step_index)) AS step,
+       count(s.state_id) AS states,
+       count(s.state_id) FILTER (WHERE s.status = 'completed') AS completed,
+       count(s.state_id) FILTER (WHERE s.status = 'failed') AS failed,
+       CASE WHEN n.node_type <> 'coalesce' THEN avg(s.duration_ms) END AS mean_duration_ms,
+       CASE WHEN n.node_type <> 'coalesce' THEN quantile_cont(s.duration_ms, 0.95) END AS p95_duration_ms,
+       any_value(w.mean_wait_ms) AS mean_wait_ms, any_value(w.p95_wait_ms) AS p95_wait_ms,
+       any_value(w.max_wait_ms) AS max_wait_ms
+FROM nodes n
+LEFT JOIN s ON s.node_id = n.node_id
+LEFT JOIN w ON w.node_id = n.node_id
+WHERE n.run_id = $run
+GROUP BY n.node_id, n.node_name, n.node_type, n.plugin_name, n.sequence_in_pipeline
+ORDER BY step NULLS LAST, n.node_name
+"""
+
+_COALESCE_SQL = """
+SELECT coalesce_name AS coalesce, any_value(policy) AS policy, any_value(merge_strategy) AS merge_strategy,
+       count(*) FILTER (WHERE event_type <> 'late_arrival') AS decisions,
+       count(*) FILTER (WHERE event_type = 'merged') AS merged,
+       count(*) FILTER (WHERE event_type = 'failed') AS failed,
+       count(*) FILTER (WHERE event_type = 'late_arrival') AS late_arrivals,
+       count(*) FILTER (WHERE event_type <> 'late_arrival' AND trigger = 'timeout') AS timeouts,
+       coalesce(sum(n_lost) FILTER (WHERE event_type <> 'late_arrival'), 0)::BIGINT AS lost_branches,
+       quantile_cont(wait_duration_ms, 0.5) FILTER (WHERE event_type <> 'late_arrival') AS p50_wait_ms,
+       quantile_cont(wait_duration_ms, 0.95) FILTER (WHERE event_type <> 'late_arrival') AS p95_wait_ms
+FROM coalesce_events WHERE run_id = $run
+GROUP BY coalesce_name ORDER BY coalesce_name
+"""
+
+
+@dataclass(frozen=True)
+class RunSummary(Displayable):
+    """One run at a glance: header, per-node table, outcome counts, per-coalesce counts.
+
+    ``nodes`` reports coalesce waits (``mean_wait_ms``/``p95_wait_ms``, from the decisions)
+    apart from processing time (``mean_duration_ms``/``p95_duration_ms``, other nodes only).
+    """
+
+    run_id: str
+    header: Mapping[str, Any]
+    nodes: pl.DataFrame
+    outcomes: pl.DataFrame
+    coalesce: pl.DataFrame
+
+    @property
+    def status(self) -> str:
+        return str(self.header["status"])
+
+    def to_polars(self) -> pl.DataFrame:
+        """The per-node table."""
+        return self.nodes
+
+    def _title(self) -> str:
+        h = self.header
+        duration = format_value(h.get("duration_s"))
+        return f"Run {self.run_id}: {h['status']}, {h['rows']} source rows, {h['tokens']} tokens, {duration} s"
+
+    def __repr__(self) -> str:
+        h = self.header
+        keys = ("started_at", "completed_at", "producer", "pipeline_path", "payload_mode", "config_hash",
+                "quarantined", "validation_errors", "transform_errors", "error_message")
+        lines = [self._title()]
+        lines += [f"  {k}: {format_value(h.get(k), width=80)}" for k in keys if h.get(k) is not None]
+        lines += ["", "Nodes:", text_table(self.nodes, indent="  "), "", "Outcomes:",
+                  text_table(self.outcomes, indent="  ")]
+        if self.coalesce.height:
+            lines += ["", "Coalesce:", text_table(self.coalesce, indent="  ")]
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        return html_block(self._title(), html_pairs(self.header.items()), html_table(self.nodes, "Nodes", 100),
+                          html_table(self.outcomes, "Outcomes"), html_table(self.coalesce, "Coalesce"))
+
+
+def run_summary(self: Audit, run_id: str = "latest") -> RunSummary:
+    """Header, per-node states and timings, outcome counts and coalesce counts of one run.
+
+    >>> summary = audit.run_summary()
+    >>> summary.status
+    'completed'
+    >>> summary.nodes.columns[:4]
+    ['node_name', 'node_type', 'plugin', 'step']
+    """
+    db = self._db
+    run = db.resolve_run(run_id)
+    params = {"run": run}
+    header = db.frame(_HEADER_SQL, params).row(0, named=True)
+    return RunSummary(run, MappingProxyType(header), db.frame(_NODES_SQL, params), outcomes(self, run),
+                      db.frame(_COALESCE_SQL, params))
+
+
+_LAST_NODE = """
+SELECT s.token_id, n.node_name, n.node_type FROM node_states s
+LEFT JOIN nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id
+WHERE s.run_id = $run
+QUALIFY row_number() OVER (PARTITION BY s.token_id ORDER BY s.step_index DESC, s.started_at DESC) = 1
+"""
+
+_OUTCOME_SQL = {
+    "outcome": ("o.outcome", "", "o.outcome"),
+    "sink": ("o.sink_name AS sink, o.outcome", "", "o.sink_name NULLS LAST, o.outcome"),
+    "branch": ("t.branch_name AS branch, o.outcome",
+               "LEFT JOIN tokens t ON t.token_id = o.token_id AND t.run_id = o.run_id",
+               "t.branch_name NULLS FIRST, o.outcome"),
+    "node": ("last.node_name AS node, last.node_type, o.outcome", f"LEFT JOIN ({_LAST_NODE}) last USING (token_id)",
+             "last.node_name NULLS LAST, o.outcome"),
+}
+
+
+def outcomes(self: Audit, run_id: str = "latest", by: str = "outcome") -> pl.DataFrame:
+    """Counts of terminal token outcomes, by ``outcome``, ``node`` (where the token ended), ``sink`` or ``branch``.
+
+    ``is_failure`` is true for ``failed`` and ``quarantined``; ``late_arrival`` is its own outcome
+    (a branch that reached its coalesce after the decision) and not a failure.
+
+    >>> audit.outcomes().columns
+    ['outcome', 'is_failure', 'count']
+    >>> audit.outcomes(by="sink").columns
+    ['sink', 'outcome', 'is_failure', 'count']
+    """
+    if by not in _OUTCOME_SQL:
+        raise ValueError(f"by must be one of {', '.join(OUTCOME_GROUPINGS)}, not {by!r}")
+    run = self._db.resolve_run(run_id)
+    select, join, order = _OUTCOME_SQL[by]
+    failures = ", ".join(f"'{o}'" for o in FAILURE_OUTCOMES)
+    sql = (f"SELECT {select}, o.outcome IN ({failures}) AS is_failure, count(*) AS count "  # noqa: S608
+           f"FROM token_outcomes o {join} WHERE o.run_id = $run AND o.is_terminal = 1 "
+           f"GROUP BY ALL ORDER BY {order}")
+    return self._db.frame(sql, {"run": run})

@@ -1,0 +1,248 @@
+"""Hash verification of one run: payloads, source rows, sink files, and the run's Merkle root.
+
+Payload and source-row hashes are recomputed in DuckDB (``sha256``); every sink file listed in
+``artifacts`` is read and compared with its content hash, size and, for JSON lines, line by line
+with the sink states' output hashes. For a store, the run's Merkle root is recomputed from its
+segment files by :func:`elspeth_nb.audit.verification.verify_run`, which names the first record
+that no longer matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+import polars as pl
+
+from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table, verdict_html
+from elspeth_nb.audit.hashing import stable_hash
+from elspeth_nb.audit.verification import verify_run
+from elspeth_nb.errors import CanonicalizationError
+
+if TYPE_CHECKING:
+    from elspeth_nb.analysis.audit import Audit
+
+_MISMATCH_SCHEMA = {"check": pl.String, "table": pl.String, "record_id": pl.String, "expected": pl.String,
+                    "actual": pl.String, "detail": pl.String}
+
+_PAYLOAD_SQL = """
+SELECT 'payload_hash' AS "check", 'payloads' AS "table", payload_hash AS record_id, payload_hash AS expected,
+       sha256(payload_json) AS actual, 'sha256 of payload_json differs from payload_hash' AS detail
+FROM payloads WHERE run_id = $run AND sha256(payload_json) <> payload_hash
+"""
+
+#: Source rows whose stored payload does not hash to source_data_hash (a row whose payload is not in
+#: the store, purged or imported without its payload folder, cannot be checked and is only counted).
+_SOURCE_SQL = """
+SELECT 'source_row_hash' AS "check", 'rows' AS "table", r.row_id AS record_id, r.source_data_hash AS expected,
+       sha256(p.payload_json) AS actual, 'sha256 of the stored source row differs from source_data_hash' AS detail
+FROM rows r
+JOIN (SELECT payload_hash, payload_json FROM payloads WHERE run_id = $run) p ON p.payload_hash = r.source_data_ref
+WHERE r.run_id = $run AND sha256(p.payload_json) <> r.source_data_hash
+"""
+
+_SOURCE_COUNTS_SQL = """
+SELECT count(*) FILTER (WHERE p.payload_hash IS NOT NULL), count(*) FILTER (WHERE p.payload_hash IS NULL)
+FROM rows r
+LEFT JOIN (SELECT DISTINCT payload_hash FROM payloads WHERE run_id = $run) p ON p.payload_hash = r.source_data_ref
+WHERE r.run_id = $run AND r.source_data_ref IS NOT NULL
+"""
+
+_ARTIFACTS_SQL = """
+SELECT a.artifact_id, a.sink_node_id, n.node_name, n.plugin_name, json_extract_string(n.config_json, '$.format')
+       AS format, a.path_or_uri, a.content_hash, a.size_bytes, a.row_count
+FROM artifacts a LEFT JOIN nodes n ON n.node_id = a.sink_node_id AND n.run_id = a.run_id
+WHERE a.run_id = $run ORDER BY a.created_at, a.artifact_id
+"""
+
+_SINK_HASHES_SQL = """
+SELECT output_hash, count(*) AS n FROM node_states
+WHERE run_id = $run AND node_id = $node AND status = 'completed' AND output_hash IS NOT NULL GROUP BY 1
+"""
+
+
+@dataclass(frozen=True)
+class VerifyResult(Displayable):
+    """Hash mismatches of one run; ``ok`` when every recomputed hash agrees with the trail.
+
+    ``merkle`` says what became of the run's Merkle root: ``verified`` (recomputed from the
+    segment files, equal to the stored root and to ``expected_root`` when one was given),
+    ``mismatch``, ``not recorded`` (a run written before tamper evidence) or ``unavailable``
+    (an audit.duckdb outside its store, or an ELSPETH Landscape: no segment files to hash).
+    """
+
+    run_id: str
+    mismatches: pl.DataFrame
+    checked: Mapping[str, int]
+    merkle: str = "unavailable"
+    merkle_root: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches.height == 0
+
+    def to_polars(self) -> pl.DataFrame:
+        return self.mismatches
+
+    def _verdict(self) -> str:
+        counted = ", ".join(f"{v} {k}" for k, v in self.checked.items())
+        root = f"; Merkle root {self.merkle}" + (f" {self.merkle_root}" if self.merkle_root else "")
+        if self.ok:
+            return f"Verify run {self.run_id}: OK ({counted}){root}"
+        return f"Verify run {self.run_id}: {self.mismatches.height} mismatch(es) ({counted}){root}"
+
+    def __repr__(self) -> str:
+        if self.ok:
+            return self._verdict()
+        return self._verdict() + "\n" + text_table(self.mismatches, max_rows=50, indent="  ")
+
+    def to_html(self) -> str:
+        parts = [verdict_html(self.ok, self._verdict())]
+        if not self.ok:
+            parts.append(html_table(self.mismatches, "Mismatches", 200))
+        return html_block(f"Verification of run {self.run_id}", *parts)
+
+
+def _local_path(uri: str, base: Path) -> Path | None:
+    """The local file a ``path_or_uri`` names; relative paths (ELSPETH writes ``file://output.jsonl``)
+    are taken relative to ``base``."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc and parsed.netloc != "localhost":
+            return base / unquote(parsed.netloc + parsed.path)
+        return Path(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # http://, s3://: not a local file
+        return None
+    path = Path(uri)
+    return path if path.is_absolute() else base / path
+
+
+def _is_jsonl(artifact: dict[str, Any], path: Path) -> bool:
+    return artifact["plugin_name"] == "jsonl" or artifact["format"] == "jsonl" or path.suffix == ".jsonl"
+
+
+def _verify_artifact(self: Audit, run: str, artifact: dict[str, Any], base: Path,
+                     out: list[dict[str, Any]], checked: Counter[str]) -> None:
+    record = artifact["artifact_id"]
+
+    def mismatch(check_name: str, expected: Any, actual: Any, detail: str) -> None:
+        out.append({"check": check_name, "table": "artifacts", "record_id": record, "expected": _text(expected),
+                    "actual": _text(actual), "detail": detail})
+
+    path = _local_path(artifact["path_or_uri"], base)
+    if path is None:
+        mismatch("artifact_file", artifact["path_or_uri"], None, "not a local file: cannot be verified here")
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        mismatch("artifact_file", str(path), None, f"cannot read the sink file: {exc.strerror or exc}")
+        return
+    checked["artifacts"] += 1
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != artifact["content_hash"]:
+        mismatch("artifact_hash", artifact["content_hash"], digest, f"sha256 of {path} differs from content_hash")
+    if artifact["size_bytes"] is not None and len(data) != artifact["size_bytes"]:
+        mismatch("artifact_size", artifact["size_bytes"], len(data), f"size of {path} differs from size_bytes")
+    if not _is_jsonl(artifact, path):
+        return
+    sink_hashes = self._db.rows(_SINK_HASHES_SQL, {"run": run, "node": artifact["sink_node_id"]})
+    expected = Counter({h: n for h, n in sink_hashes})
+    lines = data.splitlines()
+    checked["lines"] += len(lines)
+    for number, line in enumerate(lines, start=1):
+        line_hash = _line_hash(line, expected, artifact)
+        if expected[line_hash] > 0:
+            expected[line_hash] -= 1
+        else:
+            mismatch("artifact_line", None, line_hash,
+                     f"line {number} of {path.name} matches no remaining output_hash of sink {artifact['node_name']}")
+    if artifact["row_count"] is not None and len(lines) != artifact["row_count"]:
+        mismatch("artifact_rows", artifact["row_count"], len(lines), f"{path.name} has {len(lines)} lines")
+    missing = sum(expected.values())
+    if missing:
+        mismatch("artifact_lines_missing", None, None,
+                 f"{missing} completed state(s) of sink {artifact['node_name']} have no line in {path.name}")
+
+
+def _line_hash(line: bytes, expected: Counter[str], artifact: dict[str, Any]) -> str:
+    """The hash a sink state recorded for this line: our sinks write canonical JSON, so its sha256.
+
+    ELSPETH's sinks write ``json.dumps`` lines and record ``stable_hash({"row", "artifact_path",
+    "content_hash"})``; when the raw hash matches nothing, that form (then the bare canonical row)
+    is tried. The bytes themselves are covered by the file's content_hash.
+    """
+    raw = hashlib.sha256(line).hexdigest()
+    if expected[raw] > 0:
+        return raw
+    try:
+        row = json.loads(line)
+        candidates = [stable_hash({"row": row, "artifact_path": artifact["path_or_uri"],
+                                   "content_hash": artifact["content_hash"]}), stable_hash(row)]
+    except (ValueError, CanonicalizationError):
+        return raw
+    return next((c for c in candidates if expected[c] > 0), raw)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _merkle(self: Audit, run: str, expected_root: str | None) -> tuple[list[dict[str, Any]], str, str | None]:
+    """Mismatch records, status and recomputed root of the run's Merkle verification."""
+    store = self._db.store
+    if store is None:
+        if expected_root is None:
+            return [], "unavailable", None
+        return [{"check": "merkle_root", "table": "runs", "record_id": run, "expected": expected_root,
+                 "actual": None, "detail": f"{self._db.path} has no segment files to recompute a Merkle root from"}
+                ], "unavailable", None
+    result = verify_run(store, run, expected_root)
+    if result.stored_root is None and result.segments == 0 and expected_root is None:
+        return [], "not recorded", None
+    found = [{"check": f"merkle_{f.kind}", "table": f.table, "record_id": f.record or f.part_file or run,
+              "expected": expected_root if f.kind == "root_changed" else None,
+              "actual": result.computed_root if f.kind == "root_changed" else None,
+              "detail": f"{f.part_file}: {f.detail}" if f.part_file else f.detail} for f in result.findings]
+    if not result.ok and not found:  # e.g. no stored root although the segments are all there
+        found.append({"check": "merkle_root", "table": "runs", "record_id": run, "expected": result.stored_root,
+                      "actual": result.computed_root, "detail": "the recomputed Merkle root is not the stored one"})
+    return found, "verified" if result.ok else "mismatch", result.computed_root
+
+
+def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = None) -> VerifyResult:
+    """Recompute hashes: payloads, source rows, every sink file in ``artifacts``, and the Merkle root.
+
+    For JSON-lines sink files each line's hash must be the output_hash of one completed state of
+    that sink. ``expected_root`` is a Merkle root saved earlier: the run is proven unchanged since
+    when the root recomputed from its segment files equals it.
+
+    >>> result = audit.verify()
+    >>> result.ok, result.merkle, sorted(result.checked)
+    (True, 'verified', ['artifacts', 'lines', 'payloads', 'source_rows'])
+    """
+    db = self._db
+    run = db.resolve_run(run_id)
+    params = {"run": run}
+    found = [*db.frame(_PAYLOAD_SQL, params).iter_rows(named=True),
+             *db.frame(_SOURCE_SQL, params).iter_rows(named=True)]
+    checked: Counter[str] = Counter()
+    checked["payloads"] = db.rows("SELECT count(*) FROM payloads WHERE run_id = $run", params)[0][0]
+    checked["source_rows"], unverifiable = db.rows(_SOURCE_COUNTS_SQL, params)[0]
+    if unverifiable:
+        checked["source_rows_without_payload"] = unverifiable
+    checked["artifacts"] = checked["lines"] = 0
+    base = self._db.path.parent
+    for artifact in db.frame(_ARTIFACTS_SQL, params).iter_rows(named=True):
+        _verify_artifact(self, run, artifact, base, found, checked)
+    merkle_found, merkle, root = _merkle(self, run, expected_root)
+    found += merkle_found
+    mismatches = pl.DataFrame(found, schema=_MISMATCH_SCHEMA) if found else pl.DataFrame(schema=_MISMATCH_SCHEMA)
+    return VerifyResult(run, mismatches, MappingProxyType(dict(checked)), merkle, root)

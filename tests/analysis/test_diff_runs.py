@@ -1,0 +1,81 @@
+"""diff_runs: config keys, nodes, outcome and decision deltas, wait percentiles, against the raw trail."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from elspeth_nb.analysis import Audit
+from tests.analysis import raw
+from tests.analysis.conftest import JITTER, Matrix
+
+A, B = "quorum-union-delayed", "quorum-nested-lost"
+
+
+def test_diff_of_two_runs(audit: Audit, matrix: Matrix) -> None:
+    run_a, run_b = matrix.runs[A], matrix.runs[B]
+    diff = audit.diff_runs(run_a, run_b)
+    assert (diff.a, diff.b) == (run_a, run_b) and not diff.same_config
+    config = {r["key"]: (r["change"], r["a"], r["b"]) for r in diff.config.iter_rows(named=True)}
+    assert config["coalesce[merge3].merge"] == ("changed", '"union"', '"nested"')
+    assert config["coalesce[merge3].timeout_seconds"] == ("removed", "1", None)  # canonical JSON: 1.0 is 1
+    assert config["transforms[c_filter].plugin"] == ("added", None, '"keyword_filter"')
+    assert config["transforms[b_call].plugin"] == ("removed", '"latency"', None)
+    assert all(not k.startswith("sinks") or "path" in k for k in config)  # only the sink paths differ there
+
+    nodes = {r["node_name"]: r["change"] for r in diff.nodes.iter_rows(named=True)}
+    assert nodes == {"b_call": "removed", "c_filter": "added", "merge3": "changed",
+                     "output": "changed", "source": "changed"}
+
+    def outcomes(run: str) -> Counter[str]:
+        return Counter(o["outcome"] for o in raw.rows(matrix.store, "token_outcomes", run))
+
+    want = outcomes(run_b)
+    want.subtract(outcomes(run_a))
+    assert {r["outcome"]: r["delta"] for r in diff.outcomes.iter_rows(named=True)} == dict(want)
+
+    def decisions(run: str) -> Counter[tuple[object, ...]]:
+        return Counter((e["event_type"], e["trigger"], e["failure_reason"])
+                       for e in raw.rows(matrix.store, "coalesce_events", run))
+
+    got = {(r["event_type"], r["trigger"], r["failure_reason"]): (r["a"], r["b"], r["delta"])
+           for r in diff.decisions.iter_rows(named=True)}
+    da, db = decisions(run_a), decisions(run_b)
+    assert got == {k: (da[k], db[k], db[k] - da[k]) for k in da | db}
+
+
+def test_wait_percentile_deltas(audit: Audit, matrix: Matrix) -> None:
+    run_a, run_b = matrix.runs["best_effort-union-timeout"], matrix.runs[JITTER]
+    diff = audit.diff_runs(run_a, run_b)
+    waits = {run: [d["wait_duration_ms"] for d in raw.decisions(matrix.store, run)] for run in (run_a, run_b)}
+
+    def stat(run: str, name: str) -> float:
+        values = waits[run]
+        q = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+        if name in q:
+            return raw.quantile_cont(values, q[name])  # type: ignore[return-value]
+        return {"decisions": float(len(values)), "mean": raw.mean(values), "max": max(values)}[name]  # type: ignore[return-value]
+
+    assert diff.timings["stat"].to_list() == ["decisions", "mean", "p50", "p90", "p99", "max"]
+    for record in diff.timings.iter_rows(named=True):
+        assert record["a"] == pytest.approx(stat(run_a, record["stat"]))
+        assert record["b"] == pytest.approx(stat(run_b, record["stat"]))
+        assert record["delta"] == pytest.approx(record["b"] - record["a"])
+
+
+def test_a_run_against_itself_differs_in_nothing(audit: Audit, matrix: Matrix) -> None:
+    diff = audit.diff_runs(matrix.runs[JITTER], matrix.runs[JITTER])
+    assert diff.same_config and diff.config.height == 0 and diff.nodes.height == 0
+    assert set(diff.outcomes["delta"]) == {0} and set(diff.decisions["delta"]) == {0}
+
+
+def test_diff_tidy_frame_and_reprs(audit: Audit, matrix: Matrix) -> None:
+    diff = audit.diff_runs(matrix.runs[A], "latest")
+    tidy = diff.to_polars()
+    assert tidy.columns == ["section", "key", "a", "b", "delta"]
+    assert set(tidy["section"]) == {"config", "nodes", "outcomes", "decisions", "timings"}
+    assert tidy.filter(tidy["section"] == "outcomes").height == diff.outcomes.height
+    text = repr(diff)
+    assert text.startswith(f"Run diff {matrix.runs[A]} -> {diff.b}") and "Wait time (ms):" in text
+    assert "<table>" in diff._repr_html_()

@@ -1,0 +1,79 @@
+"""open_audit on an ELSPETH Landscape SQLite file: imported in memory, same helpers, same answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from elspeth_nb.analysis import Audit, open_audit
+from elspeth_nb.audit.importers.elspeth import read_landscape
+
+DATA = Path(__file__).parent.parent / "data" / "elspeth"
+LOSSY = DATA / "quorum2_nested_timeout5_lossy"
+
+
+@pytest.fixture(scope="module")
+def landscape() -> Audit:
+    return open_audit(LOSSY / "audit.db", payloads=LOSSY / "payloads")
+
+
+def test_opens_as_an_elspeth_audit_with_the_importers_tables(landscape: Audit) -> None:
+    imported = read_landscape(LOSSY / "audit.db", payloads=LOSSY / "payloads")
+    assert landscape.kind == "elspeth" and landscape.import_problems == []
+    assert landscape.runs()["run_id"].to_list() == imported.run_ids
+    events = pl.from_arrow(imported.tables["coalesce_events"])
+    assert isinstance(events, pl.DataFrame)
+    got = landscape.coalesce_events(include_late=True)
+    assert sorted(got["event_id"]) == sorted(events["event_id"])
+    assert got.sort("event_id")["context_json"].to_list() == events.sort("event_id")["context_json"].to_list()
+
+
+def test_coalesce_analytics_of_the_quorum_run(landscape: Audit) -> None:
+    timings = landscape.merge_timings()
+    decisions = landscape.coalesce_events()
+    assert timings.height == 3 * decisions.height == 300
+    status = dict(timings.filter(pl.col("branch") == "path_c").group_by("status").len().rows())
+    assert status == {"late": 82, "missing": 18}  # 18 rows' path_c was filtered out after the quorum merged
+    assert timings.filter(pl.col("status") == "arrived")["arrival_rank"].max() == 2
+    policy = landscape.policy_outcomes()
+    assert policy.by_trigger.rows() == [("merge3", "quorum_met", 100)]
+    assert policy.late_arrivals.select("branch", "after", "count").rows() == [("path_c", "after_merge", 82)]
+    summary = landscape.merge_timing_summary(by="coalesce").row(0, named=True)
+    waits = decisions["wait_duration_ms"]
+    assert summary["decisions"] == 100 and summary["wait_max_ms"] == pytest.approx(waits.max())
+    assert summary["wait_p50_ms"] == pytest.approx(waits.quantile(0.5, interpolation="linear"))
+
+
+def test_check_and_verify_pass_on_elspeth_data(landscape: Audit) -> None:
+    result = landscape.check()
+    assert result.ok, result
+    skipped = result.invariants.filter(~pl.col("applied"))["invariant"].to_list()
+    assert skipped == ["coalesce_state_context"]  # ELSPETH records its own coalesce metadata in states
+    verified = landscape.verify()
+    assert verified.ok, verified
+    assert verified.checked["lines"] == 100 and verified.checked["source_rows"] == 100
+
+
+def test_lineage_of_an_elspeth_row(landscape: Audit) -> None:
+    tree = landscape.lineage(row_index=3)
+    assert tree.tokens.height == 5 and tree.source_row is not None and tree.source_row["id"] == 4
+    text = repr(tree)
+    assert "merge3: merged — policy quorum (2 of 3), timeout 5 s, merge nested, trigger quorum_met" in text
+    assert "late: path_c arrived" in text
+
+
+def test_without_the_payload_folder_only_hashes_are_shown(tmp_path: Path) -> None:
+    audit = open_audit(LOSSY / "audit.db")
+    tree = audit.lineage(row_index=0)
+    assert tree.source_row is None and "(hashes only)" in repr(tree)
+    verified = audit.verify()
+    assert verified.ok and verified.checked["source_rows"] == 0
+    assert verified.checked["source_rows_without_payload"] == 100
+
+
+def test_refresh_reimports(landscape: Audit) -> None:
+    before = landscape.runs()
+    landscape.refresh()
+    assert landscape.runs().equals(before)

@@ -1,0 +1,212 @@
+"""check() and verify(): sound trails pass; each kind of damage is reported, and only it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from elspeth_nb.analysis import Audit, CheckResult, open_audit
+from elspeth_nb.analysis.integrity import INVARIANTS
+from elspeth_nb.audit.schema import TABLES
+from elspeth_nb.audit.writer import ParquetSegmentWriter
+from elspeth_nb.engine.clock import FakeClock
+from elspeth_nb.engine.runner import run_pipeline
+from tests.analysis import raw
+from tests.analysis.conftest import JITTER, Matrix
+from tests.cases import fork_pipeline, write_csv
+
+
+def test_every_matrix_run_is_sound_and_verifies(duck_audit: Audit, matrix: Matrix) -> None:
+    for case, run in matrix.runs.items():
+        result = duck_audit.check(run)
+        assert result.ok, (case, result)
+        assert result.invariants["applied"].all() and result.invariants.height == len(INVARIANTS)
+        verified = duck_audit.verify(run)
+        assert verified.ok and verified.merkle == "verified", (case, verified)
+        assert verified.merkle_root == raw.latest_run(matrix.store, run)["merkle_root"]
+        assert verified.checked["artifacts"] == 1
+        lines = (matrix.folders[case] / "output.jsonl").read_bytes().count(b"\n")
+        assert verified.checked["lines"] == lines
+
+
+def test_check_and_verify_from_the_store(audit: Audit, matrix: Matrix) -> None:
+    result = audit.check(matrix.runs[JITTER])
+    assert result.ok and result.status == "completed"
+    assert result.violations.columns == ["invariant", "table", "record_id", "detail"]
+    assert repr(result).startswith(f"Check of run {matrix.runs[JITTER]} (completed): OK, all {len(INVARIANTS)}")
+    verified = audit.verify(matrix.runs[JITTER])
+    assert verified.ok and verified.checked["payloads"] == len(matrix.raw("payloads", JITTER))
+    assert verified.checked["source_rows"] == 40
+    assert "OK" in repr(verified) and "enb-ok" in verified._repr_html_()
+
+
+@dataclass
+class Run:
+    store: Path
+    run_id: str
+    folder: Path
+
+    def raw(self, table: str) -> list[dict[str, Any]]:
+        return raw.rows(self.store, table, self.run_id)
+
+    def append(self, table: str, records: list[dict[str, Any]]) -> None:
+        """A forged segment: what a tampered or buggy writer would leave."""
+        schema = TABLES[table].file_schema
+        rows = [{k: v for k, v in r.items() if k in schema.names} for r in records]
+        ParquetSegmentWriter(self.store / "parquet", fsync=False).write_segment(
+            TABLES[table], self.run_id, pa.Table.from_pylist(rows, schema=schema))
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    """A quorum run with a lost branch, its own store and sink file."""
+    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"), policy="quorum", quorum_count=2, lose_c_for="toys")
+    result = run_pipeline(pipeline, audit=tmp_path / "audit", clock=FakeClock(), sync_duckdb=False)
+    return Run(tmp_path / "audit", result.run_id, tmp_path)
+
+
+def _found(result: CheckResult) -> set[tuple[str, str]]:
+    return {(r["invariant"], r["record_id"]) for r in result.violations.iter_rows(named=True)}
+
+
+def test_each_invariant_reports_its_own_breach(run: Run) -> None:
+    tokens = run.raw("tokens")
+    outcomes = {o["token_id"]: o for o in run.raw("token_outcomes")}
+    states = run.raw("node_states")
+    nodes = {n["node_type"]: n for n in run.raw("nodes")}
+    events = run.raw("coalesce_events")
+    merged = next(e for e in events if e["event_type"] == "merged")
+    fork_child = next(t for t in tokens if t["fork_group_id"])
+    prefix = run.run_id[:12] + "2"
+    stray, orphan, unnamed, ungrouped = (f"{prefix}9{n:018d}" for n in range(4))
+    twice = outcomes[fork_child["token_id"]]
+    run.append("token_outcomes", [{**twice, "outcome_id": twice["outcome_id"] + "x", "outcome": "failed"}])
+    run.append("tokens", [
+        {**fork_child, "token_id": stray, "fork_group_id": None, "branch_name": None},           # no outcome
+        {**fork_child, "token_id": orphan},                                                       # group, no parents
+        {**fork_child, "token_id": unnamed},                                                      # coalesced, unnamed
+        {**fork_child, "token_id": ungrouped, "fork_group_id": None},                            # coalesced, no group
+    ])
+    run.append("token_parents", [{"token_id": unnamed, "parent_token_id": tokens[0]["token_id"], "ordinal": 0},
+                                 {"token_id": ungrouped, "parent_token_id": "nobody", "ordinal": 0}])
+    run.append("token_outcomes", [
+        {**twice, "outcome_id": "o-orphan", "token_id": orphan, "outcome": "failed"},
+        {**twice, "outcome_id": "o-unnamed", "token_id": unnamed, "outcome": "coalesced"},
+        {**twice, "outcome_id": "o-ungrouped", "token_id": ungrouped, "outcome": "coalesced", "join_group_id": None},
+    ])
+    context = json.loads(merged["context_json"])
+    run.append("coalesce_events", [
+        {**merged, "event_id": "e-ghost", "arrived_token_ids": [*merged["arrived_token_ids"][:1], "ghost"],
+         "context_json": json.dumps({**context, "arrival_order": [
+             *context["arrival_order"][:1], {**context["arrival_order"][1], "token_id": "ghost"}]})},
+        {**merged, "event_id": "e-edited", "context_json": merged["context_json"].replace('"quorum_met"', '"x"')},
+    ])
+    open_state = next(s for s in states if s["node_id"] == nodes["transform"]["node_id"])
+    sink_state = next(s for s in states if s["node_id"] == nodes["sink"]["node_id"])
+    run.append("node_states", [{**open_state, "state_id": "s-open", "status": "open", "completed_at": None},
+                               {**sink_state, "state_id": "s-sink", "output_hash": None}])
+
+    result = open_audit(run.store).check(run.run_id)
+    assert not result.ok
+    assert _found(result) == {
+        ("one_terminal_outcome", fork_child["token_id"]),
+        ("token_has_outcome", stray),
+        ("parent_links_iff_group", orphan),
+        ("parent_links_iff_group", ungrouped),
+        ("parent_exists", ungrouped),
+        ("fork_child_accounted", unnamed),
+        ("coalesce_tokens_consistent", "e-ghost"),   # ghost is no token and has no coalesce state
+        ("coalesce_state_context", "e-ghost"),
+        ("coalesce_state_context", "e-edited"),
+        ("no_open_states", "s-open"),
+        ("coalesced_has_join_group", "o-ungrouped"),
+        ("sink_output_hash", "s-sink"),
+    }
+    details = {(r["invariant"], r["record_id"]): r["detail"] for r in result.violations.iter_rows(named=True)}
+    assert details[("one_terminal_outcome", fork_child["token_id"])].startswith("2 terminal outcomes")
+    assert "ghost is not a token of the run" in str(result.violations.filter(
+        result.violations["invariant"] == "coalesce_tokens_consistent")["detail"].to_list())
+    text = repr(result)
+    assert "violation(s) of 10 of 10 invariants" in text and "Violations:" in text
+    assert "enb-bad" in result.to_html()
+
+
+def test_merged_token_with_other_parents_breaks_consistency(run: Run) -> None:
+    merged = next(e for e in run.raw("coalesce_events") if e["event_type"] == "merged")
+    run.append("coalesce_events", [{**merged, "event_id": "e-swapped",
+                                    "arrived_token_ids": list(reversed(merged["arrived_token_ids"]))}])
+    result = open_audit(run.store).check(run.run_id)
+    details = result.violations.filter(result.violations["record_id"] == "e-swapped")["detail"].to_list()
+    assert any("has parents" in d and "arrival order is" in d for d in details)
+    assert "arrival_order in context_json differs from arrived_token_ids" in details
+
+
+def test_verify_recomputes_payload_and_source_hashes(run: Run) -> None:
+    row = next(r for r in run.raw("rows") if r["row_index"] == 2)
+    [segment] = (run.store / "parquet" / "payloads" / f"run_id={run.run_id}").glob("part-*.parquet")
+    table = pq.read_table(segment).to_pylist()
+    for record in table:
+        if record["payload_hash"] == row["source_data_hash"]:
+            record["payload_json"] = record["payload_json"].replace("30", "31")
+    pq.write_table(pa.Table.from_pylist(table, schema=TABLES["payloads"].file_schema), segment)
+    result = open_audit(run.store).verify(run.run_id)
+    assert not result.ok and result.merkle == "mismatch"
+    found = {(r["check"], r["record_id"]) for r in result.mismatches.iter_rows(named=True)}
+    assert found == {("payload_hash", row["source_data_hash"]), ("source_row_hash", row["row_id"]),
+                     ("merkle_record_changed", f"payload_hash={row['source_data_hash']}")}
+    assert "3 mismatch(es)" in repr(result)
+
+
+def test_verify_reads_every_line_of_the_sink_file(run: Run) -> None:
+    output = run.folder / "output.jsonl"
+    lines = output.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"id":2', b'"id":7')
+    output.write_bytes(b"".join(lines))
+    result = open_audit(run.store).verify(run.run_id)
+    checks = sorted(result.mismatches["check"])
+    assert checks == ["artifact_hash", "artifact_line", "artifact_lines_missing"]
+    line = result.mismatches.filter(result.mismatches["check"] == "artifact_line").row(0, named=True)
+    assert line["detail"].startswith("line 2 of output.jsonl matches no remaining output_hash of sink output")
+    assert result.checked["lines"] == 4
+
+
+def test_verify_reports_a_missing_sink_file(run: Run) -> None:
+    (run.folder / "output.jsonl").unlink()
+    result = open_audit(run.store).verify(run.run_id)
+    assert result.mismatches["check"].to_list() == ["artifact_file"]
+    assert "cannot read the sink file" in result.mismatches["detail"][0]
+    assert result.merkle == "verified"  # the trail itself is intact
+
+
+def test_verify_recomputes_the_merkle_root(run: Run) -> None:
+    stored = raw.latest_run(run.store, run.run_id)["merkle_root"]
+    audit = open_audit(run.store)
+    result = audit.verify(run.run_id, expected_root=stored)
+    assert result.ok and (result.merkle, result.merkle_root) == ("verified", stored)
+    assert f"Merkle root verified {stored}" in repr(result)
+    wrong = audit.verify(run.run_id, expected_root="ab" * 32)
+    [mismatch] = wrong.mismatches.rows(named=True)
+    assert (mismatch["check"], mismatch["expected"], mismatch["actual"]) == ("merkle_root_changed", "ab" * 32, stored)
+    run.append("token_parents", [{"token_id": "forged", "parent_token_id": "forged-parent", "ordinal": 0}])
+    forged = open_audit(run.store).verify(run.run_id)
+    assert forged.merkle == "mismatch" and set(forged.mismatches["check"]) == {"merkle_segment_added"}
+
+
+def test_verify_without_segment_files_says_the_root_is_unavailable(run: Run) -> None:
+    from elspeth_nb.audit.store import AuditStore
+
+    AuditStore.open(run.store).sync_duckdb([run.run_id])
+    copy = run.folder / "elsewhere.duckdb"
+    shutil.copy(run.store / "audit.duckdb", copy)
+    audit = open_audit(copy)
+    assert audit.verify(run.run_id).merkle == "unavailable" and audit.verify(run.run_id).ok
+    result = audit.verify(run.run_id, expected_root="ab" * 32)
+    assert result.mismatches["check"].to_list() == ["merkle_root"]
+    assert open_audit(run.store / "audit.duckdb").verify(run.run_id).merkle == "verified"  # its store is beside it

@@ -1,0 +1,103 @@
+"""Reading a store while a run writes it: counts grow, a dead writer's run reads as interrupted."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from elspeth_nb.analysis import open_audit
+from elspeth_nb.audit.recorder import Recorder
+from elspeth_nb.audit.schema import CANONICAL_VERSION
+from elspeth_nb.audit.store import AuditStore
+from elspeth_nb.audit.writer import ParquetSegmentWriter
+from elspeth_nb.engine.clock import FakeClock
+from elspeth_nb.engine.runner import RunResult, run_pipeline
+from tests.analysis import raw
+from tests.cases import fork_pipeline, write_csv
+
+RUN = "feedc0ffee0011223344556677889900"
+
+
+def _start(rec: Recorder) -> None:
+    rec.runs(0.0, None, "cfg", "{}", None, CANONICAL_VERSION, None, None, "running", revision=0,
+             producer="elspeth-nb test", payload_mode="hashes")
+    rec.nodes("src", "csv", "source", "1", "deterministic", "h", "{}", None, 0, 0.0, None, None, None, None, "source")
+
+
+def _row(rec: Recorder, i: int) -> None:
+    rec.rows(i, "src", i, f"hash{i}", None, float(i))
+    rec.tokens(i, i, None, None, None, None, None, float(i))
+    rec.node_states(i, i, "src", 0, 0, "completed", f"hash{i}", f"hash{i}", None, None, 0.0, None, None, float(i),
+                    float(i))
+
+
+def test_segments_show_up_as_they_land_and_a_dead_writer_reads_interrupted(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path / "audit")
+    writer = ParquetSegmentWriter(store.parquet_root, fsync=False)
+    with store.writing(RUN):
+        rec = Recorder(RUN, writer, time_offset=FakeClock.EPOCH, background=False)
+        _start(rec)
+        rec.flush()
+        audit = open_audit(store.root)
+        seen = [audit.runs().select("status", "rows", "tokens").row(0)]
+        for i in range(3):
+            _row(rec, i)
+            rec.flush()
+            audit.refresh()
+            seen.append(audit.runs().select("status", "rows", "tokens").row(0))
+        assert seen == [("running", 0, 0), ("running", 1, 1), ("running", 2, 2), ("running", 3, 3)]
+        _row(rec, 3)
+        rec.flush()
+        assert audit.run_summary("latest").header["rows"] == 4  # a new segment is read without refresh()
+        check = audit.check(RUN)
+        assert check.status == "running"
+        assert check.ok  # tokens in flight are no violation while the run is live
+    # the writer is gone without a final revision
+    assert audit.runs()["status"].to_list() == ["interrupted"]
+    assert raw.latest_run(store.root, RUN)["status"] == "running"  # reading wrote nothing
+    violations = audit.check(RUN).violations
+    assert set(violations["invariant"]) == {"token_has_outcome"} and violations.height == 4
+    marked = open_audit(store.root, mark_interrupted=True)
+    latest = raw.latest_run(store.root, RUN)
+    assert (latest["status"], latest["revision"]) == ("interrupted", 1)
+    assert "open_audit(mark_interrupted=True)" in latest["error_message"]
+    assert marked.runs()["status"].to_list() == ["interrupted"]
+
+
+def test_a_real_run_is_visible_while_it_runs(tmp_path: Path) -> None:
+    rows = [{"id": i, "category": "books", "amount": i, "note": f"n{i}"} for i in range(16)]
+    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv", rows), slow={"b": 60})  # about 1 s of calls
+    AuditStore.create(tmp_path / "audit")
+    audit = open_audit(tmp_path / "audit")
+    results: list[RunResult] = []
+    worker = threading.Thread(target=lambda: results.append(
+        run_pipeline(pipeline, audit=tmp_path / "audit", max_in_flight=1, flush_interval_s=0.3)))
+    worker.start()
+    seen = []
+    deadline = time.monotonic() + 30
+    while worker.is_alive() and time.monotonic() < deadline:
+        audit.refresh()
+        runs = audit.runs()
+        if runs.height:
+            seen.append(runs.select("status", "rows").row(0))
+        time.sleep(0.05)
+    worker.join()
+    [result] = results
+    audit.refresh()
+    assert audit.runs().select("status", "rows").row(0) == ("completed", 16)
+    growing = [rows for status, rows in seen if status == "running"]
+    assert any(0 < n < 16 for n in growing), seen
+    assert growing == sorted(growing)
+    assert audit.check(result.run_id).ok
+
+
+def test_a_live_run_is_not_marked_interrupted(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path / "audit")
+    with store.writing(RUN):
+        rec = Recorder(RUN, ParquetSegmentWriter(store.parquet_root, fsync=False), background=False)
+        _start(rec)
+        rec.flush()
+        open_audit(store.root, mark_interrupted=True)
+        assert raw.latest_run(store.root, RUN)["status"] == "running"
+        assert open_audit(store.root).runs()["status"].to_list() == ["running"]

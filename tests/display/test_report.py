@@ -1,0 +1,79 @@
+"""The audit report: parameters injected like papermill, one static HTML page with inline SVG and no scripts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import elspeth_nb as enb
+from elspeth_nb.cli import main
+from elspeth_nb.report import INJECTED_TAG, inject_parameters, render_report, report_notebook
+
+
+def test_parameters_are_injected_after_the_parameters_cell() -> None:
+    original = report_notebook()
+    injected = inject_parameters(original, {"audit_path": "/x/audit", "run_id": "abc"})
+    index = next(i for i, c in enumerate(injected.cells) if "parameters" in c.metadata.get("tags", []))
+    cell = injected.cells[index + 1]
+    assert cell.metadata["tags"] == [INJECTED_TAG]
+    assert "audit_path = '/x/audit'\nrun_id = 'abc'\n" in cell.source
+    assert len(injected.cells) == len(original.cells) + 1  # the original is untouched
+    again = inject_parameters(injected, {"run_id": "def"})  # re-injecting replaces, never stacks
+    assert [c.source for c in again.cells if INJECTED_TAG in c.metadata.get("tags", [])] == [
+        "# Parameters injected by elspeth_nb.report\nrun_id = 'def'\n"]
+    nbformat.validate(again)
+
+
+def test_unknown_run_fails_before_any_kernel_starts(demo_run: enb.RunResult, demo_audit: enb.Audit,
+                                                     tmp_path: Path) -> None:
+    for audit in (demo_run.audit_path, demo_audit):  # a path or an opened Audit
+        with pytest.raises(enb.RunNotFoundError, match="nope"):
+            render_report(audit, run_id="nope", output=tmp_path / "r.html")
+    with pytest.raises(TypeError, match="audit store path or an Audit"):
+        render_report(42, output=tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.slow
+def test_cli_report_is_one_static_page_with_charts_and_tables(demo_run: enb.RunResult, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "out" / "report.html"
+    assert main(["report", "--audit", str(demo_run.audit_path), "--run", demo_run.run_id[:8],
+                 "-o", str(output)]) == 0
+    assert str(output) in capsys.readouterr().out
+    page = output.read_text()
+    assert f"<title>elspeth-nb audit report: run {demo_run.run_id}</title>" in page
+    assert page.count("<svg") >= 5 and "Coalesce wait per decision" in page  # charts are inline SVG markup
+    for expected in ("Integrity", "invariants hold", "Verify run", "decision", "best_effort", "sanctions",
+                     "Lost branches and late arrivals", "Lineage of row"):
+        assert expected in page, expected
+    assert re.findall(r"<script[^>]*\bsrc=", page) == []  # no CDN JavaScript: opens offline
+    assert "def " not in page and "import " not in page  # code cells hidden
+
+
+def test_a_failing_cell_is_a_clear_error(tmp_path: Path) -> None:
+    from elspeth_nb.report import ReportError, execute_notebook
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise ValueError('no such coalesce')")])
+    with pytest.raises(ReportError, match="ValueError: no such coalesce") as failed:
+        execute_notebook(notebook, cwd=tmp_path, timeout=30)
+    assert isinstance(failed.value, enb.Error)
+
+
+def test_the_kernel_is_this_interpreter_even_without_kernelspecs(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from elspeth_nb.report import execute_notebook
+
+    empty = tmp_path / "no-kernelspecs"
+    empty.mkdir()
+    for variable in ("JUPYTER_PATH", "JUPYTER_DATA_DIR"):
+        monkeypatch.setenv(variable, str(empty))
+    monkeypatch.setenv("PATH", "/nonexistent")  # no `python` or `jupyter` to find: the kernel must not need one
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys\nprint(sys.executable)")])
+    executed = execute_notebook(notebook, cwd=tmp_path, timeout=30)
+    assert executed.cells[0].outputs[0].text.strip() == sys.executable
