@@ -26,7 +26,7 @@ from elspeth_nb.audit.schema import SCHEMA_VERSION, TABLES, RunStatus, Table
 from elspeth_nb.audit.store import DUCKDB_NAME, MANIFEST_NAME, AuditStore, duckdb_type, mark_interrupted, quote_ident
 from elspeth_nb.errors import AuditStoreError, RunNotFoundError, SchemaVersionError
 
-STORE, DUCKDB, ELSPETH = "store", "duckdb", "elspeth"
+STORE, DUCKDB, ELSPETH, MEMORY = "store", "duckdb", "elspeth", "memory"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 DUCKDB_MAGIC = b"DUCK"  # at byte offset 8 of a DuckDB database file
 #: Schema of our bookkeeping tables (run order, dead writers); never one of the audit tables.
@@ -106,6 +106,34 @@ class Database:
             raise
         return db
 
+    @classmethod
+    def from_tables(cls, tables: Mapping[str, Any]) -> Database:
+        """A database over in-memory Arrow tables of our schema (a MemoryWriter's, an import's)."""
+        db = cls(Path("<memory>"), MEMORY)
+        try:
+            db._store_tables(tables)
+            db._load()
+            db._lock()
+        except BaseException:
+            db.con.close()
+            raise
+        return db
+
+    def _store_tables(self, tables: Mapping[str, Any]) -> None:
+        """Copy ``tables`` (Arrow, our schema incl. run_id) into internal tables the views read."""
+        for name in TABLES:
+            arrow = tables.get(name)
+            if arrow is None:
+                arrow = TABLES[name].schema.empty_table()
+            self.con.register("enb_import_batch", arrow)
+            try:
+                target = f"{INTERNAL}.{quote_ident('import_' + name)}"
+                self.con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM enb_import_batch")  # noqa: S608
+            finally:
+                self.con.unregister("enb_import_batch")
+        runs = tables.get("runs")
+        self._imported_order = list(dict.fromkeys(runs.column("run_id").to_pylist())) if runs is not None else []
+
     def _attach(self) -> None:
         try:
             self.con.execute("ATTACH $path AS src (READ_ONLY)", {"path": str(self.path)})
@@ -181,13 +209,7 @@ class Database:
 
         imported = read_landscape(self.path, payloads=self.payloads)
         self.import_problems = list(imported.problems)
-        for name, arrow in imported.tables.items():
-            self.con.register("enb_import_batch", arrow)
-            try:
-                target = f"{INTERNAL}.{quote_ident('import_' + name)}"
-                self.con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM enb_import_batch")  # noqa: S608
-            finally:
-                self.con.unregister("enb_import_batch")
+        self._store_tables(imported.tables)
         self._imported_order = list(imported.run_ids)
 
     def _check_version(self) -> None:
@@ -200,7 +222,7 @@ class Database:
         """Tie-break for runs that started at the same instant: the order they landed in."""
         if self.store is not None:
             order = self.store.run_ids()
-        elif self.kind == ELSPETH:
+        elif self.kind in (ELSPETH, MEMORY):
             order = self._imported_order
         else:
             order = []

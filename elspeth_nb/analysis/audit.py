@@ -14,6 +14,7 @@ The class body is a table of contents; each helper lives in the module of its to
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ from elspeth_nb.analysis.results import html_block, html_table, text_table
 if TYPE_CHECKING:
     import duckdb
     import polars as pl
+    import pyarrow as pa
 
 
 class Audit:
@@ -132,3 +134,13 @@ def open_audit(path: str | os.PathLike[str], *, payloads: str | os.PathLike[str]
     'duckdb'
     """
     return Audit(Database.open(path, payloads=payloads, mark_interrupted_runs=mark_interrupted))
+
+
+def audit_from_tables(tables: Mapping[str, pa.Table]) -> Audit:
+    """An :class:`Audit` over in-memory tables of our schema, e.g. an in-memory run's, for tests and fuzzing.
+
+    >>> from elspeth_nb.audit.writer import MemoryWriter
+    >>> audit_from_tables({name: MemoryWriter().table(name) for name in ("runs", "tokens")}).runs().height
+    0
+    """
+    return Audit(Database.from_tables(tables))

@@ -10,30 +10,47 @@ written then; when it does not, the fingerprints name the first record that no l
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
 from elspeth_nb.audit.schema import DIGESTED_TABLES, TABLES
 
 
+_local = threading.local()
+
+
 def fingerprints(records: pa.Table) -> pa.Array:
     """A 64-bit fingerprint per record (DuckDB ``hash`` of all its columns), as int64, in record order.
 
     DuckDB rather than polars: this runs inside forked worker processes, where a polars thread pool
-    inherited from the parent deadlocks.
+    inherited from the parent deadlocks. One in-memory connection per thread (and per process).
     """
-    import duckdb
-
     if records.num_rows == 0:
         return pa.array([], pa.int64())
     columns = ", ".join('"' + name.replace('"', '""') + '"' for name in records.column_names)
-    with duckdb.connect() as con:
-        con.execute("SET threads = 1")
-        con.register("records", records)
-        hashed = con.sql(f"SELECT hash({columns}) AS h FROM records").to_arrow_table()  # noqa: S608
+    con = _connection()
+    con.register("enb_records", records)
+    try:
+        hashed = con.sql(f"SELECT hash({columns}) AS h FROM enb_records").to_arrow_table()  # noqa: S608
+    finally:
+        con.unregister("enb_records")
     return hashed.column("h").combine_chunks().view(pa.int64())
+
+
+def _connection() -> Any:
+    import duckdb
+
+    pid = os.getpid()
+    if getattr(_local, "pid", None) != pid:  # a forked child must not reuse its parent's connection
+        _local.con = duckdb.connect()
+        _local.con.execute("SET threads = 1")
+        _local.pid = pid
+    return _local.con
 
 
 def segment_leaf(table: str, part_file: str, record_count: int, file_sha256: str) -> bytes:

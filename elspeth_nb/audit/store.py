@@ -17,6 +17,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ class AuditStore:
         store = cls(Path(root))
         try:
             store.root.mkdir(parents=True, exist_ok=True)
-            probe = store.root / f".write-probe-{os.getpid()}"
+            probe = store.root / f".write-probe-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
@@ -385,7 +386,7 @@ def _configure(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
 
