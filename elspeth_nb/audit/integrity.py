@@ -53,6 +53,15 @@ def _connection() -> Any:
     return _local.con
 
 
+def pack_fingerprints(values: pa.Array) -> bytes:
+    """Fingerprints as stored: little-endian int64s, 8 bytes per record (one value per segment)."""
+    return values.buffers()[1].to_pybytes()[values.offset * 8:(values.offset + len(values)) * 8]
+
+
+def unpack_fingerprints(packed: bytes) -> list[int]:
+    return [int.from_bytes(packed[i:i + 8], "little", signed=True) for i in range(0, len(packed), 8)]
+
+
 def segment_leaf(table: str, part_file: str, record_count: int, file_sha256: str) -> bytes:
     """The Merkle leaf of one segment: what it is, how many records, which bytes."""
     return f"{table}\x00{part_file}\x00{record_count}\x00{file_sha256}".encode()
@@ -104,4 +113,7 @@ def run_root(digests: Iterable[SegmentDigest]) -> str:
     return merkle_root([d.leaf for d in ordered(digests)])
 
 
-__all__ = ["DIGESTED_TABLES", "SegmentDigest", "fingerprints", "merkle_root", "ordered", "run_root", "segment_leaf"]
+__all__ = [
+    "DIGESTED_TABLES", "SegmentDigest", "fingerprints", "merkle_root", "ordered", "pack_fingerprints", "run_root",
+    "segment_leaf", "unpack_fingerprints",
+]

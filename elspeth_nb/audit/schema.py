@@ -219,9 +219,9 @@ SEGMENT_DIGESTS = _table(
     "segment_digests", ("table_name", "part_file"),
     "Tamper evidence: one row per Parquet segment of the run (every table except runs): its SHA-256 and "
     "record count, leaves of the run's Merkle root (runs.merkle_root), and a 64-bit fingerprint per record "
-    "in file order, which locates a changed, missing or moved record.",
+    "in file order (packed little-endian int64s), which locates a changed, missing or moved record.",
     ("table_name", _S), ("part_file", _S), ("record_count", _I64), ("file_sha256", _S),
-    ("fingerprints", pa.list_(pa.int64())), ("written_at", _TS),
+    ("fingerprints", pa.binary()), ("written_at", _TS),
     ("run_id", _S),
     origin="extension",
 )

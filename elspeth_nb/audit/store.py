@@ -50,6 +50,8 @@ def duckdb_type(type_: pa.DataType) -> str:
         return "DOUBLE"
     if pa.types.is_timestamp(type_):
         return "TIMESTAMPTZ"
+    if pa.types.is_binary(type_):
+        return "BLOB"
     if pa.types.is_list(type_):
         return duckdb_type(type_.value_type) + "[]"
     raise TypeError(f"no DuckDB type for {type_}")
@@ -193,7 +195,7 @@ class AuditStore:
         directory = partition_dir(self.parquet_root, table, run_id)
         files = sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
         schema = TABLES[table].file_schema
-        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()
+        return pa.concat_tables([read_segment(f, schema) for f in files]) if files else schema.empty_table()
 
     def segment_digests(self, run_id: str) -> list[SegmentDigest]:
         """The run's segment digests (the leaves of its Merkle root)."""
@@ -257,15 +259,19 @@ class AuditStore:
         for mark in wanted:
             self.mark_pending(mark)
         last_error: Exception | None = None
+        held = True
         for attempt in range(attempts):
             try:
                 con = duckdb.connect(str(self.duckdb_path))
             except duckdb.IOException as exc:  # another process holds the file
                 last_error = exc
+                if "lock" not in str(exc).lower():  # not held but unreadable (damaged): waiting will not help
+                    held = False
+                    break
                 time.sleep(wait_s * (2**attempt))
                 continue
             try:
-                _configure(con)
+                _configure(con, self.root / ".duckdb-tmp")
                 self._ensure_tables(con)
                 for run_id in wanted:
                     self._copy_run(con, run_id)
@@ -273,12 +279,13 @@ class AuditStore:
             finally:
                 con.close()
             return SyncResult(synced=wanted, seconds=time.perf_counter() - started)
+        then = "(or the next run) brings audit.duckdb up to date" if held else "recreates audit.duckdb from them"
         return SyncResult(
             pending=wanted,
             seconds=time.perf_counter() - started,
-            message=(f"{self.duckdb_path} is held by another process ({last_error}); the Parquet segments are "
-                     f"complete and {len(wanted)} run(s) are marked pending: `elspeth-nb rebuild --audit "
-                     f"{self.root}` (or the next run) brings audit.duckdb up to date"),
+            message=(f"{self.duckdb_path} {'is held by another process' if held else 'cannot be opened'} "
+                     f"({last_error}); the Parquet segments are complete and {len(wanted)} run(s) are marked "
+                     f"pending: `elspeth-nb rebuild --audit {self.root}` {then}"),
         )
 
     def rebuild_duckdb(self) -> SyncResult:
@@ -290,7 +297,7 @@ class AuditStore:
         runs = self.run_ids()
         con = duckdb.connect(str(temporary))
         try:
-            _configure(con)
+            _configure(con, self.root / ".duckdb-tmp")
             self._ensure_tables(con)
             for run_id in runs:
                 self._copy_run(con, run_id)
@@ -353,19 +360,37 @@ class AuditStore:
             raise errors[0]
 
     def _copy_table(self, cursor: duckdb.DuckDBPyConnection, table: Table, run_id: str) -> None:
+        """Replace one table's rows of the run, one segment file at a time (memory stays bounded)."""
         name = quote_ident(table.name)
         cursor.execute(f"DELETE FROM {name} WHERE run_id = $run_id", {"run_id": run_id})  # noqa: S608 - schema identifier
         source = partition_dir(self.parquet_root, table.name, run_id)
-        if not source.is_dir() or not any(source.glob("part-*.parquet")):
-            return
-        cursor.execute(
-            f"INSERT INTO {name} ({column_list(table)}) {_run_select(table)}",
-            {"glob": str(source / "part-*.parquet"), "run_id": run_id},
-        )
+        files = sorted(source.glob("part-*.parquet")) if source.is_dir() else []
+        if table.name == "runs":  # the latest revision comes from all segments at once
+            files = [source / "part-*.parquet"] if files else []
+        for path in files:
+            cursor.execute(
+                f"INSERT INTO {name} ({column_list(table)}) {_run_select(table)}",  # noqa: S608 - schema identifiers
+                {"glob": str(path), "run_id": run_id},
+            )
+        if table.name == "payloads":
+            cursor.execute(DEDUPLICATE_PAYLOADS, {"run_id": run_id})
 
     def _segment_bytes(self, table: str, run_id: str) -> int:
         source = partition_dir(self.parquet_root, table, run_id)
         return sum(f.stat().st_size for f in source.glob("part-*.parquet")) if source.is_dir() else 0
+
+
+#: Keep one row per content hash of a run: workers and a recorder's bounded window can store a payload twice.
+#: Grouping on a 64-bit hash of the hash keeps memory small; only the few candidates are compared in full.
+DEDUPLICATE_PAYLOADS = """
+    WITH repeated AS (SELECT hash(payload_hash) AS h FROM payloads WHERE run_id = $run_id
+                      GROUP BY h HAVING count(*) > 1),
+         candidates AS (SELECT rowid AS rid, payload_hash FROM payloads
+                        WHERE run_id = $run_id AND hash(payload_hash) IN (SELECT h FROM repeated)),
+         extra AS (SELECT rid FROM (SELECT rid, row_number() OVER (PARTITION BY payload_hash ORDER BY rid) AS n
+                                    FROM candidates) WHERE n > 1)
+    DELETE FROM payloads WHERE rowid IN (SELECT rid FROM extra)
+"""
 
 
 def _run_select(table: Table) -> str:
@@ -374,15 +399,22 @@ def _run_select(table: Table) -> str:
     source = "read_parquet($glob, union_by_name = true)"
     if table.name == "runs":  # keep the latest revision only
         return f"SELECT {cols} FROM (SELECT * FROM {source} ORDER BY revision DESC LIMIT 1)"  # noqa: S608
-    if table.name == "payloads":
-        return f"SELECT DISTINCT ON (payload_hash) {cols} FROM {source}"  # noqa: S608
     return f"SELECT {cols} FROM {source}"  # noqa: S608
 
 
-def _configure(con: duckdb.DuckDBPyConnection) -> None:
+def _configure(con: duckdb.DuckDBPyConnection, spill: Path) -> None:
     con.execute("SET threads = 1")  # parallelism comes from copying two tables at once
     con.execute("SET memory_limit = '512MB'")
+    con.execute("SET temp_directory = $dir", {"dir": str(spill)})  # large runs spill rather than fail
     con.execute("SET preserve_insertion_order = true")
+
+
+def read_segment(path: Path, schema: pa.Schema | None = None) -> pa.Table:
+    """One segment file, or an AuditStoreError that names it when it cannot be read (damaged, truncated)."""
+    try:
+        return pq.read_table(path, schema=schema)
+    except (OSError, pa.ArrowException) as exc:
+        raise AuditStoreError(f"segment {path} of the audit store cannot be read: {exc}") from exc
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -399,7 +431,7 @@ def latest_run_rows(store: AuditStore) -> dict[str, dict[str, object]]:
         files = sorted(directory.glob("part-*.parquet"))
         if not files:
             continue
-        rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+        rows = pa.concat_tables([read_segment(f) for f in files]).to_pylist()
         best = max(rows, key=lambda r: int(r["revision"] or 0))  # type: ignore[call-overload]
         latest[run_id] = best
     return latest

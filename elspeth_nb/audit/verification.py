@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from elspeth_nb.audit.integrity import SegmentDigest, fingerprints, ordered, run_root
+from elspeth_nb.audit.integrity import SegmentDigest, fingerprints, ordered, run_root, unpack_fingerprints
 from elspeth_nb.audit.schema import DIGESTED_TABLES, TABLES
 from elspeth_nb.audit.store import AuditStore, latest_run_rows
 from elspeth_nb.audit.writer import partition_dir
@@ -91,7 +91,7 @@ def _file_sha256(path: Path) -> str | None:
 
 def _stored_fingerprints(store: AuditStore, run_id: str) -> dict[tuple[str, str], list[int]]:
     table = store.read_partition("segment_digests", run_id).select(["table_name", "part_file", "fingerprints"])
-    return {(r["table_name"], r["part_file"]): r["fingerprints"] for r in table.to_pylist()}
+    return {(r["table_name"], r["part_file"]): unpack_fingerprints(r["fingerprints"] or b"") for r in table.to_pylist()}
 
 
 def _locate(path: Path, digest: SegmentDigest, stored: list[int] | None) -> Finding:

@@ -18,7 +18,7 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from elspeth_nb.audit.integrity import fingerprints
+from elspeth_nb.audit.integrity import fingerprints, pack_fingerprints
 from elspeth_nb.audit.schema import DIGESTED_TABLES, PARTITION_COLUMN, SEGMENT_DIGESTS, Table
 from elspeth_nb.errors import AuditStoreError
 
@@ -52,7 +52,7 @@ class ParquetSegmentWriter:
         self.compression_level = compression_level
         self.fsync = fsync
         self._next_part: dict[tuple[str, str], int] = {}
-        self._digests: dict[str, list[tuple[str, str, int, str, pa.Array, float]]] = defaultdict(list)
+        self._digests: dict[str, list[tuple[str, str, int, str, bytes, float]]] = defaultdict(list)
         self.files_written = 0
         self.bytes_written = 0
 
@@ -84,7 +84,7 @@ class ParquetSegmentWriter:
             raise AuditStoreError(f"cannot write audit segment {final}: {exc.strerror or exc}") from exc
         if table.name in DIGESTED_TABLES:
             self._digests[run_id].append((table.name, name, batch.num_rows, hashlib.sha256(data).hexdigest(),
-                                          fingerprints(batch), time.time()))
+                                          pack_fingerprints(fingerprints(batch)), time.time()))
         self.files_written += 1
         self.bytes_written += len(data)
 
@@ -96,9 +96,7 @@ class ParquetSegmentWriter:
         names, parts, counts, hashes, prints, times = zip(*entries, strict=True)
         batch = pa.Table.from_arrays([
             pa.array(names, pa.string()), pa.array(parts, pa.string()), pa.array(counts, pa.int64()),
-            pa.array(hashes, pa.string()),
-            pa.ListArray.from_arrays(pa.array(_offsets(prints), pa.int32()),
-                                     pa.concat_arrays(list(prints)) if prints else pa.array([], pa.int64())),
+            pa.array(hashes, pa.string()), pa.array(prints, pa.binary()),
             pa.array([int(t * 1e6) for t in times], pa.timestamp("us", tz="UTC")),
         ], schema=SEGMENT_DIGESTS.file_schema)
         self.write_segment(SEGMENT_DIGESTS, run_id, batch)
@@ -109,13 +107,6 @@ class ParquetSegmentWriter:
         if self.fsync:
             for table, run_id in self._next_part:
                 _fsync_dir(partition_dir(self.parquet_root, table, run_id))
-
-
-def _offsets(arrays: tuple[pa.Array, ...]) -> list[int]:
-    offsets = [0]
-    for array in arrays:
-        offsets.append(offsets[-1] + len(array))
-    return offsets
 
 
 class MemoryWriter:

@@ -9,6 +9,7 @@ A worker whose parent dies exits on its own, leaving the run to be found ``inter
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import threading
@@ -133,6 +134,7 @@ def _assemble(engine: Engine, results: list[ShardResult]) -> dict[str, Artifact]
 
 def _worker(engine: Engine, index: int, start: int, stop: int, conn: Connection, parent: int) -> None:
     """Body of worker ``index``: process records [start, stop) and report a ShardResult."""
+    faulthandler.enable(all_threads=True)  # a crash in native code still says where it happened
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     began = time.perf_counter()
     result = ShardResult(index)

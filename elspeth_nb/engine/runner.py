@@ -9,6 +9,7 @@ operations and the final run revision, and brings audit.duckdb up to date.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -31,11 +32,13 @@ from elspeth_nb.engine.plugins import build_sink, build_source, build_transform
 from elspeth_nb.engine.plugins.sinks import Artifact, CsvSink
 from elspeth_nb.engine.processor import ProcessStats, RowProcessor
 from elspeth_nb.engine.tokens import EngineContext
-from elspeth_nb.errors import Error, InputError
+from elspeth_nb.errors import AuditStoreError, ConfigError, Error, InputError
 
 PRODUCER = f"elspeth-nb {__version__}"
 #: Inputs at least this large are sharded over worker processes when ``workers`` is left automatic.
 SHARD_MIN_BYTES = 4 * 1024 * 1024
+#: A run id names a folder of the store (``run_id=<id>``, a hive partition), so only these characters.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,8 @@ class Engine:
     def __init__(self, pipeline: Pipeline, *, audit_root: Path, clock: Clock, payload_mode: str,
                  max_in_flight: int, run_id: str, workers: int | None = None) -> None:
         if payload_mode not in ("all", "boundaries", "hashes"):
-            raise ValueError(f"payloads must be all, boundaries or hashes, not {payload_mode!r}")
+            raise ConfigError([f"payloads: must be all, boundaries or hashes (got {payload_mode!r})"])
+        check_run_id(run_id)
         self.pipeline = pipeline
         self.graph = pipeline.graph
         self.audit_root = audit_root
@@ -206,12 +210,16 @@ class Engine:
     def run(self, *, sync_duckdb: bool, writer: SegmentWriter | None, segment_rows: int,
             flush_interval_s: float) -> RunResult:
         store = AuditStore.create(self.audit_root)
+        if any(store.parquet_root.glob(f"*/run_id={self.run_id}")) or store.lock_path(self.run_id).exists():
+            raise AuditStoreError(f"run_id: {store.root} already holds a run {self.run_id!r}; a run id names one run "
+                                  "(leave run_id out for a fresh one)")
         mark_interrupted(store, found_by="the next run in this store")
         self.store = store
         self.segment_rows, self.flush_interval_s = segment_rows, flush_interval_s
         started = time.perf_counter()
         with store.writing(self.run_id):
-            rec = self.recorder(writer, before_flush=None)
+            # A sharded run forks: no thread of ours may hold a library lock then, so the parent writes inline.
+            rec = self.recorder(writer, before_flush=None, background=self.workers == 1)
             ctx = EngineContext(self.run_id, rec, self.clock, self.payload_mode)
             self.edge_ids = self._record_run_start(ctx)
             rec.flush()
@@ -246,11 +254,12 @@ class Engine:
             raise RunFailedError(f"run {self.run_id} {outcome.status}: {outcome.error}", result)
         return result
 
-    def recorder(self, writer: SegmentWriter | None, before_flush: Any, part_prefix: str = "") -> Recorder:
+    def recorder(self, writer: SegmentWriter | None, before_flush: Any, part_prefix: str = "",
+                 background: bool = True) -> Recorder:
         """A recorder for this run, writing Parquet segments unless ``writer`` is given."""
         target = writer or ParquetSegmentWriter(self.store.parquet_root, part_prefix=part_prefix)
         return Recorder(self.run_id, target, segment_rows=self.segment_rows, flush_interval_s=self.flush_interval_s,
-                        before_flush=before_flush, time_offset=self.clock.offset)
+                        before_flush=before_flush, time_offset=self.clock.offset, background=background)
 
     def _run_here(self, ctx: EngineContext) -> RunOutcome:
         """Process every record in this process, with the run's own recorder."""
@@ -345,6 +354,13 @@ class Engine:
             return None
         rec.writer.write_digests(self.run_id)
         return run_root(self.store.segment_digests(self.run_id))
+
+
+def check_run_id(run_id: str) -> None:
+    """A run id must be usable as a folder name and as a value: letters, digits, '.', '_', '-'; not 'latest'."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id) or run_id == "latest":
+        raise ConfigError([f"run_id: must start with a letter or digit and contain only letters, digits, '.', '_' "
+                           f"and '-' (at most 128 characters), and not be 'latest' (got {run_id!r})"])
 
 
 def check_writable(path: Path, where: str) -> None:

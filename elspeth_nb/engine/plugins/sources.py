@@ -7,6 +7,7 @@ quarantines those and goes on; only an unreadable file stops a run, before it st
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -147,6 +148,18 @@ class CsvSource(_Source):
         self.delimiter, self.quotechar, self.encoding = delimiter, quotechar, encoding
         self.header: list[str] = []
 
+    def check_readable(self) -> None:
+        """Fail before the run starts if the file cannot be opened or its header line is unusable."""
+        super().check_readable()
+        with self.path.open("rb") as handle:
+            bad_lines: set[int] = set()
+            self._read_header(self._reader(_decoded_lines(handle, self.encoding, bad_lines)), bad_lines)
+
+    def _reader(self, lines: Iterator[str]) -> Any:
+        # strict: an unterminated quote or text after a closing quote is a malformed record, not silently
+        # merged into one field with the lines after it
+        return csv.reader(lines, delimiter=self.delimiter, quotechar=self.quotechar, strict=True)
+
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any] | Quarantine]:
         """Rows and quarantines of records ``start <= index < stop`` (skipped records are only split)."""
         header: list[str] = []
@@ -185,9 +198,8 @@ class CsvSource(_Source):
         previous_limit = csv.field_size_limit(MAX_FIELD_BYTES)
         try:
             with self.path.open("rb") as handle:
-                reader = csv.reader(_decoded_lines(handle, self.encoding, bad_lines), delimiter=self.delimiter,
-                                    quotechar=self.quotechar)
-                self._read_header(reader)
+                reader = self._reader(_decoded_lines(handle, self.encoding, bad_lines))
+                self._read_header(reader, bad_lines)
                 last_line = reader.line_num
                 while True:
                     try:
@@ -195,9 +207,10 @@ class CsvSource(_Source):
                     except StopIteration:
                         return
                     except csv.Error as exc:
-                        last_line = reader.line_num
-                        yield last_line, Quarantine({"line": last_line}, f"malformed CSV record: {exc}",
-                                                    "malformed_row", self.location(last_line))
+                        first, last_line = last_line + 1, reader.line_num
+                        span = f" (it runs to line {last_line})" if last_line > first else ""
+                        yield last_line, Quarantine({"line": first}, f"malformed CSV record{span}: {exc}",
+                                                    "malformed_row", self.location(first))
                         continue
                     line = reader.line_num
                     if bad_lines and any(n in bad_lines for n in range(last_line + 1, line + 1)):
@@ -211,13 +224,17 @@ class CsvSource(_Source):
         finally:
             csv.field_size_limit(previous_limit)
 
-    def _read_header(self, reader: Any) -> list[str]:
+    def _read_header(self, reader: Any, bad_lines: set[int]) -> list[str]:
         try:
             header = next(reader)
         except StopIteration:
-            return []
+            raise InputError(f"source.options.path: {self.path} is empty; a CSV source needs a header line "
+                             "naming its columns") from None
         except csv.Error as exc:
-            raise InputError(f"{self.path}: cannot read the CSV header: {exc}") from exc
+            raise InputError(f"{self.path}:{reader.line_num}: cannot read the CSV header: {exc}") from exc
+        if bad_lines:
+            raise InputError(f"{self.path}:{min(bad_lines)}: the header line has bytes that are not valid "
+                             f"{self.encoding}")
         names = [h.strip() for h in header]
         if len(set(names)) != len(names):
             raise InputError(f"{self.path}: duplicate column names in the header {names}")
@@ -250,9 +267,16 @@ def _parse_text_fields(row: dict[str, Any], parsers: Sequence[tuple[str, Callabl
     return None
 
 
+def _without_bom(lines: Iterator[bytes], encoding: str) -> Iterator[bytes]:
+    """The lines, less a UTF-8 byte order mark at the start of the file (spreadsheets write one)."""
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    for number, raw in enumerate(lines, start=1):
+        yield raw[len(codecs.BOM_UTF8):] if number == 1 and utf8 and raw.startswith(codecs.BOM_UTF8) else raw
+
+
 def _decoded_lines(handle: Any, encoding: str, bad_lines: set[int]) -> Iterator[str]:
     """Decode line by line so one bad byte quarantines one record instead of ending the run."""
-    for number, raw in enumerate(handle, start=1):
+    for number, raw in enumerate(_without_bom(handle, encoding), start=1):
         try:
             yield raw.decode(encoding)
         except UnicodeDecodeError:
@@ -284,13 +308,17 @@ class JsonlSource(_Source):
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         with self.path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
+            for number, raw in enumerate(_without_bom(handle, self.encoding), start=1):
                 if raw.strip():
                     yield number, raw
 
     def _parse(self, raw: bytes, number: int) -> dict[str, Any] | Quarantine:
         where = self.location(number)
-        text = raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")
+        try:
+            text = raw.decode(self.encoding).rstrip("\r\n")
+        except UnicodeDecodeError:  # as for CSV: an `encoding` violation, the bad bytes kept as \x escapes
+            text = raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")
+            return Quarantine({"line": text}, f"bytes that are not valid {self.encoding}", "encoding", where)
         try:
             value = orjson.loads(raw) if self.encoding.lower().replace("-", "") == "utf8" else json.loads(text)
         except (orjson.JSONDecodeError, ValueError) as exc:
