@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from elspeth_nb.audit.hashing import canonical_bytes  # noqa: E402
 from elspeth_nb.audit.importers.elspeth import import_into_store, read_landscape  # noqa: E402
 
-SAMPLE = Path("/work/shared/data/elspeth/quorum2_nested_timeout5_lossy")
+SAMPLE = ROOT / "tests" / "data" / "elspeth" / "quorum2_nested_timeout5_lossy"
 STORES = ROOT / "bench" / "_stores"
 
 # table -> column -> how to rewrite it in copy k ("id": fresh id, "hash": the copy's row hash, "index": row_index)

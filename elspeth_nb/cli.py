@@ -90,6 +90,14 @@ def _rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from elspeth_nb.audit.store import AuditStore
+
+    result = AuditStore.open(args.audit).sync_duckdb([])
+    print(result.message or f"audit.duckdb up to date: {len(result.synced)} run(s) in {result.seconds:.2f}s")
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elspeth-nb", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -132,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rebuild = verb("rebuild", _rebuild, "recreate audit.duckdb from the Parquet segments")
     rebuild.add_argument("--audit", default="audit")
+
+    sync = verb("sync", _sync, "copy runs still pending into audit.duckdb")
+    sync.add_argument("--audit", default="audit")
     return parser
 
 

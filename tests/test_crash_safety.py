@@ -135,3 +135,15 @@ def test_the_end_of_run_duckdb_update_survives_a_reader_holding_the_file(tmp_pat
     assert store.sync_duckdb([]).ok
     with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
         assert {r for (r,) in con.execute("SELECT run_id FROM runs").fetchall()} == {first.run_id, second.run_id}
+
+
+def test_background_duckdb_update_finishes_on_its_own(tmp_path: Path) -> None:
+    result = run_pipeline(fork_pipeline(write_csv(tmp_path / "in.csv")), sync_duckdb="background")
+    assert "background" in result.duckdb
+    store = AuditStore.open(tmp_path / "audit")
+    deadline = time.monotonic() + 60
+    while store.pending_runs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.pending_runs() == []
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT run_id FROM runs").fetchall() == [(result.run_id,)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -287,6 +288,20 @@ class AuditStore:
                      f"({last_error}); the Parquet segments are complete and {len(wanted)} run(s) are marked "
                      f"pending: `elspeth-nb rebuild --audit {self.root}` {then}"),
         )
+
+    def sync_duckdb_in_background(self, run_ids: Iterable[str]) -> str:
+        """Mark the runs pending and start a detached ``elspeth-nb sync`` that brings audit.duckdb up to date."""
+        for run_id in run_ids:
+            self.mark_pending(run_id)
+        log = str(self.root / ".duckdb-sync.log")
+        appending = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        pid = os.posix_spawn(  # detached: no Popen object to wait for, its own session
+            sys.executable, [sys.executable, "-m", "elspeth_nb.cli", "sync", "--audit", str(self.root)], os.environ,
+            setsid=True, file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                       (os.POSIX_SPAWN_OPEN, 1, log, appending, 0o644),
+                                       (os.POSIX_SPAWN_DUP2, 1, 2)])
+        return (f"updating in the background (process {pid}); the run is listed in "
+                f"{self.pending_dir()} until audit.duckdb holds it")
 
     def rebuild_duckdb(self) -> SyncResult:
         """Recreate audit.duckdb from the Parquet segments of every run."""

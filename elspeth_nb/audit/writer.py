@@ -68,9 +68,11 @@ class ParquetSegmentWriter:
         final = directory / name
         temporary = directory / f".{name}.tmp"
         sink = pa.BufferOutputStream()
+        # one row group per segment (large, for compression and pruning); digest rows carry a blob of
+        # fingerprints each, so they get small row groups that readers can take a few at a time
+        group = 8 if table.name == "segment_digests" else max(batch.num_rows, 1)
         pq.write_table(batch, sink, compression="zstd", compression_level=self.compression_level,
-                       row_group_size=max(batch.num_rows, 1), use_dictionary=dictionary_columns(table),
-                       write_statistics=True)
+                       row_group_size=group, use_dictionary=dictionary_columns(table), write_statistics=True)
         data = sink.getvalue()
         try:
             with temporary.open("wb") as handle:

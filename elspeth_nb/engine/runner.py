@@ -136,7 +136,7 @@ def run_pipeline(
     max_in_flight: int | None = None,
     workers: int | None = None,
     run_id: str | None = None,
-    sync_duckdb: bool = True,
+    sync_duckdb: bool | str = True,
     writer: SegmentWriter | None = None,
     segment_rows: int = 200_000,
     flush_interval_s: float = 5.0,
@@ -145,6 +145,9 @@ def run_pipeline(
 
     ``workers`` > 1 shards large inputs over worker processes (default: automatic, two on a
     multi-core machine for inputs over 4 MB with the system clock, one otherwise).
+    ``sync_duckdb``: True brings audit.duckdb up to date before returning; ``"background"`` returns
+    as soon as the Parquet trail is complete and updates audit.duckdb in a detached process (the run
+    stays listed as pending until it is done); False leaves it pending.
 
     >>> result = run_pipeline("data/demo/pipeline.yaml", audit="/tmp/enb-doctest")  # doctest: +SKIP
     >>> result.status  # doctest: +SKIP
@@ -207,7 +210,7 @@ class Engine:
         return wanted
 
     # -- the run --------------------------------------------------------------------------------
-    def run(self, *, sync_duckdb: bool, writer: SegmentWriter | None, segment_rows: int,
+    def run(self, *, sync_duckdb: bool | str, writer: SegmentWriter | None, segment_rows: int,
             flush_interval_s: float) -> RunResult:
         store = AuditStore.create(self.audit_root)
         if any(store.parquet_root.glob(f"*/run_id={self.run_id}")) or store.lock_path(self.run_id).exists():
@@ -237,7 +240,9 @@ class Engine:
             counts = self._finalize(ctx, outcome)
         trail_s = time.perf_counter() - started
         message, duckdb_s = "", 0.0
-        if sync_duckdb and writer is None:
+        if sync_duckdb == "background" and writer is None:
+            message = store.sync_duckdb_in_background([self.run_id])
+        elif sync_duckdb and writer is None:
             sync = store.sync_duckdb([self.run_id])
             message, duckdb_s = sync.message or f"up to date ({sync.seconds:.2f}s)", sync.seconds
         result = RunResult(
