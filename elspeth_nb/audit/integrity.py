@@ -20,7 +20,6 @@ import pyarrow as pa
 
 from elspeth_nb.audit.schema import DIGESTED_TABLES, TABLES
 
-
 _local = threading.local()
 
 

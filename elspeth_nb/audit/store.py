@@ -384,7 +384,7 @@ class AuditStore:
             files = [source / "part-*.parquet"] if files else []
         for path in files:
             cursor.execute(
-                f"INSERT INTO {name} ({column_list(table)}) {_run_select(table)}",  # noqa: S608 - schema identifiers
+                f"INSERT INTO {name} ({column_list(table)}) {_run_select(table)}",
                 {"glob": str(path), "run_id": run_id},
             )
         if table.name == "payloads":
