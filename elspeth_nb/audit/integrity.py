@@ -54,7 +54,8 @@ def _connection() -> Any:
 
 def pack_fingerprints(values: pa.Array) -> bytes:
     """Fingerprints as stored: little-endian int64s, 8 bytes per record (one value per segment)."""
-    return values.buffers()[1].to_pybytes()[values.offset * 8:(values.offset + len(values)) * 8]
+    data: bytes = values.buffers()[1].to_pybytes()
+    return data[values.offset * 8:(values.offset + len(values)) * 8]
 
 
 def unpack_fingerprints(packed: bytes) -> list[int]:

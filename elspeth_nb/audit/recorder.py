@@ -367,7 +367,7 @@ class Recorder:
                         trigger: str, failure_reason: str | None, policy: str, merge_strategy: str,
                         quorum_count: int | None, timeout_seconds: float | None, select_branch: str | None,
                         expected_branches: list[str], branches_arrived: list[str], arrived_token_ids: list[str],
-                        arrival_offsets_ms: list[float | None], branches_lost: list[str], lost_reasons: list[str],
+                        arrival_offsets_ms: Sequence[float | None], branches_lost: list[str], lost_reasons: list[str],
                         n_expected: int, n_arrived: int, n_lost: int, first_arrival_at: float | None,
                         decided_at: float, wait_duration_ms: float | None, join_group_id: int | None,
                         merged_token_id: int | None, merged_row_hash: str | None, union_collisions: list[str] | None,

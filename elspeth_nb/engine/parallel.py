@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from elspeth_nb.audit.schema import RunStatus
 from elspeth_nb.engine.plugins.sinks import Artifact, assemble_parts, part_sink
@@ -89,10 +89,11 @@ def _collect(pipes: dict[Connection, int], processes: list[Any]) -> list[ShardRe
     results: dict[int, ShardResult] = {}
     waiting = dict(pipes)
     while waiting:
-        for conn in wait(list(waiting)):
-            index = waiting.pop(conn)  # type: ignore[call-overload]
+        for ready in wait(list(waiting)):
+            conn = cast(Connection, ready)
+            index = waiting.pop(conn)
             try:
-                results[index] = conn.recv()  # type: ignore[union-attr]
+                results[index] = conn.recv()
             except EOFError:
                 processes[index].join()
                 results[index] = ShardResult(index, RunStatus.FAILED,

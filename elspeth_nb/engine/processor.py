@@ -239,8 +239,8 @@ class RowProcessor:
                 executor.targets[label] = (graph.resolve(destination).kind, self._route(destination, Outcome.ROUTED),
                                            self.edge_ids[(gate.name, label)])
             for branch in gate.fork_to or ():
-                target = graph.fork_targets.get((gate.name, branch))
-                duty = None if target is None else (self.executors[target[0]], target[1])
+                joins = graph.fork_targets.get((gate.name, branch))
+                duty = None if joins is None else (self.executors[joins[0]], joins[1])
                 executor.fork_branches.append(
                     (branch, self._route(branch, Outcome.ROUTED), self.edge_ids[(gate.name, branch)], duty))
         for coalesce in config.coalesce:

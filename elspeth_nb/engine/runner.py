@@ -158,7 +158,7 @@ def run_pipeline(
     elif isinstance(pipeline, Mapping):
         loaded = Pipeline.from_dict(pipeline)
     else:
-        loaded = load_pipeline(pipeline)
+        loaded = load_pipeline(Path(pipeline))
     engine = Engine(
         loaded,
         audit_root=Path(audit) if audit is not None else loaded.resolve_path(loaded.config.audit.path),
@@ -301,7 +301,7 @@ class Engine:
     def _record_run_start(self, ctx: EngineContext) -> dict[tuple[str, str], int]:
         rec = ctx.rec
         started = ctx.now()
-        self._run_row = {
+        self._run_row: dict[str, Any] = {
             "started_at": started, "config_hash": stable_hash(self.settings),
             "settings_json": canonical_json(self.settings), "reproducibility_grade": self._grade(),
             "canonical_version": CANONICAL_VERSION, "source_schema_json": None,
@@ -312,7 +312,7 @@ class Engine:
         rec.runs(completed_at=None, status=RunStatus.RUNNING, revision=0, **self._run_row)
         for node in self.graph.nodes:
             config = dict(node.config)
-            schema = config.get("schema") if isinstance(config.get("schema"), dict) else {}
+            schema: dict[str, Any] = config["schema"] if isinstance(config.get("schema"), dict) else {}
             rec.nodes(node.node_id, node.plugin_name, node.node_type, node.plugin_version, node.determinism,
                       node.config_hash, canonical_json(config), None, node.step, started, schema.get("mode"),
                       canonical_json(schema["fields"]) if schema.get("fields") else None, None, None, node.name)

@@ -169,7 +169,7 @@ class CsvSource(_Source):
                 continue
             if stop is not None and index >= stop:
                 return
-            if type(fields) is not list:
+            if isinstance(fields, Quarantine):
                 yield fields
                 continue
             if not header:
