@@ -49,7 +49,7 @@ ID_COLUMNS: dict[str, dict[str, str]] = {
                         "merged_token_id": "token", "decision_event_id": "coalesce_event", "late_token_id": "token"},
 }
 ID_BASE = 10**18
-BATCH_ROWS = 8192
+BATCH_ROWS = 2048
 
 
 def id_prefix(run_id: str, kind: str) -> str:
@@ -175,9 +175,13 @@ def finish_batches(table: Table, run_id: str, time_offset: float, batches: Seque
 
 
 class _BackgroundSegments:
-    """Finishes and writes segments on one thread; errors resurface on the next call."""
+    """Finishes and writes segments on one thread; errors resurface on the next call.
 
-    def __init__(self, writer: SegmentWriter, run_id: str, time_offset: float, depth: int = 3) -> None:
+    Up to ``depth`` segments wait, more than there are tables: a flush of every table never blocks
+    the engine (which would make its timers fire late), while memory stays bounded.
+    """
+
+    def __init__(self, writer: SegmentWriter, run_id: str, time_offset: float, depth: int = 24) -> None:
         self.writer = writer
         self.run_id = run_id
         self.time_offset = time_offset
@@ -402,7 +406,7 @@ class Recorder:
     def seal(self) -> None:
         """Convert every table's column lists into Arrow arrays (cheap while the values are hot)."""
         for buffer in self._tables.values():
-            if len(buffer.columns[0]) >= BATCH_ROWS // 8:
+            if len(buffer.columns[0]) >= BATCH_ROWS // 4:
                 buffer.seal()
 
     def tick(self) -> None:

@@ -111,7 +111,7 @@ class RowProcessor:
                     continue
                 self._admit(record, index)
                 self._next_index = index = index + 1
-                if index & 255 == 0:
+                if index & 63 == 0:
                     rec.tick()
                 continue
             due = ctx.next_due()
