@@ -14,15 +14,20 @@ cannot be changed back.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
-from elspeth_nb.audit.schema import SCHEMA_VERSION, TABLES, RunStatus, Table
+from elspeth_nb.analysis._segments import SegmentIndex
+from elspeth_nb.audit.schema import PARTITION_COLUMN, SCHEMA_VERSION, TABLES, RunStatus, Table
 from elspeth_nb.audit.store import DUCKDB_NAME, MANIFEST_NAME, AuditStore, duckdb_type, mark_interrupted, quote_ident
 from elspeth_nb.errors import AuditStoreError, RunNotFoundError, SchemaVersionError
 
@@ -39,6 +44,18 @@ EXPECTED = (
 )
 #: Newest run first: started_at, then the order runs landed on disk, then the id.
 NEWEST_FIRST = "r.started_at DESC NULLS LAST, o.seq DESC NULLS FIRST, r.run_id DESC"
+#: Options of every read of segments: the run id from the partition path, columns matched by name.
+PARQUET_OPTIONS = "hive_partitioning = true, union_by_name = true, hive_types = {'run_id': VARCHAR}"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A relation to read one table from in a point lookup: SQL (a view, or a read of chosen segments) and its
+    parameters. ``segments`` names the chosen segment files (None when the relation is the whole view)."""
+
+    sql: str
+    params: dict[str, Any] = field(default_factory=dict)
+    segments: tuple[str, ...] | None = None
 
 
 def detect_kind(path: Path) -> str:
@@ -66,6 +83,19 @@ def detect_kind(path: Path) -> str:
     raise AuditStoreError(f"{path} is neither a DuckDB nor an SQLite database (unrecognised file header); {EXPECTED}")
 
 
+def _damaged_segment(store: AuditStore) -> Path | None:
+    """The first segment of ``store`` whose footer cannot be read, if any."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in sorted(store.parquet_root.glob("*/run_id=*/part-*.parquet")):
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException):
+            return path
+    return None
+
+
 class Database:
     """The connection, where it reads from, and the few queries every helper needs."""
 
@@ -75,6 +105,9 @@ class Database:
         self.payloads = payloads
         self.store: AuditStore | None = None
         self.import_problems: list[str] = []
+        self.segment_index: SegmentIndex | None = None
+        self._lookups = itertools.count()
+        self._scratch: duckdb.DuckDBPyConnection | None = None
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET TimeZone = 'UTC'")
         self.con.execute("SET parquet_metadata_cache = true")  # segments are immutable: their footers never change
@@ -95,12 +128,17 @@ class Database:
         try:
             if kind == STORE:
                 db.store = AuditStore.open(db.path)
+                db.segment_index = SegmentIndex(db.store.parquet_root)
                 if mark_interrupted_runs:
                     mark_interrupted(db.store, found_by="open_audit(mark_interrupted=True)")
             elif kind == DUCKDB:
                 db._attach()
             db._load()
             db._lock()
+        except duckdb.Error as exc:  # a damaged file of the store: say which, not where DuckDB noticed
+            db.con.close()
+            db._raise_unreadable(exc)
+            raise AuditStoreError(f"cannot read {db.path}: {str(exc).splitlines()[0]}") from exc
         except BaseException:
             db.con.close()
             raise
@@ -158,7 +196,11 @@ class Database:
     # -- views --------------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Re-create the views (new columns, new tables), re-read run order and writer liveness."""
-        self._load()
+        try:
+            self._load()
+        except duckdb.Error as exc:
+            self._raise_unreadable(exc)
+            raise
 
     def _load(self) -> None:
         if self.kind == ELSPETH:
@@ -184,18 +226,15 @@ class Database:
             variable = f"enb_glob_{table.name}"
             glob = str(self.store.parquet_root / table.name / "run_id=*" / "part-*.parquet")
             self.con.execute(f"SET VARIABLE {variable} = $glob", {"glob": glob})
-            return (f"read_parquet(getvariable('{variable}'), hive_partitioning = true, union_by_name = true, "
-                    f"hive_types = {{'run_id': VARCHAR}})")
+            return f"read_parquet(getvariable('{variable}'), {PARQUET_OPTIONS})"
         if self.kind == DUCKDB:
             return f"src.main.{quote_ident(table.name)}"
         return f"{INTERNAL}.{quote_ident('import_' + table.name)}"
 
-    def _projection(self, table: Table, source: str) -> str:
-        """SELECT of every schema column in order; NULLs for columns the source lacks."""
-        try:
-            present = {r[0] for r in self.con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}  # noqa: S608
-        except (duckdb.IOException, duckdb.CatalogException, duckdb.BinderException):
-            present = set()  # no segment of this table at all (a store older than the table)
+    def _projection(self, table: Table, source: str, present: set[str] | None = None) -> str:
+        """SELECT of every schema column in order; NULLs for columns the source lacks (``present``: its columns)."""
+        if present is None:
+            present = self._present_columns(table, source)
         columns = ", ".join(
             quote_ident(f.name) if f.name in present else f"NULL::{duckdb_type(f.type)} AS {quote_ident(f.name)}"
             for f in table.schema
@@ -203,6 +242,15 @@ class Database:
         if not present:
             return f"SELECT {columns} WHERE false"
         return f"SELECT {columns} FROM {source}"  # noqa: S608
+
+    def _present_columns(self, table: Table, source: str) -> set[str]:
+        if self.kind == STORE and self.store is not None and not any(
+                self.store.parquet_root.glob(f"{table.name}/run_id=*/part-*.parquet")):
+            return set()  # no segment of this table at all (a store older than the table)
+        try:  # a segment that cannot be read is an error, never an empty table
+            return {r[0] for r in self.con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}  # noqa: S608
+        except (duckdb.CatalogException, duckdb.BinderException):
+            return set()  # an audit.duckdb older than the table
 
     def _import_landscape(self) -> None:
         from elspeth_nb.audit.importers.elspeth import read_landscape
@@ -235,25 +283,96 @@ class Database:
         """Runs whose latest revision says running but whose writer is gone read as interrupted."""
         if self.store is None:
             return
-        running = [r[0] for r in self.con.execute(
+        running = [r[0] for r in self.rows(
             f"SELECT run_id FROM {RUN_REVISIONS} QUALIFY row_number() OVER "  # noqa: S608
             f"(PARTITION BY run_id ORDER BY revision DESC NULLS LAST) = 1 AND status = $running",
-            {"running": RunStatus.RUNNING}).fetchall()]
+            {"running": RunStatus.RUNNING})]
         dead = [run_id for run_id in running if not self.store.is_live(run_id)]
         self.con.execute(f"DELETE FROM {INTERNAL}.dead_runs")  # noqa: S608
         if dead:
             self.con.executemany(f"INSERT INTO {INTERNAL}.dead_runs VALUES (?)", [(r,) for r in dead])  # noqa: S608
 
+    # -- point lookups ------------------------------------------------------------------------------
+    def lookup(self, table: str, run_id: str, column: str | None = None, values: Iterable[Any] = (), *,
+               nulls: bool = False, names: Collection[str] | None = None, exclude: Collection[str] = ()) -> Lookup:
+        """Where to read ``table`` for rows of ``run_id`` whose ``column`` is one of ``values`` (or NULL, if ``nulls``).
+
+        For an audit store: only the segments whose footer statistics allow such a row (``names`` and
+        ``exclude`` filter by segment file name), with the view's columns. Otherwise, and when a footer cannot
+        be read, the view itself. The caller still filters on ``run_id`` and ``column``.
+        """
+        view = Lookup(quote_ident(table))
+        if self.kind != STORE or self.segment_index is None:
+            return view
+        chosen = self.segment_index.select(table, run_id, column, list(values), nulls=nulls, names=names,
+                                           exclude=exclude)
+        if chosen is None:
+            return view
+        schema = TABLES[table]
+        if not chosen:
+            return Lookup(f"({self._projection(schema, '', set())})", {}, ())
+        present = set().union(*(s.columns for s in chosen)) | {PARTITION_COLUMN}
+        param = f"enb_segments_{next(self._lookups)}"
+        source = f"read_parquet(${param}, {PARQUET_OPTIONS})"
+        return Lookup(f"({self._projection(schema, source, present)})", {param: [s.path for s in chosen]},
+                      tuple(s.name for s in chosen))
+
+    @contextmanager
+    def scratch(self, tables: Mapping[str, pa.Table]) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection of its own (no file access, UTC) where ``tables`` are registered under their names.
+
+        For shaping small sets of records already read (one row's tree) with the same SQL as over the views.
+        """
+        if self._scratch is None:
+            con = duckdb.connect(":memory:")
+            con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            self._scratch = con
+        con = self._scratch
+        for name, table in tables.items():
+            con.register(name, table)
+        try:
+            yield con
+        finally:
+            for name in tables:
+                con.unregister(name)
+
     # -- queries ------------------------------------------------------------------------------------
+    def arrow(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> pa.Table:
+        """Run a parameterised query and return its result as an Arrow table."""
+        try:
+            return self.con.sql(sql, params=params).to_arrow_table()
+        except duckdb.Error as exc:
+            self._raise_unreadable(exc)
+            raise
+
     def frame(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> pl.DataFrame:
         """Run a parameterised query and return its result as a polars DataFrame."""
-        relation = self.con.sql(sql, params=params)
-        frame = pl.from_arrow(relation.to_arrow_table())
+        frame = pl.from_arrow(self.arrow(sql, params))
         assert isinstance(frame, pl.DataFrame)
         return frame
 
     def rows(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.con.execute(sql, params if params is not None else {}).fetchall()
+        try:
+            return self.con.execute(sql, params if params is not None else {}).fetchall()
+        except duckdb.Error as exc:
+            self._raise_unreadable(exc)
+            raise
+
+    def _raise_unreadable(self, exc: duckdb.Error) -> None:
+        """An AuditStoreError naming the file when ``exc`` comes from a segment of the store that cannot be read."""
+        reading = type(exc) is duckdb.Error or isinstance(exc, duckdb.IOException | duckdb.InvalidInputException |
+                                                                 duckdb.InternalException)
+        if self.store is None or not reading:
+            return  # a mistake in a query, not a damaged file
+        text = str(exc).splitlines()[0]
+        if str(self.store.parquet_root) not in text:  # DuckDB does not always say which file ("invalid TType")
+            damaged = _damaged_segment(self.store)
+            if damaged is None:
+                return
+            text = f"{damaged}: {text}"
+        raise AuditStoreError(f"{self.path}: a segment of the audit store cannot be read: {text}") from exc
 
     def run_ids(self) -> list[str]:
         """Every run id, newest first."""
@@ -282,4 +401,6 @@ class Database:
         raise RunNotFoundError("Run", run_id, matches or runs, hint=f"runs in {self.path} are listed; {hint}")
 
     def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.close()
         self.con.close()

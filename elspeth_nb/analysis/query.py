@@ -49,4 +49,7 @@ def sql(self: Audit, query: str, params: Mapping[str, Any] | Sequence[Any] | Non
     """
     con = self._db.con
     _check_read_only(con, query)
-    return self._db.frame(query, params)
+    try:
+        return self._db.frame(query, params)
+    except duckdb.PermissionException as exc:  # read_csv('/etc/passwd') and the like: outside the audit
+        raise ReadOnlyError(f"the audit reads only its own tables: {str(exc).splitlines()[0]}") from exc

@@ -869,7 +869,11 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path.name}:{mark.line + 1}" if mark else path.name
-        raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}"], str(path)) from None
+        started = exc.context_mark if exc.problem and exc.context else None  # where the unfinished part began
+        context = ""
+        if started and mark and started.line != mark.line:
+            context = f" ({exc.context} at line {started.line + 1})"
+        raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}{context}"], str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path.name}: invalid YAML: {exc}"], str(path)) from None
     finally:

@@ -62,7 +62,7 @@ def lineage_html(audit: Any, run_id: str, by: str, value: str | int) -> str:
     text = str(value).strip()
     if not text:
         return note("Enter a row index, row id or token id, then press Explain.")
-    if by == "row_index" and not text.isdigit():
+    if by == "row_index" and not (text.isascii() and text.isdigit()):  # "²".isdigit(), but int("²") fails
         return error(f"A row index is a whole number (got {text!r}).")
     key: str | int = int(text) if by == "row_index" else text
     return guarded(lambda: _html(audit.lineage(run_id, **{by: key})))
