@@ -93,6 +93,29 @@ def fork_pipeline(
     }
 
 
+#: The coalesce scenarios every policy x strategy is tested under (see tests/engine/test_coalesce_matrix.py).
+SCENARIOS = ("all", "lost", "delayed", "timeout")
+
+
+def scenario_options(policy: str, merge: str, scenario: str) -> dict[str, Any]:
+    """``fork_pipeline`` options of one scenario: ``all`` arrive, branch c of the toys row is ``lost``,
+    b is ``delayed`` 300 ms, or b and c wait 2 s and the coalesce gives up after 1 s (``timeout``)."""
+    options: dict[str, Any] = {"policy": policy, "merge": merge}
+    if policy == "quorum":
+        options["quorum_count"] = 2
+    if policy != "first" and (policy == "best_effort" or scenario in ("delayed", "timeout")):
+        options["timeout_seconds"] = 1.0
+    if merge == "select":
+        options["select_branch"] = "b"
+    if scenario == "lost":
+        options["lose_c_for"] = "toys"
+    if scenario == "delayed":
+        options["slow"] = {"b": 300}
+    if scenario == "timeout":
+        options["slow"] = {"b": 2000, "c": 2000}
+    return options
+
+
 class Trail:
     """A finished in-memory run: its result and every audit table as Python rows."""
 

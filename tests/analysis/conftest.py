@@ -25,7 +25,7 @@ from elspeth_nb.audit.writer import ParquetSegmentWriter
 from elspeth_nb.engine.clock import FakeClock
 from elspeth_nb.engine.runner import run_pipeline
 from tests.analysis import raw
-from tests.cases import ROWS, fork_pipeline, write_csv
+from tests.cases import ROWS, fork_pipeline, scenario_options, write_csv
 
 #: case -> (policy, merge, scenario); scenarios as in tests/engine/test_coalesce_matrix.py
 CASES: dict[str, tuple[str, str, str]] = {
@@ -46,23 +46,6 @@ CASES: dict[str, tuple[str, str, str]] = {
 JITTER = "jitter"
 HASHES_ONLY = "hashes-only"
 JITTER_ROWS = 40
-
-
-def case_options(policy: str, merge: str, scenario: str) -> dict[str, Any]:
-    options: dict[str, Any] = {"policy": policy, "merge": merge}
-    if policy == "quorum":
-        options["quorum_count"] = 2
-    if policy != "first" and (policy == "best_effort" or scenario in ("delayed", "timeout")):
-        options["timeout_seconds"] = 1.0
-    if merge == "select":
-        options["select_branch"] = "b"
-    if scenario == "lost":
-        options["lose_c_for"] = "toys"
-    if scenario == "delayed":
-        options["slow"] = {"b": 300}
-    if scenario == "timeout":
-        options["slow"] = {"b": 2000, "c": 2000}
-    return options
 
 
 def jitter_pipeline(folder: Path) -> dict[str, Any]:
@@ -96,7 +79,8 @@ def matrix_pipelines(root: Path) -> dict[str, dict[str, Any]]:
     pipelines = {}
     for case, (policy, merge, scenario) in CASES.items():
         (root / case).mkdir(exist_ok=True)
-        pipelines[case] = fork_pipeline(write_csv(root / case / "input.csv"), **case_options(policy, merge, scenario))
+        source = write_csv(root / case / "input.csv")
+        pipelines[case] = fork_pipeline(source, **scenario_options(policy, merge, scenario))
     (root / JITTER).mkdir(exist_ok=True)
     pipelines[JITTER] = jitter_pipeline(root / JITTER)
     (root / HASHES_ONLY).mkdir(exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.cases import ROWS, Trail, fork_pipeline, run_in_memory, write_csv
+from tests.cases import ROWS, SCENARIOS, Trail, fork_pipeline, run_in_memory, scenario_options, write_csv
 
 TOYS = 1  # row index whose branch c is lost in the `lost` scenario
 
@@ -106,29 +106,17 @@ def expected_collisions(source: dict[str, Any], arrived: tuple[str, ...]) -> dic
     return {}
 
 
-POLICIES = {"require_all": {}, "quorum": {"quorum_count": 2}, "best_effort": {}, "first": {}}
-SCENARIOS = ["all", "lost", "delayed", "timeout"]
+POLICIES = ("require_all", "quorum", "best_effort", "first")
 
 
 def build(tmp_path: Path, policy: str, merge: str, scenario: str) -> Trail:
     source = write_csv(tmp_path / "input.csv")
-    options: dict[str, Any] = dict(POLICIES[policy])
-    if policy != "first" and (policy == "best_effort" or scenario in ("delayed", "timeout")):
-        options["timeout_seconds"] = 1.0
-    if merge == "select":
-        options["select_branch"] = "b"
-    if scenario == "lost":
-        options["lose_c_for"] = "toys"
-    if scenario == "delayed":
-        options["slow"] = {"b": 300}
-    if scenario == "timeout":
-        options["slow"] = {"b": 2000, "c": 2000}
-    return run_in_memory(fork_pipeline(source, policy=policy, merge=merge, **options))
+    return run_in_memory(fork_pipeline(source, **scenario_options(policy, merge, scenario)))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("merge", ["union", "nested", "select"])
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", POLICIES)
 def test_coalesce_record(tmp_path: Path, policy: str, merge: str, scenario: str) -> None:
     trail = build(tmp_path, policy, merge, scenario)
     assert trail.result.status == "completed"
