@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+import queue
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import polars as pl
 import pyarrow as pa
 
-from elspeth_nb.analysis._segments import SegmentIndex
+from elspeth_nb.analysis._segments import Segment, SegmentIndex
 from elspeth_nb.audit.schema import PARTITION_COLUMN, SCHEMA_VERSION, TABLES, RunStatus, Table
 from elspeth_nb.audit.store import DUCKDB_NAME, MANIFEST_NAME, AuditStore, duckdb_type, mark_interrupted, quote_ident
 from elspeth_nb.errors import AuditStoreError, RunNotFoundError, SchemaVersionError
@@ -44,6 +46,9 @@ EXPECTED = (
 )
 #: Newest run first: started_at, then the order runs landed on disk, then the id.
 NEWEST_FIRST = "r.started_at DESC NULLS LAST, o.seq DESC NULLS FIRST, r.run_id DESC"
+#: Connections that read the records of one lineage side by side (DuckDB reads one segment on one thread).
+WORKERS = 2
+_T = TypeVar("_T")
 #: Options of every read of segments: the run id from the partition path, columns matched by name.
 PARQUET_OPTIONS = "hive_partitioning = true, union_by_name = true, hive_types = {'run_id': VARCHAR}"
 
@@ -108,12 +113,35 @@ class Database:
         self.segment_index: SegmentIndex | None = None
         self._lookups = itertools.count()
         self._scratch: duckdb.DuckDBPyConnection | None = None
+        #: run id -> (payload segments keyed so far, in key order; their keys: ``key`` UInt64, ``segment`` UInt32)
+        self._payload_keys: dict[str, tuple[list[Segment], pl.DataFrame]] = {}
+        self._variables: dict[str, str] = {}
+        self._workers: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
+        self._worker_cons: list[duckdb.DuckDBPyConnection] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._run_ids: tuple[object, list[str]] | None = None
+        #: run id -> metadata of a finished run (payload_mode, nodes, edges), which no longer changes
+        self.finished_runs: dict[str, dict[str, Any]] = {}
         self.con = duckdb.connect(":memory:")
-        self.con.execute("SET TimeZone = 'UTC'")
-        self.con.execute("SET parquet_metadata_cache = true")  # segments are immutable: their footers never change
+        self._configure(self.con)
         self.con.execute(f"CREATE SCHEMA {INTERNAL}")
         self.con.execute(f"CREATE TABLE {INTERNAL}.run_order (run_id VARCHAR, seq INTEGER)")
         self.con.execute(f"CREATE TABLE {INTERNAL}.dead_runs (run_id VARCHAR)")
+
+    @staticmethod
+    def _configure(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute("SET parquet_metadata_cache = true")  # segments are immutable: their footers never change
+
+    def _start_workers(self) -> None:
+        """Connections to the same database with the same settings, made before the configuration is locked."""
+        for _ in range(WORKERS):
+            cursor = self.con.cursor()
+            self._configure(cursor)
+            for name, value in self._variables.items():
+                cursor.execute(f"SET VARIABLE {name} = $value", {"value": value})
+            self._worker_cons.append(cursor)
+            self._workers.put(cursor)
 
     # -- opening ------------------------------------------------------------------------------------
     @classmethod
@@ -134,13 +162,14 @@ class Database:
             elif kind == DUCKDB:
                 db._attach()
             db._load()
+            db._start_workers()
             db._lock()
         except duckdb.Error as exc:  # a damaged file of the store: say which, not where DuckDB noticed
-            db.con.close()
+            db.close()
             db._raise_unreadable(exc)
             raise AuditStoreError(f"cannot read {db.path}: {str(exc).splitlines()[0]}") from exc
         except BaseException:
-            db.con.close()
+            db.close()
             raise
         return db
 
@@ -151,9 +180,10 @@ class Database:
         try:
             db._store_tables(tables)
             db._load()
+            db._start_workers()
             db._lock()
         except BaseException:
-            db.con.close()
+            db.close()
             raise
         return db
 
@@ -196,6 +226,8 @@ class Database:
     # -- views --------------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Re-create the views (new columns, new tables), re-read run order and writer liveness."""
+        self._run_ids = None
+        self.finished_runs.clear()
         try:
             self._load()
         except duckdb.Error as exc:
@@ -226,6 +258,7 @@ class Database:
             variable = f"enb_glob_{table.name}"
             glob = str(self.store.parquet_root / table.name / "run_id=*" / "part-*.parquet")
             self.con.execute(f"SET VARIABLE {variable} = $glob", {"glob": glob})
+            self._variables[variable] = glob
             return f"read_parquet(getvariable('{variable}'), {PARQUET_OPTIONS})"
         if self.kind == DUCKDB:
             return f"src.main.{quote_ident(table.name)}"
@@ -317,6 +350,54 @@ class Database:
         return Lookup(f"({self._projection(schema, source, present)})", {param: [s.path for s in chosen]},
                       tuple(s.name for s in chosen))
 
+    def payload_segments(self, run_id: str, hashes: Sequence[str]) -> set[str] | None:
+        """Names of the run's ``payloads`` segments that may hold one of ``hashes``; None if unknown.
+
+        Payload hashes are random, so segment statistics cannot rule a segment out, and telling that a
+        hash is *not* stored (a coalesce branch state's output, a hashes-only run) would read the hash
+        column of every segment. The first call for a run keys every payload of the run by DuckDB's
+        64-bit ``hash()`` of its hash, with the segment it is in (12 bytes a payload, in memory);
+        later calls add only the segments that landed since. The answer may name a segment that
+        holds none of ``hashes`` (a 64-bit collision), never misses one that does.
+        """
+        if self.segment_index is None:
+            return None
+        current = self.segment_index.segments("payloads", run_id)
+        if current is None:
+            return None
+        keyed, keys = self._payload_keys.get(run_id, ([], pl.DataFrame(schema={"key": pl.UInt64,
+                                                                               "segment": pl.UInt32})))
+        known = {id(s) for s in keyed}
+        new = [s for s in current if id(s) not in known]
+        if new:
+            added = self.frame("SELECT hash(payload_hash) AS key, ($first + file_index)::UINTEGER AS segment "
+                               "FROM read_parquet($paths)", {"first": len(keyed), "paths": [s.path for s in new]})
+            keyed = keyed + new
+            keys = pl.concat([keys, added]).rechunk()
+            self._payload_keys[run_id] = (keyed, keys)
+        if not hashes:
+            return set()
+        wanted = [r[0] for r in self.rows("SELECT hash(unnest($hashes::VARCHAR[]))", {"hashes": list(hashes)})]
+        found = keys.filter(pl.col("key").is_in(wanted))["segment"].unique().to_list()
+        alive = {id(s) for s in current}
+        return {keyed[i].name for i in found if id(keyed[i]) in alive}
+
+    def parallel(self, jobs: Sequence[Callable[[duckdb.DuckDBPyConnection], _T]]) -> list[_T]:
+        """Run ``jobs`` side by side, each on a connection of its own; their results in order."""
+        if len(jobs) <= 1 or not self._worker_cons:
+            return [job(self.con) for job in jobs]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=len(self._worker_cons), thread_name_prefix="elspeth-nb-read")
+
+        def run(job: Callable[[duckdb.DuckDBPyConnection], _T]) -> _T:
+            con = self._workers.get()
+            try:
+                return job(con)
+            finally:
+                self._workers.put(con)
+
+        return [f.result() for f in [self._pool.submit(run, job) for job in jobs]]
+
     @contextmanager
     def scratch(self, tables: Mapping[str, pa.Table]) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection of its own (no file access, UTC) where ``tables`` are registered under their names.
@@ -339,10 +420,11 @@ class Database:
                 con.unregister(name)
 
     # -- queries ------------------------------------------------------------------------------------
-    def arrow(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> pa.Table:
-        """Run a parameterised query and return its result as an Arrow table."""
+    def arrow(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None, *,
+              con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+        """Run a parameterised query (on ``con``, by default the audit's connection) and return an Arrow table."""
         try:
-            return self.con.sql(sql, params=params).to_arrow_table()
+            return (con or self.con).sql(sql, params=params).to_arrow_table()
         except duckdb.Error as exc:
             self._raise_unreadable(exc)
             raise
@@ -375,10 +457,32 @@ class Database:
         raise AuditStoreError(f"{self.path}: a segment of the audit store cannot be read: {text}") from exc
 
     def run_ids(self) -> list[str]:
-        """Every run id, newest first."""
-        return [r[0] for r in self.rows(
+        """Every run id, newest first (read again only when a segment of ``runs`` came or went)."""
+        signature = self._runs_signature()
+        if self._run_ids is not None and self._run_ids[0] == signature:
+            return list(self._run_ids[1])
+        ids = [r[0] for r in self.rows(
             f"SELECT r.run_id FROM runs r LEFT JOIN {INTERNAL}.run_order o USING (run_id) "  # noqa: S608
             f"ORDER BY {NEWEST_FIRST}")]
+        self._run_ids = (signature, ids)
+        return list(ids)
+
+    def _runs_signature(self) -> object:
+        """What the run list depends on: the segments of ``runs`` in a store; nothing else ever changes."""
+        if self.kind != STORE or self.store is None:
+            return None
+        found = []
+        try:
+            partitions = list(os.scandir(self.store.parquet_root / "runs"))
+        except FileNotFoundError:
+            return ()
+        for partition in partitions:
+            try:
+                found += [(f.path, f.stat().st_mtime_ns, f.stat().st_size) for f in os.scandir(partition.path)
+                          if f.name.startswith("part-")]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return tuple(sorted(found))
 
     def resolve_run(self, run_id: str = "latest") -> str:
         """``latest``, a run id, or a unique prefix of one -> the run id; RunNotFoundError otherwise."""
@@ -401,6 +505,8 @@ class Database:
         raise RunNotFoundError("Run", run_id, matches or runs, hint=f"runs in {self.path} are listed; {hint}")
 
     def close(self) -> None:
-        if self._scratch is not None:
-            self._scratch.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+        for con in [*self._worker_cons, *([self._scratch] if self._scratch is not None else [])]:
+            con.close()
         self.con.close()

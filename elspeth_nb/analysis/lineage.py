@@ -3,34 +3,36 @@
 A row is chosen by ``row_id``, ``row_index`` or any ``token_id`` of it; the answer always covers
 the entire tree of that source row (source token, forks, every branch, coalesce decisions, late
 and lost branches, merged tokens, sinks).
+
+The records of the tree are read first, each table once, by key (``tokens`` by row id; parent
+links, outcomes, states and errors by token id; routing events by state id; payloads by hash),
+from the few segments that can hold them in an audit store, then shaped into frames with polars.
+The recursive SQL walk over the whole run is kept for the one case the row's own records cannot
+answer (a parent token outside the row), and errors are joined on a scratch connection.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
+import pyarrow as pa
 
 from elspeth_nb.analysis._tree import render_tree
 from elspeth_nb.analysis.results import Displayable, format_value, html_block, html_table
+from elspeth_nb.audit.schema import RunStatus
 from elspeth_nb.errors import NotFoundError
 
 if TYPE_CHECKING:
+    import duckdb
+
+    from elspeth_nb.analysis._connection import Database
     from elspeth_nb.analysis.audit import Audit
 
-_ROW_SQL = """
-SELECT r.row_id, r.row_index, r.source_node_id, n.node_name AS source_node, r.source_data_hash, r.source_data_ref,
-       r.created_at, p.payload_json
-FROM rows r
-LEFT JOIN nodes n ON n.node_id = r.source_node_id AND n.run_id = r.run_id
-LEFT JOIN (SELECT payload_hash, any_value(payload_json) AS payload_json FROM payloads WHERE run_id = $run GROUP BY 1) p
-       ON p.payload_hash = coalesce(r.source_data_ref, r.source_data_hash)
-WHERE r.run_id = $run AND r.row_id = $row
-"""
 
 _TOKENS_SQL = """
 WITH RECURSIVE t AS (SELECT * FROM tokens WHERE run_id = $run AND row_id = $row),
@@ -53,40 +55,6 @@ FROM t LEFT JOIN p USING (token_id) LEFT JOIN depth USING (token_id) LEFT JOIN o
 ORDER BY depth.depth NULLS LAST, t.created_at, t.token_id
 """
 
-_STATES_SQL = """
-WITH t AS (SELECT token_id, branch_name FROM tokens WHERE run_id = $run AND row_id = $row),
-pl AS (SELECT DISTINCT payload_hash FROM payloads WHERE run_id = $run)
-SELECT s.state_id, s.token_id, t.branch_name AS branch, n.node_name, n.node_type, s.node_id, s.step_index,
-       s.attempt, s.status, s.input_hash, s.output_hash, pl.payload_hash IS NOT NULL AS output_stored,
-       s.duration_ms, s.started_at, s.completed_at, s.context_before_json, s.context_after_json, s.error_json,
-       s.success_reason_json
-FROM node_states s JOIN t ON t.token_id = s.token_id
-LEFT JOIN nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id
-LEFT JOIN pl ON pl.payload_hash = s.output_hash
-WHERE s.run_id = $run
-ORDER BY s.started_at, s.step_index, s.completed_at, s.state_id
-"""
-
-_DECISIONS_SQL = """
-SELECT * EXCLUDE (run_id) FROM coalesce_events WHERE run_id = $run AND row_id = $row
-ORDER BY decided_at, event_type = 'late_arrival', first_arrival_at, event_id
-"""
-
-_ROUTING_SQL = """
-WITH s AS (SELECT s.state_id, s.token_id, n.node_name FROM node_states s
-           JOIN tokens t ON t.token_id = s.token_id AND t.run_id = s.run_id
-           LEFT JOIN nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id
-           WHERE s.run_id = $run AND t.row_id = $row)
-SELECT e.event_id, s.token_id, e.state_id, s.node_name AS from_node, ed.label, dest.node_name AS to_node, e.mode,
-       e.routing_group_id, e.ordinal, e.reason_hash, p.payload_json AS reason_json, e.created_at
-FROM routing_events e JOIN s ON s.state_id = e.state_id
-LEFT JOIN edges ed ON ed.edge_id = e.edge_id AND ed.run_id = e.run_id
-LEFT JOIN nodes dest ON dest.node_id = ed.to_node_id AND dest.run_id = e.run_id
-LEFT JOIN (SELECT payload_hash, any_value(payload_json) AS payload_json FROM payloads WHERE run_id = $run GROUP BY 1) p
-       ON p.payload_hash = e.reason_ref
-WHERE e.run_id = $run
-ORDER BY e.created_at, e.routing_group_id, e.ordinal
-"""
 
 _ERRORS_SQL = """
 SELECT 'transform' AS kind, e.error_id, e.token_id, n.node_name AS node, e.destination, e.row_hash,
@@ -103,27 +71,6 @@ FROM validation_errors v
 LEFT JOIN nodes n ON n.node_id = v.node_id AND n.run_id = v.run_id
 WHERE v.run_id = $run AND (v.row_id = $row OR (v.row_id IS NULL AND v.row_hash = $row_hash))
 ORDER BY created_at
-"""
-
-_DATA_SQL = """
-WITH t AS (SELECT token_id, join_group_id FROM tokens WHERE run_id = $run AND row_id = $row),
-p AS (SELECT payload_hash, any_value(payload_json) AS payload_json FROM payloads WHERE run_id = $run GROUP BY 1),
-items AS (
-    SELECT 0 AS ord, 'source' AS kind, NULL AS token_id, NULL AS state_id, $source_node AS node_name,
-           $source_hash AS hash, $source_ref AS lookup, NULL::TIMESTAMPTZ AS at
-    UNION ALL
-    SELECT CASE n.node_type WHEN 'sink' THEN 3 WHEN 'coalesce' THEN 2 ELSE 1 END,
-           CASE n.node_type WHEN 'sink' THEN 'sink_output' WHEN 'coalesce' THEN 'merged' ELSE 'state_output' END,
-           s.token_id, s.state_id, n.node_name, s.output_hash, s.output_hash, s.completed_at
-    FROM node_states s JOIN t ON t.token_id = s.token_id
-    LEFT JOIN nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id
-    WHERE s.run_id = $run AND s.output_hash IS NOT NULL AND n.node_type <> 'source'
-      AND (n.node_type <> 'coalesce' OR t.join_group_id IS NOT NULL)  -- branch states at a coalesce hold no row
-)
-SELECT items.kind, items.token_id, items.state_id, items.node_name, items.hash, p.payload_json IS NOT NULL AS stored,
-       p.payload_json
-FROM items LEFT JOIN p ON p.payload_hash = items.lookup
-ORDER BY items.ord <> 0, items.at, items.ord, items.state_id
 """
 
 
@@ -244,15 +191,18 @@ def _resolve_row(self: Audit, run: str, row_id: str | None, row_index: int | Non
                          f"{', '.join(chosen) or 'none'}")
     db = self._db
     if row_id is not None:
-        found = db.rows("SELECT row_id FROM rows WHERE run_id = $run AND row_id = $v", {"run": run, "v": str(row_id)})
+        rows = db.lookup("rows", run, "row_id", [str(row_id)])
+        found = db.rows(f"SELECT row_id FROM {rows.sql} WHERE run_id = $run AND row_id = $v",  # noqa: S608
+                        {"run": run, "v": str(row_id), **rows.params})
         if not found:
             sample = [r[0] for r in db.rows("SELECT row_id FROM rows WHERE run_id = $run ORDER BY row_index LIMIT 5",
                                             {"run": run})]
             raise NotFoundError(f"Run `{run}`: row_id", row_id, sample, hint="pass row_index= for the n-th source row")
         return str(found[0][0])
     if token_id is not None:
-        found = db.rows("SELECT row_id FROM tokens WHERE run_id = $run AND token_id = $v",
-                        {"run": run, "v": str(token_id)})
+        tokens = db.lookup("tokens", run, "token_id", [str(token_id)])
+        found = db.rows(f"SELECT row_id FROM {tokens.sql} WHERE run_id = $run AND token_id = $v",  # noqa: S608
+                        {"run": run, "v": str(token_id), **tokens.params})
         if not found:
             sample = [r[0] for r in db.rows("SELECT token_id FROM tokens WHERE run_id = $run ORDER BY created_at, "
                                             "token_id LIMIT 5", {"run": run})]
@@ -260,7 +210,9 @@ def _resolve_row(self: Audit, run: str, row_id: str | None, row_index: int | Non
         return str(found[0][0])
     if isinstance(row_index, bool) or not isinstance(row_index, int):
         raise TypeError(f"row_index must be an int, not {type(row_index).__name__}")
-    found = db.rows("SELECT row_id FROM rows WHERE run_id = $run AND row_index = $v", {"run": run, "v": row_index})
+    rows = db.lookup("rows", run, "row_index", [row_index])
+    found = db.rows(f"SELECT row_id FROM {rows.sql} WHERE run_id = $run AND row_index = $v",  # noqa: S608
+                    {"run": run, "v": row_index, **rows.params})
     if not found:
         low, high, count = db.rows("SELECT min(row_index), max(row_index), count(*) FROM rows WHERE run_id = $run",
                                    {"run": run})[0]
@@ -268,6 +220,231 @@ def _resolve_row(self: Audit, run: str, row_id: str | None, row_index: int | Non
         raise NotFoundError(f"Run `{run}`: row_index", row_index, span,
                             hint=f"the run has {count} source rows" if count else "the run has no source rows")
     return str(found[0][0])
+
+
+def _among(column: str) -> str:
+    """``column`` is one of ``$keys``; the range first, as DuckDB pushes it into the scan of a segment."""
+    return f"{column} BETWEEN $low AND $high AND {column} IN (SELECT unnest($keys::VARCHAR[]))"
+
+
+def _keys(values: list[str]) -> dict[str, Any]:
+    return {"keys": values, "low": min(values, default=None), "high": max(values, default=None)}
+
+
+class _Records:
+    """The records of one source row's tree, each table read once, by key, several tables at a time."""
+
+    def __init__(self, db: Database, run: str, row: str) -> None:
+        self.db, self.run, self.row = db, run, row
+        self.tables: dict[str, pa.Table] = {}
+        self.payload_mode: str | None = None
+
+    def _job(self, table: str, where: str, params: dict[str, Any], column: str | None = None,
+             values: list[Any] | None = None, *, nulls: bool = False) -> Callable[[duckdb.DuckDBPyConnection], None]:
+        """Read the run's records of ``table`` that match ``where`` (the segments that can hold ``values``)."""
+        scan = self.db.lookup(table, self.run, column, values or [], nulls=nulls)
+        sql = f"SELECT * FROM {scan.sql} WHERE run_id = $run AND ({where})"  # noqa: S608 - fixed fragments
+
+        def job(con: duckdb.DuckDBPyConnection) -> None:
+            self.tables[table] = self.db.arrow(sql, {"run": self.run, **params, **scan.params}, con=con)
+        return job
+
+    def _run_job(self, con: duckdb.DuckDBPyConnection) -> None:
+        """payload_mode, nodes and edges of the run (kept for a finished run: they no longer change)."""
+        known = self.db.finished_runs.get(self.run)
+        if known is None:
+            found = self.db.arrow("SELECT payload_mode, status FROM runs WHERE run_id = $run", {"run": self.run},
+                                  con=con).to_pylist()
+            known = {"payload_mode": found[0]["payload_mode"] if found else None}
+            for table in ("nodes", "edges"):
+                scan = self.db.lookup(table, self.run)
+                known[table] = self.db.arrow(f"SELECT * FROM {scan.sql} WHERE run_id = $run",  # noqa: S608
+                                             {"run": self.run, **scan.params}, con=con)
+            if found and found[0]["status"] not in (None, RunStatus.RUNNING):
+                self.db.finished_runs[self.run] = known
+        self.payload_mode = known["payload_mode"]
+        self.tables["nodes"], self.tables["edges"] = known["nodes"], known["edges"]
+
+    def read(self) -> dict[str, pa.Table]:
+        row = {"row": self.row}
+        self.db.parallel([
+            self._job("tokens", "row_id = $row", row, "row_id", [self.row]),
+            self._job("rows", "row_id = $row", row, "row_id", [self.row]),
+            self._job("coalesce_events", "row_id = $row", row, "row_id", [self.row]),
+            self._run_job,
+        ])
+        rows = self.tables["rows"]
+        token_ids = sorted({t for t in self.tables["tokens"].column("token_id").to_pylist() if t is not None})
+        row_hash = rows.column("source_data_hash")[0].as_py() if rows.num_rows else None
+        self.db.parallel([
+            self._job("node_states", _among("token_id"), _keys(token_ids), "token_id", token_ids),
+            self._job("token_outcomes", _among("token_id"), _keys(token_ids), "token_id", token_ids),
+            self._job("token_parents", _among("token_id"), _keys(token_ids), "token_id", token_ids),
+            self._job("transform_errors", _among("token_id"), _keys(token_ids), "token_id", token_ids),
+            self._job("validation_errors", "row_id = $row OR (row_id IS NULL AND row_hash = $row_hash)",
+                      {**row, "row_hash": row_hash}, "row_id", [self.row], nulls=True),
+        ])
+        state_ids = sorted({s for s in self.tables["node_states"].column("state_id").to_pylist() if s is not None})
+        self._job("routing_events", _among("state_id"), _keys(state_ids), "state_id", state_ids)(self.db.con)
+        hashes = (rows.column("source_data_ref").to_pylist() + rows.column("source_data_hash").to_pylist()
+                  + self.tables["node_states"].column("output_hash").to_pylist()
+                  + self.tables["routing_events"].column("reason_ref").to_pylist())
+        self.tables["payloads"] = self._payloads(sorted({h for h in hashes if h is not None}))
+        return self.tables
+
+    def _payloads(self, hashes: list[str]) -> pa.Table:
+        """The stored payloads among ``hashes`` (from the segments that can hold them, in an audit store)."""
+        segments = self.db.payload_segments(self.run, hashes)
+        scan = self.db.lookup("payloads", self.run, "payload_hash", hashes, names=segments)
+        where = _among("payload_hash") if hashes else "false"
+        return self.db.arrow(f"SELECT * FROM {scan.sql} WHERE run_id = $run AND {where}",  # noqa: S608
+                             {"run": self.run, **(_keys(hashes) if hashes else {}), **scan.params})
+
+    def parents_known(self) -> bool:
+        """Whether every parent of the row's tokens is a token of the row (the walk needs no other link)."""
+        tokens = set(self.tables["tokens"].column("token_id").to_pylist())
+        return set(self.tables["token_parents"].column("parent_token_id").to_pylist()) <= tokens
+
+
+def _first(frame: pl.DataFrame, column: str, value: Any) -> dict[str, Any] | None:
+    match = frame.filter(pl.col(column) == value) if value is not None else frame.clear()
+    return match.row(0, named=True) if match.height else None
+
+
+def _sort(frame: pl.DataFrame, *by: str | pl.Expr) -> pl.DataFrame:
+    """ORDER BY ``by`` as DuckDB does it: ascending, NULLs last, stable."""
+    return frame.sort(list(by), nulls_last=True, maintain_order=True)
+
+
+def _depths(tokens: pl.DataFrame, links: pl.DataFrame) -> dict[str, int]:
+    """Longest path from a root (a token without parent links) to each token, over the parent links."""
+    children: dict[str, list[str]] = {}
+    for child, parent in links.select("token_id", "parent_token_id").iter_rows():
+        children.setdefault(parent, []).append(child)
+    linked = set(links["token_id"].drop_nulls())
+    level = {t for t in tokens["token_id"].drop_nulls() if t not in linked}
+    depth: dict[str, int] = {}
+    for d in range(len(children) + 2):  # a longer path would go round a cycle
+        if not level:
+            break
+        for token in level:
+            depth[token] = d
+        level = {c for token in level for c in children.get(token, ())}
+    return depth
+
+
+class _Shape:
+    """The frames of a lineage, from the records of the row's tree (the queries of the module, in polars)."""
+
+    def __init__(self, tables: dict[str, pa.Table]) -> None:
+        self.t = {name: _polars(table) for name, table in tables.items()}
+        payloads = self.t["payloads"]
+        self.payloads = payloads.group_by("payload_hash").agg(pl.col("payload_json").first())
+        self.stored = set(payloads["payload_hash"].drop_nulls())
+        self.nodes = self.t["nodes"].select("node_id", "node_name", "node_type")
+
+    def _payload(self, frame: pl.DataFrame, on: str, name: str) -> pl.DataFrame:
+        return frame.join(self.payloads.rename({"payload_hash": on, "payload_json": name}), on=on, how="left",
+                          maintain_order="left")
+
+    def row(self, row: str) -> dict[str, Any]:
+        record = _first(self.t["rows"], "row_id", row)
+        assert record is not None
+        node = _first(self.nodes, "node_id", record["source_node_id"])
+        lookup = record["source_data_ref"] if record["source_data_ref"] is not None else record["source_data_hash"]
+        payload = _first(self.payloads, "payload_hash", lookup)
+        return {"row_id": record["row_id"], "row_index": record["row_index"],
+                "source_node_id": record["source_node_id"], "source_node": node["node_name"] if node else None,
+                "source_data_hash": record["source_data_hash"], "source_data_ref": record["source_data_ref"],
+                "created_at": record["created_at"], "payload_json": payload["payload_json"] if payload else None}
+
+    def tokens(self) -> pl.DataFrame:
+        tokens, links = self.t["tokens"], self.t["token_parents"]
+        parents = (_sort(links, "ordinal").group_by("token_id", maintain_order=True)
+                   .agg(pl.col("parent_token_id").alias("parents")))
+        depth = _depths(tokens, links)
+        outcomes = (_sort(self.t["token_outcomes"].filter(pl.col("is_terminal") == 1), "recorded_at")
+                    .unique("token_id", keep="first", maintain_order=True))
+        depths = pl.DataFrame({"token_id": list(depth), "depth": list(depth.values())},
+                              schema={"token_id": pl.String, "depth": pl.Int32})
+        frame = (tokens.join(parents, on="token_id", how="left", maintain_order="left")
+                 .join(depths, on="token_id", how="left", maintain_order="left")
+                 .join(outcomes.select("token_id", "outcome", "sink_name", "recorded_at",
+                                       pl.col("join_group_id").alias("outcome_join_group_id"), "error_hash",
+                                       "context_json", "expected_branches_json"),
+                       on="token_id", how="left", maintain_order="left"))
+        frame = frame.select(
+            "token_id", pl.col("parents").fill_null(pl.lit([], pl.List(pl.String))),
+            pl.col("branch_name").alias("branch"),
+            "fork_group_id", "join_group_id", "expand_group_id", "depth", "step_in_pipeline", "created_at", "outcome",
+            pl.col("sink_name").alias("sink"), pl.col("recorded_at").alias("outcome_at"), "outcome_join_group_id",
+            "error_hash", pl.col("context_json").alias("outcome_context_json"), "expected_branches_json")
+        return _sort(frame, "depth", "created_at", "token_id")
+
+    def _states(self) -> pl.DataFrame:
+        """The row's node states, once per matching token record, with their node."""
+        tokens = self.t["tokens"].select("token_id", pl.col("branch_name").alias("branch"), "join_group_id")
+        return (self.t["node_states"].join(tokens, on="token_id", how="inner", maintain_order="left")
+                .join(self.nodes, on="node_id", how="left", maintain_order="left"))
+
+    def states(self) -> pl.DataFrame:
+        stored = pl.col("output_hash").is_in(list(self.stored)).fill_null(False).alias("output_stored")
+        frame = self._states().select(
+            "state_id", "token_id", "branch", "node_name", "node_type", "node_id", "step_index", "attempt", "status",
+            "input_hash", "output_hash", stored, "duration_ms", "started_at", "completed_at", "context_before_json",
+            "context_after_json", "error_json", "success_reason_json")
+        return _sort(frame, "started_at", "step_index", "completed_at", "state_id")
+
+    def decisions(self) -> pl.DataFrame:
+        return _sort(self.t["coalesce_events"].drop("run_id"), "decided_at",
+                     pl.col("event_type") == "late_arrival", "first_arrival_at", "event_id")
+
+    def routing(self) -> pl.DataFrame:
+        states = self._states().select("state_id", "token_id", pl.col("node_name").alias("from_node"))
+        edges = self.t["edges"].select("edge_id", "label", "to_node_id")
+        dest = self.nodes.select(pl.col("node_id").alias("to_node_id"), pl.col("node_name").alias("to_node"))
+        frame = (self.t["routing_events"].join(states, on="state_id", how="inner", maintain_order="left")
+                 .join(edges, on="edge_id", how="left", maintain_order="left")
+                 .join(dest, on="to_node_id", how="left", maintain_order="left"))
+        frame = self._payload(frame, "reason_ref", "reason_json").select(
+            "event_id", "token_id", "state_id", "from_node", "label", "to_node", "mode", "routing_group_id", "ordinal",
+            "reason_hash", "reason_json", "created_at")
+        return _sort(frame, "created_at", "routing_group_id", "ordinal")
+
+    def data(self, source: dict[str, Any]) -> pl.DataFrame:
+        states = self._states().filter(
+            pl.col("output_hash").is_not_null() & (pl.col("node_type") != "source")
+            & ((pl.col("node_type") != "coalesce") | pl.col("join_group_id").is_not_null()))
+        ord_ = (pl.when(pl.col("node_type") == "sink").then(3).when(pl.col("node_type") == "coalesce").then(2)
+                .otherwise(1).cast(pl.Int32))
+        kind = (pl.when(pl.col("node_type") == "sink").then(pl.lit("sink_output"))
+                .when(pl.col("node_type") == "coalesce").then(pl.lit("merged")).otherwise(pl.lit("state_output")))
+        items = pl.concat([
+            pl.DataFrame({"ord": [0], "kind": ["source"], "token_id": [None], "state_id": [None],
+                          "node_name": [source["source_node"]], "hash": [source["source_hash"]],
+                          "lookup": [source["source_ref"]], "at": [None]},
+                         schema={"ord": pl.Int32, "kind": pl.String, "token_id": pl.String, "state_id": pl.String,
+                                 "node_name": pl.String, "hash": pl.String, "lookup": pl.String,
+                                 "at": states.schema["completed_at"]}),
+            states.select(ord_.alias("ord"), kind.alias("kind"), "token_id", "state_id", "node_name",
+                          pl.col("output_hash").alias("hash"), pl.col("output_hash").alias("lookup"),
+                          pl.col("completed_at").alias("at")),
+        ])
+        items = _sort(self._payload(items, "lookup", "payload_json"), pl.col("ord") != 0, "at", "ord", "state_id")
+        return items.select("kind", "token_id", "state_id", "node_name", "hash",
+                            pl.col("payload_json").is_not_null().alias("stored"), "payload_json")
+
+
+def _polars(table: pa.Table) -> pl.DataFrame:
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+#: Columns of ``Lineage.errors`` (as ``_ERRORS_SQL`` returns them), for a row without errors.
+_ERRORS_SCHEMA = {"kind": pl.String, "error_id": pl.String, "token_id": pl.String, "node": pl.String,
+                  "destination": pl.String, "row_hash": pl.String, "details_json": pl.String,
+                  "row_data_json": pl.String, "created_at": pl.Datetime("us", "UTC")}
 
 
 def lineage(self: Audit, run_id: str = "latest", *, row_id: str | None = None, row_index: int | None = None,
@@ -284,21 +461,30 @@ def lineage(self: Audit, run_id: str = "latest", *, row_id: str | None = None, r
     run = db.resolve_run(run_id)
     row = _resolve_row(self, run, row_id, row_index, token_id)
     params = {"run": run, "row": row}
-    row_record = db.frame(_ROW_SQL, params).row(0, named=True)
-    tokens = db.frame(_TOKENS_SQL, params)
-    decisions = db.frame(_DECISIONS_SQL, params)
-    mode = db.rows("SELECT payload_mode FROM runs WHERE run_id = $run", {"run": run})
+    records = _Records(db, run, row)
+    tables = records.read()
+    shape = _Shape(tables)
+    row_record = shape.row(row)
+    # a parent outside the row (never in our runs) needs the links of the whole run for the depths
+    tokens = shape.tokens() if records.parents_known() else db.frame(_TOKENS_SQL, params)
+    decisions = shape.decisions()
+    if tables["transform_errors"].num_rows or tables["validation_errors"].num_rows:
+        with db.scratch(tables) as con:
+            errors = _polars(con.sql(_ERRORS_SQL, params={**params, "row_hash": row_record["source_data_hash"]})
+                             .to_arrow_table())
+    else:
+        errors = pl.DataFrame(schema=_ERRORS_SCHEMA)
+    source = {"source_node": row_record["source_node"], "source_hash": row_record["source_data_hash"],
+              "source_ref": row_record["source_data_ref"] or row_record["source_data_hash"]}
     return Lineage(
         run_id=run,
         row=MappingProxyType(row_record),
-        payload_mode=mode[0][0] if mode else None,
+        payload_mode=records.payload_mode,
         tokens=tokens,
-        states=db.frame(_STATES_SQL, params),
+        states=shape.states(),
         decisions=decisions,
         lost=_lost_frame(tokens, decisions),
-        routing=db.frame(_ROUTING_SQL, params),
-        errors=db.frame(_ERRORS_SQL, {**params, "row_hash": row_record["source_data_hash"]}),
-        data=db.frame(_DATA_SQL, {**params, "source_node": row_record["source_node"],
-                                  "source_hash": row_record["source_data_hash"],
-                                  "source_ref": row_record["source_data_ref"] or row_record["source_data_hash"]}),
+        routing=shape.routing(),
+        errors=errors,
+        data=shape.data(source),
     )
