@@ -62,51 +62,95 @@ def coalesce_events(self: Audit, run_id: str = "latest", coalesce: str | None = 
 
 _TIMINGS_SQL = """
 WITH d AS (
-    SELECT * FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival'{where}
+    SELECT event_id, coalesce_name, row_id, policy, merge_strategy, trigger, event_type, wait_duration_ms, decided_at,
+           expected_branches, branches_arrived, arrived_token_ids, arrival_offsets_ms, branches_lost, lost_reasons
+    FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival'{where}
 ), e AS (
-    SELECT event_id, coalesce_name, row_id, policy, merge_strategy, trigger, event_type, wait_duration_ms,
-           decided_at, branches_arrived, arrived_token_ids, arrival_offsets_ms, branches_lost, lost_reasons,
-           context_json,
-           unnest(expected_branches) AS branch, generate_subscripts(expected_branches, 1) AS branch_position
-    FROM d
+    SELECT *, unnest(expected_branches) AS branch FROM d
 ), e2 AS (
-    SELECT *, list_position(branches_arrived, branch) AS arrived_at, list_position(branches_lost, branch) AS lost_at
+    SELECT * EXCLUDE (arrived_token_ids, arrival_offsets_ms), list_position(branches_arrived, branch) AS arrived_at,
+           arrived_token_ids[arrived_at] AS arrived_token_id, arrival_offsets_ms[arrived_at] AS arrival_offset_ms,
+           {lost_at} AS lost_at
     FROM e
-), late AS (
+){ctes}
+SELECT e2.event_id, e2.coalesce_name AS coalesce, e2.row_id, e2.policy, e2.merge_strategy, e2.trigger,
+       e2.event_type, e2.branch,
+       CASE WHEN e2.arrived_at IS NOT NULL THEN 'arrived'
+            WHEN {late_branch} IS NOT NULL THEN 'late'
+            WHEN e2.lost_at IS NOT NULL THEN 'lost'
+            ELSE 'missing' END AS status,
+       coalesce(e2.arrived_token_id, {late_token}, {lost_token}, {after_token}) AS token_id,
+       e2.arrived_at::INTEGER AS arrival_rank,
+       e2.arrival_offset_ms,
+       e2.wait_duration_ms,
+       {late_by} AS late_by_ms,
+       coalesce(e2.lost_reasons[e2.lost_at], CASE WHEN e2.arrived_at IS NULL AND {late_branch} IS NULL
+                                                  THEN {after_reason} END) AS lost_reason
+FROM e2{joins}
+{order}"""
+
+
+@dataclass(frozen=True)
+class _Join:
+    """An optional part of the timings query: a CTE, its join, and what it fills in (NULL without it)."""
+
+    cte: str
+    join: str
+    fills: dict[str, str]
+
+
+#: Only the parts a run's decisions need are joined: most runs have no late, lost or unresolved branch.
+_TIMING_JOINS = {
+    "late": _Join(  # a branch that reached the coalesce after the decision
+        """late AS (
     SELECT decision_event_id, late_branch, any_value(late_token_id) AS late_token_id, min(late_by_ms) AS late_by_ms
     FROM coalesce_events WHERE run_id = $run AND event_type = 'late_arrival' GROUP BY ALL
-), after_loss AS (  -- a branch token that ended elsewhere once the decision was taken
+)""",
+        "LEFT JOIN late ON late.decision_event_id = e2.event_id AND late.late_branch = e2.branch",
+        {"late_branch": "late.late_branch", "late_token": "late.late_token_id", "late_by": "late.late_by_ms"}),
+    "lost": _Join(  # the token of a branch the decision knew was lost, from its context
+        """lost_tokens AS (
+    SELECT event_id, json_extract(context_json, '$.branches_lost') AS lost
+    FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival' AND (n_lost > 0) IS NOT FALSE
+)""",
+        "LEFT JOIN lost_tokens lt ON lt.event_id = e2.event_id AND e2.lost_at IS NOT NULL",
+        {"lost_token": "(lt.lost -> e2.branch) ->> 'token_id'", "lost_at": "list_position(branches_lost, branch)"}),
+    "unresolved": _Join(  # a branch token that ended elsewhere once the decision was taken without it
+        """after_loss AS (
     SELECT t.row_id, o.token_id,
            json_extract_string(o.context_json, '$.lost_branch.coalesce') AS coalesce_name,
            json_extract_string(o.context_json, '$.lost_branch.branch') AS branch,
            json_extract_string(o.context_json, '$.lost_branch.reason') AS reason
     FROM token_outcomes o JOIN tokens t ON t.token_id = o.token_id AND t.run_id = o.run_id
     WHERE o.run_id = $run AND o.is_terminal = 1 AND json_exists(o.context_json, '$.lost_branch')
-)
-SELECT e2.event_id, e2.coalesce_name AS coalesce, e2.row_id, e2.policy, e2.merge_strategy, e2.trigger,
-       e2.event_type, e2.branch,
-       CASE WHEN e2.arrived_at IS NOT NULL THEN 'arrived'
-            WHEN late.late_branch IS NOT NULL THEN 'late'
-            WHEN e2.lost_at IS NOT NULL THEN 'lost'
-            ELSE 'missing' END AS status,
-       coalesce(e2.arrived_token_ids[e2.arrived_at], late.late_token_id,
-                (json_extract(e2.context_json, '$.branches_lost') -> e2.branch) ->> 'token_id',
-                a.token_id) AS token_id,
-       e2.arrived_at::INTEGER AS arrival_rank,
-       e2.arrival_offsets_ms[e2.arrived_at] AS arrival_offset_ms,
-       e2.wait_duration_ms,
-       late.late_by_ms,
-       coalesce(e2.lost_reasons[e2.lost_at], CASE WHEN e2.arrived_at IS NULL AND late.late_branch IS NULL
-                                                  THEN a.reason END) AS lost_reason
-FROM e2
-LEFT JOIN late ON late.decision_event_id = e2.event_id AND late.late_branch = e2.branch
-LEFT JOIN after_loss a ON a.row_id = e2.row_id AND a.coalesce_name = e2.coalesce_name AND a.branch = e2.branch
-ORDER BY e2.decided_at, e2.event_id, e2.branch_position
+)""",
+        "LEFT JOIN after_loss a "
+        "ON a.row_id = e2.row_id AND a.coalesce_name = e2.coalesce_name AND a.branch = e2.branch",
+        {"after_token": "a.token_id", "after_reason": "a.reason"}),
+}
+_TIMING_NULLS = {"late_branch": "NULL::VARCHAR", "late_token": "NULL::VARCHAR", "late_by": "NULL::DOUBLE",
+                 "lost_token": "NULL::VARCHAR", "lost_at": "NULL::INTEGER", "after_token": "NULL::VARCHAR", "after_reason": "NULL::VARCHAR"}
+#: Which optional parts the run needs (a NULL count reads as needed). Reads four small columns.
+_TIMING_NEEDS_SQL = """
+SELECT coalesce(bool_or(event_type = 'late_arrival'), false) AS late,
+       coalesce(bool_or(event_type <> 'late_arrival' AND (n_lost > 0) IS NOT FALSE), false) AS lost,
+       coalesce(bool_or(event_type <> 'late_arrival' AND (n_arrived + n_lost < n_expected) IS NOT FALSE), false)
+           AS unresolved
+FROM coalesce_events WHERE run_id = $run
 """
 
 
-def _timings_sql(where: str) -> str:
-    return _TIMINGS_SQL.replace("{where}", where)
+def _timings_sql(self: Audit, run: str, where: str, *, ordered: bool = True) -> str:
+    """The per-branch timings query of ``run`` (parameter ``$run``), with only the joins its decisions need."""
+    needs = self._db.rows(_TIMING_NEEDS_SQL, {"run": run})[0]
+    parts = [part for part, needed in zip(("late", "lost", "unresolved"), needs, strict=True) if needed]
+    fills = dict(_TIMING_NULLS)
+    for part in parts:
+        fills.update(_TIMING_JOINS[part].fills)
+    return _TIMINGS_SQL.format(
+        where=where, ctes="".join(f", {_TIMING_JOINS[p].cte}" for p in parts),
+        joins="".join(f"\n{_TIMING_JOINS[p].join}" for p in parts),
+        order="ORDER BY e2.decided_at, e2.event_id, list_position(e2.expected_branches, e2.branch)" if ordered else "", **fills)
 
 
 def merge_timings(self: Audit, run_id: str = "latest", coalesce: str | None = None) -> pl.DataFrame:
@@ -124,14 +168,23 @@ def merge_timings(self: Audit, run_id: str = "latest", coalesce: str | None = No
     """
     run = self._db.resolve_run(run_id)
     where = _coalesce_filter(self, run, coalesce)
-    return self._db.frame(_timings_sql(where), _params(run, coalesce))
+    return self._db.frame(_timings_sql(self, run, where), _params(run, coalesce))
+
+
+_QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 
 
 def _stats(column: str, prefix: str) -> str:
+    """mean, the quantiles as one list (one sort, however many quantiles), max; ``_spread`` unpacks them."""
     c = quote_ident(column)
-    return (f"avg({c}) AS {prefix}_mean_ms, quantile_cont({c}, 0.5) AS {prefix}_p50_ms, "
-            f"quantile_cont({c}, 0.9) AS {prefix}_p90_ms, quantile_cont({c}, 0.99) AS {prefix}_p99_ms, "
-            f"max({c}) AS {prefix}_max_ms")
+    levels = ", ".join(str(q) for _, q in _QUANTILES)
+    return f"avg({c}) AS {prefix}_mean_ms, quantile_cont({c}, [{levels}]) AS {prefix}_q, max({c}) AS {prefix}_max_ms"
+
+
+def _spread(prefix: str) -> str:
+    """The columns of ``_stats`` in order, the quantile list unpacked into p50/p90/p99."""
+    quantiles = ", ".join(f"{prefix}_q[{i}] AS {prefix}_{name}_ms" for i, (name, _) in enumerate(_QUANTILES, 1))
+    return f"{prefix}_mean_ms, {quantiles}, {prefix}_max_ms"
 
 
 def merge_timing_summary(self: Audit, run_id: str = "latest",
@@ -153,17 +206,24 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
         raise ValueError(f"by must be distinct names from {', '.join(SUMMARY_GROUPS)}; got {by!r}")
     run = self._db.resolve_run(run_id)
     keys = ", ".join(quote_ident(g) for g in groups)
-    sql = f"""
-    WITH m AS ({_timings_sql("")}),
-    w AS (SELECT {keys}, count(*) AS decisions, {_stats("wait_duration_ms", "wait")}
-          FROM (SELECT DISTINCT {keys}, event_id, wait_duration_ms FROM m) GROUP BY ALL),
-    a AS (SELECT {keys}, count(*) FILTER (WHERE status = 'arrived') AS arrivals,
-                 {_stats("arrival_offset_ms", "arrival")},
-                 count(*) FILTER (WHERE status = 'late') AS late, count(*) FILTER (WHERE status = 'lost') AS lost,
-                 count(*) FILTER (WHERE status = 'missing') AS missing
-          FROM m GROUP BY ALL)
-    SELECT * FROM w JOIN a USING ({keys}) ORDER BY {keys}
-    """  # noqa: S608 - group names come from SUMMARY_GROUPS only
+    timings = _timings_sql(self, run, "", ordered=False)
+    # group names come from SUMMARY_GROUPS only
+    branches = (f"count(*) FILTER (WHERE status = 'arrived') AS arrivals, {_stats('arrival_offset_ms', 'arrival')}, "
+                "count(*) FILTER (WHERE status = 'late') AS late, count(*) FILTER (WHERE status = 'lost') AS lost, "
+                "count(*) FILTER (WHERE status = 'missing') AS missing")
+    if "branch" in groups:  # one row per decision and branch: each decision is in a group once, one pass
+        grouped = (f"SELECT {keys}, count(*) AS decisions, {_stats('wait_duration_ms', 'wait')}, {branches} "
+                   f"FROM ({timings}) GROUP BY ALL")
+    else:  # waits from the decisions themselves, arrivals from their branches
+        grouped = f"""
+        WITH w AS (SELECT {keys}, count(*) AS decisions, {_stats("wait_duration_ms", "wait")}
+                   FROM (SELECT coalesce_name AS coalesce, policy, merge_strategy, trigger, event_type, wait_duration_ms
+                         FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival') GROUP BY ALL),
+             a AS (SELECT {keys}, {branches} FROM ({timings}) GROUP BY ALL)
+        SELECT * FROM w JOIN a USING ({keys})
+        """
+    sql = (f"SELECT {keys}, decisions, {_spread('wait')}, arrivals, {_spread('arrival')}, late, lost, missing "  # noqa: S608
+           f"FROM ({grouped}) ORDER BY {keys}")
     return self._db.frame(sql, {"run": run})
 
 
