@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,8 +361,9 @@ class AuditStore:
                     self._copy_table(cursor, table, run_id)
                 cursor.execute("COMMIT")
             except BaseException as exc:
-                cursor.execute("ROLLBACK")
-                errors.append(exc)
+                errors.append(exc)  # first: a failed commit has already ended the transaction
+                with suppress(duckdb.Error):
+                    cursor.execute("ROLLBACK")
             finally:
                 cursor.close()
 

@@ -166,6 +166,33 @@ def test_rebuild_recreates_duckdb_from_parquet(tmp_path: Path) -> None:
         assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)
 
 
+
+def test_a_copy_that_fails_at_commit_is_reported_and_the_run_stays_pending(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed COMMIT ends the transaction itself; the error must still surface, never a silent success."""
+    store = AuditStore.create(tmp_path)
+    _write_run(store, "r1")
+    assert store.sync_duckdb(["r1"]).ok
+    _write_run(store, "r2")
+    copy_table = AuditStore._copy_table
+
+    def failing_commit(self: AuditStore, cursor: duckdb.DuckDBPyConnection, table: object, run_id: str) -> None:
+        copy_table(self, cursor, table, run_id)  # type: ignore[arg-type]
+        if getattr(table, "name", "") == "token_parents":
+            cursor.execute("COMMIT")  # the transaction is gone, as after a commit that ran out of memory
+            raise duckdb.OutOfMemoryException("failed to pin block")
+
+    monkeypatch.setattr(AuditStore, "_copy_table", failing_commit)
+    with pytest.raises(duckdb.OutOfMemoryException, match="failed to pin block"):
+        store.sync_duckdb(["r2"])
+    assert store.pending_runs() == ["r2"]
+    with pytest.raises(duckdb.OutOfMemoryException):
+        store.rebuild_duckdb()
+    monkeypatch.undo()
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:  # the failed rebuild replaced nothing
+        assert con.execute("SELECT count(*) FROM token_parents WHERE run_id = 'r1'").fetchone() == (1,)
+    assert store.sync_duckdb([]).synced == ["r2"] and store.pending_runs() == []
+
 def test_a_failing_background_write_surfaces_on_close(tmp_path: Path) -> None:
     class Broken(MemoryWriter):
         def write_segment(self, table, run_id, batch):  # type: ignore[no-untyped-def]
