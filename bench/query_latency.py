@@ -60,8 +60,8 @@ BASELINES: dict[str, list[str]] = {
     "policy_outcomes": [
         "SELECT coalesce_name, trigger, event_type, failure_reason, count(*) FROM {coalesce_events} "
         "WHERE event_type <> 'late_arrival' GROUP BY ALL ORDER BY ALL",
-        "SELECT coalesce_name, unnest(branches_lost), unnest(lost_reasons), count(*) FROM {coalesce_events} "
-        "GROUP BY ALL",
+        "SELECT coalesce_name, branch, reason, count(*) FROM (SELECT coalesce_name, unnest(branches_lost) AS branch, "
+        "unnest(lost_reasons) AS reason FROM {coalesce_events}) GROUP BY ALL",
         "SELECT coalesce_name, late_branch, count(*), avg(late_by_ms), max(late_by_ms) FROM {coalesce_events} "
         "WHERE event_type = 'late_arrival' GROUP BY ALL"],
     "lineage": [
@@ -129,10 +129,11 @@ def measure(store: Path, repeat: int, seed: int) -> dict[str, Any]:
         "check": lambda i: audit.check(run),
     }
     for name, call in helpers.items():
-        print(f"timing {name} ...", file=sys.stderr, flush=True)
+        print(f"timing {name} ...", end=" ", file=sys.stderr, flush=True)
         cold = timed(lambda call=call: call(0))
         times = repeat if cold < 1000 else min(repeat, 3)  # whole-run results: fewer repeats, same median
         results[name] = {"cold": cold, "warm": warm(lambda i, call=call: call(i + 1), times)}
+        print(f"cold {cold:.0f} ms, warm {results[name]['warm']:.0f} ms", file=sys.stderr, flush=True)
     audit.close()
     results["open_audit"]["warm"] = warm(lambda i: enb.open_audit(store).close(), repeat)
 
