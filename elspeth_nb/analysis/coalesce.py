@@ -129,7 +129,8 @@ _TIMING_JOINS = {
         {"after_token": "a.token_id", "after_reason": "a.reason"}),
 }
 _TIMING_NULLS = {"late_branch": "NULL::VARCHAR", "late_token": "NULL::VARCHAR", "late_by": "NULL::DOUBLE",
-                 "lost_token": "NULL::VARCHAR", "lost_at": "NULL::INTEGER", "after_token": "NULL::VARCHAR", "after_reason": "NULL::VARCHAR"}
+                 "lost_token": "NULL::VARCHAR", "lost_at": "NULL::INTEGER", "after_token": "NULL::VARCHAR",
+                 "after_reason": "NULL::VARCHAR"}
 #: Which optional parts the run needs (a NULL count reads as needed). Reads four small columns.
 _TIMING_NEEDS_SQL = """
 SELECT coalesce(bool_or(event_type = 'late_arrival'), false) AS late,
@@ -150,7 +151,8 @@ def _timings_sql(self: Audit, run: str, where: str, *, ordered: bool = True) -> 
     return _TIMINGS_SQL.format(
         where=where, ctes="".join(f", {_TIMING_JOINS[p].cte}" for p in parts),
         joins="".join(f"\n{_TIMING_JOINS[p].join}" for p in parts),
-        order="ORDER BY e2.decided_at, e2.event_id, list_position(e2.expected_branches, e2.branch)" if ordered else "", **fills)
+        order="ORDER BY e2.decided_at, e2.event_id, list_position(e2.expected_branches, e2.branch)" if ordered else "",
+        **fills)
 
 
 def merge_timings(self: Audit, run_id: str = "latest", coalesce: str | None = None) -> pl.DataFrame:
@@ -207,12 +209,12 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
     run = self._db.resolve_run(run_id)
     keys = ", ".join(quote_ident(g) for g in groups)
     timings = _timings_sql(self, run, "", ordered=False)
-    # group names come from SUMMARY_GROUPS only
+    # every name formatted into the SQL below comes from SUMMARY_GROUPS or this module (S608)
     branches = (f"count(*) FILTER (WHERE status = 'arrived') AS arrivals, {_stats('arrival_offset_ms', 'arrival')}, "
                 "count(*) FILTER (WHERE status = 'late') AS late, count(*) FILTER (WHERE status = 'lost') AS lost, "
                 "count(*) FILTER (WHERE status = 'missing') AS missing")
     if "branch" in groups:  # one row per decision and branch: each decision is in a group once, one pass
-        grouped = (f"SELECT {keys}, count(*) AS decisions, {_stats('wait_duration_ms', 'wait')}, {branches} "
+        grouped = (f"SELECT {keys}, count(*) AS decisions, {_stats('wait_duration_ms', 'wait')}, {branches} "  # noqa: S608
                    f"FROM ({timings}) GROUP BY ALL")
     else:  # waits from the decisions themselves, arrivals from their branches
         grouped = f"""
@@ -221,7 +223,7 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
                          FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival') GROUP BY ALL),
              a AS (SELECT {keys}, {branches} FROM ({timings}) GROUP BY ALL)
         SELECT * FROM w JOIN a USING ({keys})
-        """
+        """  # noqa: S608
     sql = (f"SELECT {keys}, decisions, {_spread('wait')}, arrivals, {_spread('arrival')}, late, lost, missing "  # noqa: S608
            f"FROM ({grouped}) ORDER BY {keys}")
     return self._db.frame(sql, {"run": run})

@@ -442,9 +442,10 @@ def _polars(table: pa.Table) -> pl.DataFrame:
 
 
 #: Columns of ``Lineage.errors`` (as ``_ERRORS_SQL`` returns them), for a row without errors.
-_ERRORS_SCHEMA = {"kind": pl.String, "error_id": pl.String, "token_id": pl.String, "node": pl.String,
-                  "destination": pl.String, "row_hash": pl.String, "details_json": pl.String,
-                  "row_data_json": pl.String, "created_at": pl.Datetime("us", "UTC")}
+_ERRORS_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
+    "kind": pl.String, "error_id": pl.String, "token_id": pl.String, "node": pl.String, "destination": pl.String,
+    "row_hash": pl.String, "details_json": pl.String, "row_data_json": pl.String,
+    "created_at": pl.Datetime("us", "UTC")}
 
 
 def lineage(self: Audit, run_id: str = "latest", *, row_id: str | None = None, row_index: int | None = None,

@@ -448,7 +448,7 @@ def latest_run_rows(store: AuditStore) -> dict[str, dict[str, object]]:
         if not files:
             continue
         rows = pa.concat_tables([read_segment(f) for f in files]).to_pylist()
-        best = max(rows, key=lambda r: int(r["revision"] or 0))  # type: ignore[call-overload]
+        best = max(rows, key=lambda r: int(r["revision"] or 0))
         latest[run_id] = best
     return latest
 
