@@ -16,9 +16,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 8  # seeds per task
 sys.path.insert(0, str(ROOT))
 
 from tests.fuzz.generator import RandomDraw, random_pipeline  # noqa: E402
@@ -33,6 +36,10 @@ def fuzz_one(seed: int) -> tuple[int, list[str], list[dict[str, object]]]:
         return seed, shapes, run_and_check(pipeline)
 
 
+def fuzz_chunk(seeds: range) -> list[tuple[int, list[str], list[dict[str, object]]]]:
+    return [fuzz_one(seed) for seed in seeds]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000)
@@ -44,16 +51,29 @@ def main() -> int:
     failed_seeds: list[int] = []
     shapes: Counter[str] = Counter()
     seeds = range(args.seed, args.seed + args.count)
-    with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
-        for done, (seed, coalesces, found) in enumerate(pool.imap_unordered(fuzz_one, seeds, chunksize=8), 1):
-            shapes.update(coalesces)
-            if found:
-                failed_seeds.append(seed)
-                violations.update(str(v["invariant"]) for v in found)
-                print(f"seed {seed}: {len(found)} violation(s): {found[:3]}", flush=True)
-            if done % 500 == 0:
-                print(f"{done} pipelines, {len(failed_seeds)} with violations, "
-                      f"{time.perf_counter() - started:.0f}s", flush=True)
+    chunks = [seeds[i:i + CHUNK] for i in range(0, len(seeds), CHUNK)]
+    done = 0
+    # an executor, not a Pool: a worker that dies breaks it with an error instead of hanging the bench
+    with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(fuzz_chunk, chunk): chunk for chunk in chunks}
+        for future in as_completed(futures):
+            try:
+                results = future.result()
+            except BrokenProcessPool:
+                chunk = futures[future]
+                print(f"a worker process died running seeds {chunk[0]}..{chunk[-1]}: rerun them with "
+                      f"--seed {chunk[0]} --count {len(chunk)} --processes 1", flush=True)
+                return 2
+            for seed, coalesces, found in results:
+                done += 1
+                shapes.update(coalesces)
+                if found:
+                    failed_seeds.append(seed)
+                    violations.update(str(v["invariant"]) for v in found)
+                    print(f"seed {seed}: {len(found)} violation(s): {found[:3]}", flush=True)
+                if done % 500 == 0:
+                    print(f"{done} pipelines, {len(failed_seeds)} with violations, "
+                          f"{time.perf_counter() - started:.0f}s", flush=True)
     seconds = time.perf_counter() - started
     print(f"\n{args.count} random pipelines in {seconds:.0f}s ({args.count / seconds:.1f}/s): "
           f"{len(failed_seeds)} with invariant violations {dict(violations)}")
