@@ -285,20 +285,27 @@ class _Records:
                       {**row, "row_hash": row_hash}, "row_id", [self.row], nulls=True),
         ])
         state_ids = sorted({s for s in self.tables["node_states"].column("state_id").to_pylist() if s is not None})
-        self._job("routing_events", _among("state_id"), _keys(state_ids), "state_id", state_ids)(self.db.con)
-        hashes = (rows.column("source_data_ref").to_pylist() + rows.column("source_data_hash").to_pylist()
-                  + self.tables["node_states"].column("output_hash").to_pylist()
-                  + self.tables["routing_events"].column("reason_ref").to_pylist())
-        self.tables["payloads"] = self._payloads(sorted({h for h in hashes if h is not None}))
+        hashes = {h for h in (rows.column("source_data_ref").to_pylist() + rows.column("source_data_hash").to_pylist()
+                              + self.tables["node_states"].column("output_hash").to_pylist()) if h is not None}
+
+        def payloads(con: duckdb.DuckDBPyConnection) -> None:
+            self.tables["payloads"] = self._payloads(sorted(hashes), con)
+
+        self.db.parallel([self._job("routing_events", _among("state_id"), _keys(state_ids), "state_id", state_ids),
+                          payloads])
+        reasons = {h for h in self.tables["routing_events"].column("reason_ref").to_pylist() if h is not None}
+        if reasons - hashes:  # routing reasons stored as payloads (gates that explain themselves)
+            self.tables["payloads"] = pa.concat_tables(
+                [self.tables["payloads"], self._payloads(sorted(reasons - hashes), self.db.con)])
         return self.tables
 
-    def _payloads(self, hashes: list[str]) -> pa.Table:
+    def _payloads(self, hashes: list[str], con: duckdb.DuckDBPyConnection) -> pa.Table:
         """The stored payloads among ``hashes`` (from the segments that can hold them, in an audit store)."""
         segments = self.db.payload_segments(self.run, hashes)
         scan = self.db.lookup("payloads", self.run, "payload_hash", hashes, names=segments)
         where = _among("payload_hash") if hashes else "false"
         return self.db.arrow(f"SELECT * FROM {scan.sql} WHERE run_id = $run AND {where}",  # noqa: S608
-                             {"run": self.run, **(_keys(hashes) if hashes else {}), **scan.params})
+                             {"run": self.run, **(_keys(hashes) if hashes else {}), **scan.params}, con=con)
 
     def parents_known(self) -> bool:
         """Whether every parent of the row's tokens is a token of the row (the walk needs no other link)."""
