@@ -234,7 +234,7 @@ class Recorder:
         segment_rows: int = 200_000,
         flush_interval_s: float = 5.0,
         before_flush: Callable[[], None] | None = None,
-        payload_cache_size: int = 250_000,
+        payload_cache_size: int = 65_536,
         background: bool = True,
     ) -> None:
         self.run_id = run_id

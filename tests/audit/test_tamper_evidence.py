@@ -123,3 +123,26 @@ def test_a_saved_root_proves_the_run_unchanged_and_catches_a_rewritten_trail(pri
     result = verify_run(store, run_id, expected_root=saved)
     assert not result.ok
     assert any(f.kind == "segment_added" and f.table == "rows" for f in result.findings)
+
+
+def test_digests_written_during_the_run_verify_and_catch_a_change(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fingerprints are flushed as they accumulate (memory stays flat); the root covers every flush."""
+    import elspeth_nb.audit.writer as writer
+
+    monkeypatch.setattr(writer, "DIGEST_FLUSH_BYTES", 64)  # a digest file every few segments
+    source = write_csv(tmp_path / "in.csv", [*ROWS, *({"id": 10 + i, "category": "toys", "amount": i, "note": "n"}
+                                                     for i in range(40))])
+    pipeline = fork_pipeline(source, policy="require_all")
+    result = run_pipeline(pipeline, segment_rows=16, sync_duckdb=False)
+    store = AuditStore.open(tmp_path / "audit")
+    digest_files = list(partition_dir(store.parquet_root, "segment_digests", result.run_id).glob("part-*.parquet"))
+    assert len(digest_files) > 1
+    verified = verify_run(store, result.run_id, expected_root=result.merkle_root)
+    assert verified.ok and verified.computed_root == result.merkle_root
+    assert verified.segments == len({(d.table_name, d.part_file) for d in store.segment_digests(result.run_id)})
+    segment = _segment(store, "node_states", result.run_id)
+    records = pq.read_table(segment)
+    pq.write_table(records.slice(1), segment)  # one record deleted
+    changed = verify_run(store, result.run_id, expected_root=result.merkle_root)
+    assert not changed.ok and "node_states" in {f.table for f in changed.findings}
