@@ -243,6 +243,9 @@ class Engine:
         if sync_duckdb == "background" and writer is None:
             message = store.sync_duckdb_in_background([self.run_id])
         elif sync_duckdb and writer is None:
+            import pyarrow as pa
+
+            pa.default_memory_pool().release_unused()  # hand the run's freed Arrow buffers back before DuckDB's
             sync = store.sync_duckdb([self.run_id])
             message, duckdb_s = sync.message or f"up to date ({sync.seconds:.2f}s)", sync.seconds
         result = RunResult(
