@@ -327,18 +327,17 @@ class Database:
 
     # -- point lookups ------------------------------------------------------------------------------
     def lookup(self, table: str, run_id: str, column: str | None = None, values: Iterable[Any] = (), *,
-               nulls: bool = False, names: Collection[str] | None = None, exclude: Collection[str] = ()) -> Lookup:
+               nulls: bool = False, names: Collection[str] | None = None) -> Lookup:
         """Where to read ``table`` for rows of ``run_id`` whose ``column`` is one of ``values`` (or NULL, if ``nulls``).
 
-        For an audit store: only the segments whose footer statistics allow such a row (``names`` and
-        ``exclude`` filter by segment file name), with the view's columns. Otherwise, and when a footer cannot
-        be read, the view itself. The caller still filters on ``run_id`` and ``column``.
+        For an audit store: only the segments whose footer statistics allow such a row (and, given
+        ``names``, only those files), with the view's columns. Otherwise, and when a footer cannot be
+        read, the view itself. The caller still filters on ``run_id`` and ``column``.
         """
         view = Lookup(quote_ident(table))
         if self.kind != STORE or self.segment_index is None:
             return view
-        chosen = self.segment_index.select(table, run_id, column, list(values), nulls=nulls, names=names,
-                                           exclude=exclude)
+        chosen = self.segment_index.select(table, run_id, column, list(values), nulls=nulls, names=names)
         if chosen is None:
             return view
         schema = TABLES[table]

@@ -110,20 +110,16 @@ class SegmentIndex:
         return found
 
     def select(self, table: str, run_id: str, column: str | None = None, values: Collection[Any] = (), *,
-               nulls: bool = False, names: Collection[str] | None = None,
-               exclude: Collection[str] = ()) -> list[Segment] | None:
+               nulls: bool = False, names: Collection[str] | None = None) -> list[Segment] | None:
         """Segments that may hold a row with ``column`` in ``values`` (all of them without ``column``).
 
-        ``names`` keeps only segments of those file names, ``exclude`` drops those; None when a
-        footer cannot be read.
+        ``names`` keeps only segments of those file names; None when a footer cannot be read.
         """
         segments = self.segments(table, run_id)
         if segments is None:
             return None
         if names is not None:
             segments = [s for s in segments if s.name in names]
-        if exclude:
-            segments = [s for s in segments if s.name not in exclude]
         if column is None:
             return segments
         try:
