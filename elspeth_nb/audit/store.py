@@ -276,9 +276,10 @@ class AuditStore:
                 self._ensure_tables(con)
                 for run_id in wanted:
                     self._copy_run(con, run_id)
-                    (self.pending_dir() / run_id).unlink(missing_ok=True)
             finally:
                 con.close()
+            for run_id in wanted:  # only once the file is released: no marker means readable now
+                (self.pending_dir() / run_id).unlink(missing_ok=True)
             return SyncResult(synced=wanted, seconds=time.perf_counter() - started)
         then = "(or the next run) brings audit.duckdb up to date" if held else "recreates audit.duckdb from them"
         return SyncResult(
