@@ -454,12 +454,23 @@ def latest_run_rows(store: AuditStore) -> dict[str, dict[str, object]]:
     return latest
 
 
+def _dead_runs(store: AuditStore) -> dict[str, dict[str, object]]:
+    """Latest revisions of the runs that say running while no process holds their lock.
+
+    A writer releases its lock only after its final revision is on disk, so a run found not live
+    is read again: one that finished between the first read and the lock check is not dead.
+    """
+    candidates = [run_id for run_id, row in latest_run_rows(store).items()
+                  if row["status"] == "running" and not store.is_live(run_id)]
+    if not candidates:
+        return {}
+    latest = latest_run_rows(store)
+    return {run_id: latest[run_id] for run_id in candidates if latest[run_id]["status"] == "running"}
+
+
 def interrupted_runs(store: AuditStore) -> list[str]:
     """Runs whose latest revision says running but whose writer process is gone."""
-    return [
-        run_id for run_id, row in latest_run_rows(store).items()
-        if row["status"] == "running" and not store.is_live(run_id)
-    ]
+    return list(_dead_runs(store))
 
 
 def mark_interrupted(store: AuditStore, found_by: str) -> list[str]:
@@ -467,12 +478,10 @@ def mark_interrupted(store: AuditStore, found_by: str) -> list[str]:
     from elspeth_nb.audit.schema import RUNS, RunStatus
     from elspeth_nb.audit.writer import ParquetSegmentWriter
 
-    latest = latest_run_rows(store)
-    stale = [run_id for run_id, row in latest.items()
-             if row["status"] == RunStatus.RUNNING and not store.is_live(run_id)]
+    stale = _dead_runs(store)
     writer = ParquetSegmentWriter(store.parquet_root)
-    for run_id in stale:
-        row = dict(latest[run_id])
+    for run_id, latest in stale.items():
+        row = dict(latest)
         row.update(status=RunStatus.INTERRUPTED, revision=int(row["revision"] or 0) + 1,  # type: ignore[call-overload]
                    error_message=f"the writing process ended before the run finished (found by {found_by})")
         row.pop(PARTITION_COLUMN, None)
@@ -480,4 +489,4 @@ def mark_interrupted(store: AuditStore, found_by: str) -> list[str]:
         for leftover in store.parquet_root.glob(f"*/{PARTITION_COLUMN}={run_id}/.part-*.tmp"):
             leftover.unlink(missing_ok=True)  # a segment the dead writer never finished: never visible
     writer.close()
-    return stale
+    return list(stale)
