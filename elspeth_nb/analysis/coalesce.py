@@ -29,7 +29,7 @@ def _coalesce_filter(self: Audit, run: str, coalesce: str | None) -> str:
         return ""
     if not isinstance(coalesce, str):
         raise TypeError(f"coalesce must be a coalesce name (str) or None, not {type(coalesce).__name__}")
-    known = [r[0] for r in self._db.rows(
+    known = [r[0] for r in self._db.rows_for([run],
         "SELECT DISTINCT node_name FROM nodes WHERE run_id = $run AND node_type = 'coalesce' AND node_name IS NOT NULL "
         "UNION SELECT DISTINCT coalesce_name FROM coalesce_events WHERE run_id = $run ORDER BY 1", {"run": run})]
     if coalesce not in known:
@@ -55,8 +55,8 @@ def coalesce_events(self: Audit, run_id: str = "latest", coalesce: str | None = 
     where = _coalesce_filter(self, run, coalesce)
     if not include_late:
         where += " AND event_type <> 'late_arrival'"
-    return self._db.frame(
-        f"SELECT * FROM coalesce_events WHERE run_id = $run{where} "  # noqa: S608 - fixed fragments only
+    return self._db.frame_for(
+        [run], f"SELECT * FROM coalesce_events WHERE run_id = $run{where} "  # noqa: S608 - fixed fragments only
         f"ORDER BY decided_at, event_type = 'late_arrival', event_id", _params(run, coalesce))
 
 
@@ -143,7 +143,7 @@ FROM coalesce_events WHERE run_id = $run
 
 def _timings_sql(self: Audit, run: str, where: str, *, ordered: bool = True) -> str:
     """The per-branch timings query of ``run`` (parameter ``$run``), with only the joins its decisions need."""
-    needs = self._db.rows(_TIMING_NEEDS_SQL, {"run": run})[0]
+    needs = self._db.rows_for([run], _TIMING_NEEDS_SQL, {"run": run})[0]
     parts = [part for part, needed in zip(("late", "lost", "unresolved"), needs, strict=True) if needed]
     fills = dict(_TIMING_NULLS)
     for part in parts:
@@ -170,7 +170,7 @@ def merge_timings(self: Audit, run_id: str = "latest", coalesce: str | None = No
     """
     run = self._db.resolve_run(run_id)
     where = _coalesce_filter(self, run, coalesce)
-    return self._db.frame(_timings_sql(self, run, where), _params(run, coalesce))
+    return self._db.frame_for([run], _timings_sql(self, run, where), _params(run, coalesce))
 
 
 _QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
@@ -226,7 +226,7 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
         """  # noqa: S608
     sql = (f"SELECT {keys}, decisions, {_spread('wait')}, arrivals, {_spread('arrival')}, late, lost, missing "  # noqa: S608
            f"FROM ({grouped}) ORDER BY {keys}")
-    return self._db.frame(sql, {"run": run})
+    return self._db.frame_for([run], sql, {"run": run})
 
 
 _POLICY_SQL = """
@@ -318,4 +318,4 @@ def policy_outcomes(self: Audit, run_id: str = "latest") -> PolicyOutcomes:
     ['result', 'trigger']
     """
     run = self._db.resolve_run(run_id)
-    return PolicyOutcomes(run, self._db.frame(_POLICY_SQL, {"run": run}))
+    return PolicyOutcomes(run, self._db.frame_for([run], _POLICY_SQL, {"run": run}))

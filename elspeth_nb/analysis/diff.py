@@ -149,12 +149,13 @@ def diff_runs(self: Audit, a: str, b: str = "latest") -> RunDiff:
     db = self._db
     run_a, run_b = db.resolve_run(a), db.resolve_run(b)
     params = {"a": run_a, "b": run_b}
+    pair = [run_a, run_b]
     settings = dict(db.rows("SELECT run_id, settings_json FROM runs WHERE run_id IN ($a, $b)", params))
     return RunDiff(
         a=run_a, b=run_b,
         config=_config_diff(settings.get(run_a), settings.get(run_b)),
-        nodes=db.frame(_NODES_SQL, params),
-        outcomes=db.frame(_OUTCOMES_SQL, params),
-        decisions=db.frame(_DECISIONS_SQL, params),
-        timings=db.frame(_TIMINGS_SQL, params),
+        nodes=db.frame_for(pair, _NODES_SQL, params),
+        outcomes=db.frame_for(pair, _OUTCOMES_SQL, params),
+        decisions=db.frame_for(pair, _DECISIONS_SQL, params),
+        timings=db.frame_for(pair, _TIMINGS_SQL, params),
     )

@@ -20,24 +20,21 @@ if TYPE_CHECKING:
 FAILURE_OUTCOMES = (Outcome.FAILED, Outcome.QUARANTINED)
 OUTCOME_GROUPINGS = ("outcome", "node", "sink", "branch")
 
-_RUNS_SQL = f"""
-WITH rw AS (SELECT run_id, count(*) AS n FROM rows GROUP BY run_id),
-     tk AS (SELECT run_id, count(*) AS n FROM tokens GROUP BY run_id),
-     ce AS (SELECT run_id,
-                   count(*) FILTER (WHERE event_type = '{CoalesceEventType.MERGED}') AS merged,
-                   count(*) FILTER (WHERE event_type = '{CoalesceEventType.FAILED}') AS failed,
-                   count(*) FILTER (WHERE event_type = '{CoalesceEventType.LATE_ARRIVAL}') AS late
-            FROM coalesce_events GROUP BY run_id)
-SELECT r.run_id, r.status, r.started_at, r.completed_at,
-       epoch(r.completed_at) - epoch(r.started_at) AS duration_s,
-       r.producer, r.pipeline_path, r.payload_mode,
-       coalesce(rw.n, 0) AS rows, coalesce(tk.n, 0) AS tokens, coalesce(ce.merged, 0) AS merged,
-       coalesce(ce.failed, 0) AS coalesce_failed, coalesce(ce.late, 0) AS late_arrivals
-FROM runs r
-LEFT JOIN {INTERNAL}.run_order o USING (run_id)
-LEFT JOIN rw USING (run_id) LEFT JOIN tk USING (run_id) LEFT JOIN ce USING (run_id)
+_RUN_LIST_SQL = f"""
+SELECT r.run_id, r.status, r.started_at, r.completed_at, epoch(r.completed_at) - epoch(r.started_at) AS duration_s,
+       r.producer, r.pipeline_path, r.payload_mode
+FROM runs r LEFT JOIN {INTERNAL}.run_order o USING (run_id)
 ORDER BY {NEWEST_FIRST}
 """  # noqa: S608 - constants only
+
+#: Coalesce counts of the runs in ``$runs``, one row per run that has decisions.
+_RUN_DECISIONS_SQL = f"""
+SELECT run_id, count(*) FILTER (WHERE event_type = '{CoalesceEventType.MERGED}') AS merged,
+       count(*) FILTER (WHERE event_type = '{CoalesceEventType.FAILED}') AS coalesce_failed,
+       count(*) FILTER (WHERE event_type = '{CoalesceEventType.LATE_ARRIVAL}') AS late_arrivals
+FROM coalesce_events WHERE list_contains($runs::VARCHAR[], run_id) GROUP BY run_id
+"""  # noqa: S608 - constants only
+_COUNT_COLUMNS = ("rows", "tokens", "merged", "coalesce_failed", "late_arrivals")
 
 
 def runs(self: Audit) -> pl.DataFrame:
@@ -49,44 +46,48 @@ def runs(self: Audit) -> pl.DataFrame:
     >>> audit.runs().columns[:3]
     ['run_id', 'status', 'started_at']
     """
-    self._db.update_liveness()
-    return self._db.frame(_RUNS_SQL)
+    db = self._db
+    db.update_liveness()
+    listed = db.frame(_RUN_LIST_SQL)
+    ids = listed["run_id"].to_list()
+    sizes = pl.DataFrame({"run_id": ids, "rows": list(map(db.record_counts("rows", ids).get, ids)),
+                          "tokens": list(map(db.record_counts("tokens", ids).get, ids))},
+                         schema={"run_id": pl.String, "rows": pl.Int64, "tokens": pl.Int64})
+    decisions = db.frame_by_run(ids, _RUN_DECISIONS_SQL)
+    return (listed.join(sizes, on="run_id", how="left", maintain_order="left")
+            .join(decisions, on="run_id", how="left", maintain_order="left")
+            .with_columns(pl.col(c).fill_null(0).cast(pl.Int64) for c in _COUNT_COLUMNS))
 
 
 _HEADER_SQL = """
 SELECT run_id, status, started_at, completed_at, epoch(completed_at) - epoch(started_at) AS duration_s,
        config_hash, canonical_version, reproducibility_grade, producer, pipeline_path, payload_mode, schema_version,
-       revision, error_message, merkle_root,
-       (SELECT count(*) FROM rows WHERE run_id = $run) AS rows,
-       (SELECT count(*) FROM tokens WHERE run_id = $run) AS tokens,
-       (SELECT count(*) FROM node_states WHERE run_id = $run) AS node_states,
-       (SELECT count(*) FROM token_outcomes WHERE run_id = $run AND is_terminal = 1 AND outcome = 'quarantined')
-           AS quarantined,
-       (SELECT count(*) FROM validation_errors WHERE run_id = $run) AS validation_errors,
-       (SELECT count(*) FROM transform_errors WHERE run_id = $run) AS transform_errors,
-       (SELECT count(*) FROM artifacts WHERE run_id = $run) AS artifacts
+       revision, error_message, merkle_root
 FROM runs WHERE run_id = $run
 """
+#: Header counts that are record counts of a table, in header order (``quarantined`` comes after node_states).
+_HEADER_COUNTS = ("rows", "tokens", "node_states", "validation_errors", "transform_errors", "artifacts")
+_QUARANTINED_SQL = """
+SELECT count(*) FROM token_outcomes WHERE run_id = $run AND is_terminal = 1 AND outcome = 'quarantined'
+"""
 
+#: Per node: states aggregated first (one pass over node_states), then joined to the few nodes.
 _NODES_SQL = """
-WITH s AS (SELECT * FROM node_states WHERE run_id = $run),
-     w AS (SELECT node_id, count(*) AS decisions, avg(wait_duration_ms) AS mean_wait_ms,
+WITH s AS (SELECT node_id, min(step_index) AS first_step, count(*) AS states,
+                  count(*) FILTER (WHERE status = 'completed') AS completed,
+                  count(*) FILTER (WHERE status = 'failed') AS failed,
+                  avg(duration_ms) AS mean_duration_ms, quantile_cont(duration_ms, 0.95) AS p95_duration_ms
+           FROM node_states WHERE run_id = $run GROUP BY node_id),
+     w AS (SELECT node_id, avg(wait_duration_ms) AS mean_wait_ms,
                   quantile_cont(wait_duration_ms, 0.95) AS p95_wait_ms, max(wait_duration_ms) AS max_wait_ms
            FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival' GROUP BY node_id)
-SELECT n.node_name, n.node_type, n.plugin_name AS plugin,
-       coalesce(n.sequence_in_pipeline, min(s.step_index)) AS step,
-       count(s.state_id) AS states,
-       count(s.state_id) FILTER (WHERE s.status = 'completed') AS completed,
-       count(s.state_id) FILTER (WHERE s.status = 'failed') AS failed,
-       CASE WHEN n.node_type <> 'coalesce' THEN avg(s.duration_ms) END AS mean_duration_ms,
-       CASE WHEN n.node_type <> 'coalesce' THEN quantile_cont(s.duration_ms, 0.95) END AS p95_duration_ms,
-       any_value(w.mean_wait_ms) AS mean_wait_ms, any_value(w.p95_wait_ms) AS p95_wait_ms,
-       any_value(w.max_wait_ms) AS max_wait_ms
-FROM nodes n
-LEFT JOIN s ON s.node_id = n.node_id
-LEFT JOIN w ON w.node_id = n.node_id
+SELECT n.node_name, n.node_type, n.plugin_name AS plugin, coalesce(n.sequence_in_pipeline, s.first_step) AS step,
+       coalesce(s.states, 0) AS states, coalesce(s.completed, 0) AS completed, coalesce(s.failed, 0) AS failed,
+       CASE WHEN n.node_type <> 'coalesce' THEN s.mean_duration_ms END AS mean_duration_ms,
+       CASE WHEN n.node_type <> 'coalesce' THEN s.p95_duration_ms END AS p95_duration_ms,
+       w.mean_wait_ms, w.p95_wait_ms, w.max_wait_ms
+FROM nodes n LEFT JOIN s USING (node_id) LEFT JOIN w USING (node_id)
 WHERE n.run_id = $run
-GROUP BY n.node_id, n.node_name, n.node_type, n.plugin_name, n.sequence_in_pipeline
 ORDER BY step NULLS LAST, n.node_name
 """
 
@@ -162,8 +163,12 @@ def run_summary(self: Audit, run_id: str = "latest") -> RunSummary:
     run = db.resolve_run(run_id)
     params = {"run": run}
     header = db.frame(_HEADER_SQL, params).row(0, named=True)
-    return RunSummary(run, MappingProxyType(header), db.frame(_NODES_SQL, params), outcomes(self, run),
-                      db.frame(_COALESCE_SQL, params))
+    for table in _HEADER_COUNTS:
+        header[table] = db.record_counts(table, [run]).get(run, 0)
+        if table == "node_states":
+            header["quarantined"] = db.rows_for([run], _QUARANTINED_SQL, params)[0][0]
+    return RunSummary(run, MappingProxyType(header), db.frame_for([run], _NODES_SQL, params), outcomes(self, run),
+                      db.frame_for([run], _COALESCE_SQL, params))
 
 
 _LAST_NODE = """
@@ -203,4 +208,4 @@ def outcomes(self: Audit, run_id: str = "latest", by: str = "outcome") -> pl.Dat
     sql = (f"SELECT {select}, o.outcome IN ({failures}) AS is_failure, count(*) AS count "  # noqa: S608
            f"FROM token_outcomes o {join} WHERE o.run_id = $run AND o.is_terminal = 1 "
            f"GROUP BY ALL ORDER BY {order}")
-    return self._db.frame(sql, {"run": run})
+    return self._db.frame_for([run], sql, {"run": run})

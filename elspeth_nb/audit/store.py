@@ -19,10 +19,12 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 import pyarrow as pa
@@ -37,6 +39,30 @@ MANIFEST_NAME = "elspeth-nb-store.json"
 STORE_FORMAT = "elspeth-nb-audit-store"
 SCHEMA_PARTITION = "__schema__"
 DUCKDB_NAME = "audit.duckdb"
+
+
+class DuckdbReader(Protocol):
+    """Something in this process that may hold an audit.duckdb open read-only and can let go of it."""
+
+    path: Path
+
+    def release(self) -> None: ...
+
+
+#: This process's readers of audit.duckdb files; a sync asks those of its file to let go first (DuckDB refuses
+#: a read-write connection to a file this process holds read-only, and waiting would never end it).
+_READERS: weakref.WeakSet[DuckdbReader] = weakref.WeakSet()
+
+
+def register_reader(reader: DuckdbReader) -> None:
+    """Ask ``reader`` to release its file whenever this process is about to write that file."""
+    _READERS.add(reader)
+
+
+def _release_readers(path: Path) -> None:
+    for reader in list(_READERS):
+        if reader.path == path:
+            reader.release()
 
 
 def duckdb_type(type_: pa.DataType) -> str:
@@ -245,32 +271,38 @@ class AuditStore:
         d = self.pending_dir()
         return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
+    def sync_waiting_path(self) -> Path:
+        """Present while a sync waits for readers to let go of audit.duckdb; readers seeing it read Parquet."""
+        return self.root / ".duckdb-sync-waiting"
+
+    def sync_waiting(self, max_age_s: float = 60.0) -> bool:
+        """True while a sync waits for audit.duckdb (a marker older than ``max_age_s`` is a dead sync's)."""
+        try:
+            return time.time() - self.sync_waiting_path().stat().st_mtime < max_age_s
+        except FileNotFoundError:
+            return False
+
     def mark_pending(self, run_id: str) -> None:
         self.pending_dir().mkdir(parents=True, exist_ok=True)
         (self.pending_dir() / run_id).touch()
 
-    def sync_duckdb(self, run_ids: Iterable[str], *, attempts: int = 4, wait_s: float = 0.1) -> SyncResult:
+    def sync_duckdb(self, run_ids: Iterable[str], *, attempts: int = 7, wait_s: float = 0.1) -> SyncResult:
         """Copy the runs' Parquet rows into audit.duckdb, replacing what it held for them.
 
-        A reader holding the file blocks the write; we retry ``attempts`` times, then leave the
-        runs marked pending (the next sync or ``elspeth-nb rebuild`` picks them up) and say so.
+        A reader holding the file blocks the write. Readers in this process are asked to let go; those
+        of other processes see :meth:`sync_waiting` at their next query and an idle audit lets go within
+        a second. We retry ``attempts`` times over about ``wait_s * 2**attempts`` seconds, then leave
+        the runs marked pending (the next sync or ``elspeth-nb rebuild`` picks them up) and say so.
         """
         wanted = list(dict.fromkeys([*self.pending_runs(), *run_ids]))
         started = time.perf_counter()
         for mark in wanted:
             self.mark_pending(mark)
-        last_error: Exception | None = None
-        held = True
-        for attempt in range(attempts):
-            try:
-                con = duckdb.connect(str(self.duckdb_path))
-            except duckdb.IOException as exc:  # another process holds the file
-                last_error = exc
-                if "lock" not in str(exc).lower():  # not held but unreadable (damaged): waiting will not help
-                    held = False
-                    break
-                time.sleep(wait_s * (2**attempt))
-                continue
+        try:
+            con, last_error, held = self._connect_for_writing(attempts, wait_s)
+        finally:
+            self.sync_waiting_path().unlink(missing_ok=True)
+        if con is not None:
             try:
                 _configure(con, self.root / ".duckdb-tmp")
                 self._ensure_tables(con)
@@ -289,6 +321,24 @@ class AuditStore:
                      f"({last_error}); the Parquet segments are complete and {len(wanted)} run(s) are marked "
                      f"pending: `elspeth-nb rebuild --audit {self.root}` {then}"),
         )
+
+    def _connect_for_writing(self, attempts: int, wait_s: float
+                             ) -> tuple[duckdb.DuckDBPyConnection | None, Exception | None, bool]:
+        """(connection, None, True) once audit.duckdb opens for writing, else (None, last error, whether held)."""
+        last_error: Exception | None = None
+        for attempt in range(attempts):
+            _release_readers(self.duckdb_path)
+            try:
+                return duckdb.connect(str(self.duckdb_path)), None, True
+            except duckdb.ConnectionException as exc:  # held read-only in this process by a reader not registered
+                last_error = exc
+            except duckdb.IOException as exc:  # another process holds the file
+                if "lock" not in str(exc).lower():  # not held but unreadable (damaged): waiting will not help
+                    return None, exc, False
+                last_error = exc
+            self.sync_waiting_path().touch()
+            time.sleep(wait_s * (2**attempt))
+        return None, last_error, True
 
     def sync_duckdb_in_background(self, run_ids: Iterable[str]) -> str:
         """Mark the runs pending and start a detached ``elspeth-nb sync`` that brings audit.duckdb up to date."""
