@@ -114,7 +114,7 @@ class Database:
         self.segment_index: SegmentIndex | None = None
         self._lookups = itertools.count()
         self._scratch: duckdb.DuckDBPyConnection | None = None
-        #: run id -> (payload segments keyed so far, in key order; their keys: ``key`` UInt64, ``segment`` UInt32)
+        #: run id -> (payload segments keyed so far; their payloads' keys, sorted: see ``payload_rows``)
         self._payload_keys: dict[str, tuple[list[Segment], pl.DataFrame]] = {}
         self._variables: dict[str, str] = {}
         self._workers: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
@@ -357,6 +357,29 @@ class Database:
         return Lookup(f"({self._projection(schema, source, present)})", {param: [s.path for s in chosen]},
                       tuple(s.name for s in chosen))
 
+    def records(self, table: str, run_id: str, column: str, values: Collection[Any], *, nulls: bool = False,
+                names: Collection[str] | None = None) -> pa.Table | None:
+        """The run's records of ``table`` whose ``column`` is one of ``values`` (or NULL, if ``nulls``), in the
+        view's columns, read straight from the segments that can hold them; None when only a query can
+        answer (not an audit store, or a segment that pyarrow cannot read: the query says which)."""
+        if self.segment_index is None:
+            return None
+        try:
+            return self.segment_index.read(TABLES[table], run_id, column, values, nulls=nulls, names=names)
+        except (OSError, pa.ArrowException):
+            return None
+
+    def records_at(self, table: str, run_id: str, rows: Mapping[str, Sequence[int]], column: str,
+                   values: Collection[Any]) -> pa.Table | None:
+        """The run's records of ``table`` at ``rows`` (segment name -> row numbers, e.g. from :meth:`payload_rows`)
+        whose ``column`` is in ``values``; None when only a query can answer."""
+        if self.segment_index is None:
+            return None
+        try:
+            return self.segment_index.read_rows(TABLES[table], run_id, rows, column, values)
+        except (OSError, pa.ArrowException):
+            return None
+
     def record_counts(self, table: str, runs: Sequence[str]) -> dict[str, int]:
         """Records of ``table`` per run (runs without any are left out).
 
@@ -377,37 +400,44 @@ class Database:
         return dict(self.rows(f"SELECT run_id, count(*) FROM {quote_ident(table)} "  # noqa: S608
                               f"WHERE list_contains($runs, run_id) GROUP BY run_id", {"runs": list(runs)}))
 
-    def payload_segments(self, run_id: str, hashes: Sequence[str]) -> set[str] | None:
-        """Names of the run's ``payloads`` segments that may hold one of ``hashes``; None if unknown.
+    def payload_rows(self, run_id: str, hashes: Sequence[str]) -> dict[str, list[int]] | None:
+        """Where the run's payloads among ``hashes`` may be: segment file name -> row numbers in it; None if unknown.
 
         Payload hashes are random, so segment statistics cannot rule a segment out, and telling that a
         hash is *not* stored (a coalesce branch state's output, a hashes-only run) would read the hash
         column of every segment. The first call for a run keys every payload of the run by DuckDB's
-        64-bit ``hash()`` of its hash, with the segment it is in (12 bytes a payload, in memory);
-        later calls add only the segments that landed since. The answer may name a segment that
-        holds none of ``hashes`` (a 64-bit collision), never misses one that does.
+        64-bit ``hash()`` of its hash, with its segment and row (16 bytes a payload, in memory, sorted
+        by key); later calls add only the segments that landed since. The answer may name a row that
+        holds none of ``hashes`` (a 64-bit collision: the reader checks the hash), never misses one.
         """
         if self.segment_index is None:
             return None
         current = self.segment_index.segments("payloads", run_id)
         if current is None:
             return None
-        keyed, keys = self._payload_keys.get(run_id, ([], pl.DataFrame(schema={"key": pl.UInt64,
-                                                                               "segment": pl.UInt32})))
+        keyed, keys = self._payload_keys.get(run_id, ([], pl.DataFrame(schema=_PAYLOAD_KEYS)))
         known = {id(s) for s in keyed}
         new = [s for s in current if id(s) not in known]
         if new:
-            added = self.frame("SELECT hash(payload_hash) AS key, ($first + file_index)::UINTEGER AS segment "
-                               "FROM read_parquet($paths)", {"first": len(keyed), "paths": [s.path for s in new]})
+            added = self.frame("SELECT hash(payload_hash) AS key, ($first + file_index)::UINTEGER AS segment, "
+                               "file_row_number::UINTEGER AS row FROM read_parquet($paths, file_row_number = true)",
+                               {"first": len(keyed), "paths": [s.path for s in new]})
             keyed = keyed + new
-            keys = pl.concat([keys, added]).rechunk()
+            keys = pl.concat([keys, added]).sort("key")
             self._payload_keys[run_id] = (keyed, keys)
         if not hashes:
-            return set()
-        wanted = [r[0] for r in self.rows("SELECT hash(unnest($hashes::VARCHAR[]))", {"hashes": list(hashes)})]
-        found = keys.filter(pl.col("key").is_in(wanted))["segment"].unique().to_list()
+            return {}
+        wanted = pl.Series([r[0] for r in self.rows("SELECT hash(unnest($hashes::VARCHAR[]))",
+                                                    {"hashes": list(hashes)})], dtype=pl.UInt64)
+        column = keys["key"]
+        first, last = column.search_sorted(wanted, side="left"), column.search_sorted(wanted, side="right")
         alive = {id(s) for s in current}
-        return {keyed[i].name for i in found if id(keyed[i]) in alive}
+        found: dict[str, list[int]] = {}
+        for start, stop in zip(first, last, strict=True):
+            for segment, row in keys.slice(start, stop - start).select("segment", "row").iter_rows():
+                if id(keyed[segment]) in alive:
+                    found.setdefault(keyed[segment].name, []).append(row)
+        return found
 
     def parallel(self, jobs: Sequence[Callable[[duckdb.DuckDBPyConnection], _T]]) -> list[_T]:
         """Run ``jobs`` side by side, each on a connection of its own; their results in order."""
@@ -593,3 +623,6 @@ def _frame(table: pa.Table) -> pl.DataFrame:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     return frame
+
+
+_PAYLOAD_KEYS = {"key": pl.UInt64, "segment": pl.UInt32, "row": pl.UInt32}

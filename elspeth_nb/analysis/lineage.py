@@ -184,6 +184,16 @@ def _lost_frame(tokens: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(records, schema=schema)
 
 
+def _key_lookup(db: Database, table: str, run: str, column: str, value: Any) -> list[tuple[Any, ...]]:
+    """``row_id`` of the run's ``table`` records whose ``column`` is ``value`` (as rows of one value)."""
+    found = db.records(table, run, column, [value])
+    if found is not None:
+        return [(r,) for r in found.column("row_id").to_pylist()]
+    scan = db.lookup(table, run, column, [value])
+    return db.rows(f"SELECT row_id FROM {scan.sql} WHERE run_id = $run AND {column} = $v",  # noqa: S608
+                   {"run": run, "v": value, **scan.params})
+
+
 def _resolve_row(self: Audit, run: str, row_id: str | None, row_index: int | None, token_id: str | None) -> str:
     chosen = [n for n, v in (("row_id", row_id), ("row_index", row_index), ("token_id", token_id)) if v is not None]
     if len(chosen) != 1:
@@ -191,18 +201,14 @@ def _resolve_row(self: Audit, run: str, row_id: str | None, row_index: int | Non
                          f"{', '.join(chosen) or 'none'}")
     db = self._db
     if row_id is not None:
-        rows = db.lookup("rows", run, "row_id", [str(row_id)])
-        found = db.rows(f"SELECT row_id FROM {rows.sql} WHERE run_id = $run AND row_id = $v",  # noqa: S608
-                        {"run": run, "v": str(row_id), **rows.params})
+        found = _key_lookup(db, "rows", run, "row_id", str(row_id))
         if not found:
             sample = [r[0] for r in db.rows("SELECT row_id FROM rows WHERE run_id = $run ORDER BY row_index LIMIT 5",
                                             {"run": run})]
             raise NotFoundError(f"Run `{run}`: row_id", row_id, sample, hint="pass row_index= for the n-th source row")
         return str(found[0][0])
     if token_id is not None:
-        tokens = db.lookup("tokens", run, "token_id", [str(token_id)])
-        found = db.rows(f"SELECT row_id FROM {tokens.sql} WHERE run_id = $run AND token_id = $v",  # noqa: S608
-                        {"run": run, "v": str(token_id), **tokens.params})
+        found = _key_lookup(db, "tokens", run, "token_id", str(token_id))
         if not found:
             sample = [r[0] for r in db.rows("SELECT token_id FROM tokens WHERE run_id = $run ORDER BY created_at, "
                                             "token_id LIMIT 5", {"run": run})]
@@ -210,9 +216,7 @@ def _resolve_row(self: Audit, run: str, row_id: str | None, row_index: int | Non
         return str(found[0][0])
     if isinstance(row_index, bool) or not isinstance(row_index, int):
         raise TypeError(f"row_index must be an int, not {type(row_index).__name__}")
-    rows = db.lookup("rows", run, "row_index", [row_index])
-    found = db.rows(f"SELECT row_id FROM {rows.sql} WHERE run_id = $run AND row_index = $v",  # noqa: S608
-                    {"run": run, "v": row_index, **rows.params})
+    found = _key_lookup(db, "rows", run, "row_index", row_index)
     if not found:
         low, high, count = db.rows("SELECT min(row_index), max(row_index), count(*) FROM rows WHERE run_id = $run",
                                    {"run": run})[0]
@@ -239,14 +243,20 @@ class _Records:
         self.tables: dict[str, pa.Table] = {}
         self.payload_mode: str | None = None
 
-    def _job(self, table: str, where: str, params: dict[str, Any], column: str | None = None,
-             values: list[Any] | None = None, *, nulls: bool = False) -> Callable[[duckdb.DuckDBPyConnection], None]:
-        """Read the run's records of ``table`` that match ``where`` (the segments that can hold ``values``)."""
-        scan = self.db.lookup(table, self.run, column, values or [], nulls=nulls)
-        sql = f"SELECT * FROM {scan.sql} WHERE run_id = $run AND ({where})"  # noqa: S608 - fixed fragments
-
+    def _job(self, table: str, where: str, params: dict[str, Any], column: str, values: list[Any], *,
+             nulls: bool = False) -> Callable[[duckdb.DuckDBPyConnection], None]:
+        """Read the run's records of ``table`` whose ``column`` is in ``values`` (or NULL, if ``nulls``) and that
+        match ``where``: straight from the segments that can hold them, or by a query where it must."""
         def job(con: duckdb.DuckDBPyConnection) -> None:
-            self.tables[table] = self.db.arrow(sql, {"run": self.run, **params, **scan.params}, con=con)
+            found = self.db.records(table, self.run, column, values, nulls=nulls)
+            if found is None:
+                scan = self.db.lookup(table, self.run, column, values, nulls=nulls)
+                found = self.db.arrow(f"SELECT * FROM {scan.sql} WHERE run_id = $run AND ({where})",  # noqa: S608
+                                      {"run": self.run, **params, **scan.params}, con=con)
+            elif nulls:  # the NULL keys were read too; ``where`` says which of them belong
+                with self.db.scratch({"found": found}) as scratch:
+                    found = scratch.sql(f"SELECT * FROM found WHERE {where}", params=params).to_arrow_table()  # noqa: S608
+            self.tables[table] = found
         return job
 
     def _run_job(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -301,7 +311,11 @@ class _Records:
 
     def _payloads(self, hashes: list[str], con: duckdb.DuckDBPyConnection) -> pa.Table:
         """The stored payloads among ``hashes`` (from the segments that can hold them, in an audit store)."""
-        segments = self.db.payload_segments(self.run, hashes)
+        rows = self.db.payload_rows(self.run, hashes)
+        found = self.db.records_at("payloads", self.run, rows, "payload_hash", hashes) if rows is not None else None
+        if found is not None:
+            return found
+        segments = set(rows) if rows is not None else None
         scan = self.db.lookup("payloads", self.run, "payload_hash", hashes, names=segments)
         where = _among("payload_hash") if hashes else "false"
         return self.db.arrow(f"SELECT * FROM {scan.sql} WHERE run_id = $run AND {where}",  # noqa: S608

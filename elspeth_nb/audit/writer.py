@@ -38,10 +38,13 @@ def partition_dir(parquet_root: Path, table: str, run_id: str) -> Path:
     return parquet_root / table / f"{PARTITION_COLUMN}={run_id}"
 
 #: Rows per Parquet row group. A point lookup (lineage) decompresses whole row groups of the segment
-#: its statistics select: 8192 rows cut a node_states lookup from 24 to 9 ms against one group per
-#: segment, for 0.1% more bytes (bench/query_latency.py).
-ROW_GROUP_ROWS = 8192
-DIGEST_ROW_GROUP_ROWS = 8
+#: its statistics select: 2048 rows read one row's coalesce event in 6.4 ms against 12.3 ms at 8192
+#: (node_states 3.9 against 6.6 ms), for 2-6% more bytes on those tables.
+ROW_GROUP_ROWS = 2048
+#: Tables with row groups of their own size: digest rows carry a blob of fingerprints each, so readers
+#: take a few at a time; payloads are found by position (the lineage key index), so a lookup decodes
+#: only the group that holds the row.
+ROW_GROUP_ROWS_OF = {"segment_digests": 8, "payloads": 1024}
 #: Fingerprints (8 bytes a record) held before they are written as a segment_digests file. Holding
 #: them all until the end of the run grew memory by 140 MB per worker at 1M source rows.
 DIGEST_FLUSH_BYTES = 8 << 20
@@ -78,9 +81,7 @@ class ParquetSegmentWriter:
         final = directory / name
         temporary = directory / f".{name}.tmp"
         sink = pa.BufferOutputStream()
-        # digest rows carry a blob of fingerprints each, so they get small row groups that readers can
-        # take a few at a time
-        group = DIGEST_ROW_GROUP_ROWS if table.name == "segment_digests" else ROW_GROUP_ROWS
+        group = ROW_GROUP_ROWS_OF.get(table.name, ROW_GROUP_ROWS)
         pq.write_table(batch, sink, compression="zstd", compression_level=self.compression_level,
                        row_group_size=group, use_dictionary=dictionary_columns(table), write_statistics=True)
         data = sink.getvalue()
