@@ -1,4 +1,4 @@
-"""Which segment files of a store can hold a key: Parquet footer statistics, read once per file.
+"""Which segment files of a store can hold a key, and their records: Parquet footers, read once per file.
 
 A point lookup through a view opens every segment of the table (DuckDB spends a fraction of a
 millisecond per file even when the row-group statistics rule it out), so a lookup of one source
@@ -6,7 +6,8 @@ row in a run of 77 segments per table costs tens of milliseconds per table. Segm
 immutable (written under a temporary name, then renamed), so their footers are read once, and
 each lookup lists the run's partition folder again: segments of a run in progress are seen as
 they land. Our ids grow in write order within each worker's files, so the min/max of an id
-column usually leaves one or two files.
+column usually leaves one or two files, and one row group in each; pyarrow then reads just those
+groups (the key column first), without a query.
 """
 
 from __future__ import annotations
