@@ -253,7 +253,7 @@ class _Records:
                 scan = self.db.lookup(table, self.run, column, values, nulls=nulls)
                 found = self.db.arrow(f"SELECT * FROM {scan.sql} WHERE run_id = $run AND ({where})",  # noqa: S608
                                       {"run": self.run, **params, **scan.params}, con=con)
-            elif nulls:  # the NULL keys were read too; ``where`` says which of them belong
+            elif nulls and found.num_rows:  # the NULL keys were read too; ``where`` says which of them belong
                 with self.db.scratch({"found": found}) as scratch:
                     found = scratch.sql(f"SELECT * FROM found WHERE {where}", params=params).to_arrow_table()  # noqa: S608
             self.tables[table] = found
