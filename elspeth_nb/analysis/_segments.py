@@ -12,8 +12,8 @@ groups (the key column first), without a query.
 
 from __future__ import annotations
 
-import os
 import itertools
+import os
 from bisect import bisect_left, bisect_right
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
