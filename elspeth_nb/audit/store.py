@@ -217,17 +217,20 @@ class AuditStore:
                     total += sum(f.stat().st_size for f in d.glob("part-*.parquet"))
         return total
 
-    def read_partition(self, table: str, run_id: str) -> pa.Table:
-        """Every segment of one table for one run, in part-file order (the file schema, no run_id)."""
+    def read_partition(self, table: str, run_id: str, columns: list[str] | None = None) -> pa.Table:
+        """Every segment of one table for one run, in part-file order (the file schema, no run_id; only
+        ``columns`` if given)."""
         directory = partition_dir(self.parquet_root, table, run_id)
         files = sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
         schema = TABLES[table].file_schema
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
         return pa.concat_tables([read_segment(f, schema) for f in files]) if files else schema.empty_table()
 
     def segment_digests(self, run_id: str) -> list[SegmentDigest]:
-        """The run's segment digests (the leaves of its Merkle root)."""
-        rows = self.read_partition("segment_digests", run_id).select(
-            ["table_name", "part_file", "record_count", "file_sha256"]).to_pylist()
+        """The run's segment digests (the leaves of its Merkle root), without their fingerprints (8 bytes a record)."""
+        rows = self.read_partition("segment_digests", run_id,
+                                   ["table_name", "part_file", "record_count", "file_sha256"]).to_pylist()
         return [SegmentDigest(**row) for row in rows]
 
     # -- liveness ----------------------------------------------------------------------------------
@@ -479,7 +482,7 @@ def _configure(con: duckdb.DuckDBPyConnection, spill: Path) -> None:
 def read_segment(path: Path, schema: pa.Schema | None = None) -> pa.Table:
     """One segment file, or an AuditStoreError that names it when it cannot be read (damaged, truncated)."""
     try:
-        return pq.read_table(path, schema=schema)
+        return pq.read_table(path, schema=schema, columns=schema.names if schema is not None else None)
     except (OSError, pa.ArrowException) as exc:
         raise AuditStoreError(f"segment {path} of the audit store cannot be read: {exc}") from exc
 
