@@ -31,7 +31,8 @@ def fingerprints(records: pa.Table) -> pa.Array:
     """
     if records.num_rows == 0:
         return pa.array([], pa.int64())
-    columns = ", ".join('"' + name.replace('"', '""') + '"' for name in records.column_names)
+    columns = ", ".join('"' + f.name.replace('"', '""') + '"' + ("::VARCHAR" if pa.types.is_dictionary(f.type) else "")
+                        for f in records.schema)
     con = _connection()
     con.register("enb_records", records)
     try:

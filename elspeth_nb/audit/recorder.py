@@ -155,10 +155,16 @@ def _raw_types(table: Table) -> list[pa.DataType]:
     return types
 
 
-def finish_batches(table: Table, run_id: str, time_offset: float, batches: Sequence[Sequence[pa.Array]]) -> pa.Table:
-    """Raw mini-batches to one Arrow table of the file schema: id text, UTC timestamps, plain text."""
+def finish_batches(table: Table, run_id: str, time_offset: float, batches: Sequence[Sequence[pa.Array]], *,
+                   dictionaries: bool = False) -> pa.Table:
+    """Raw mini-batches to one Arrow table of the file schema: id text, UTC timestamps, plain text.
+
+    ``dictionaries`` keeps repeated text dictionary-encoded (for a writer that stores it as such):
+    decoding a segment's contexts copied each one per record, a few hundred MB at once.
+    """
     ids = ID_COLUMNS.get(table.name, {})
     columns = []
+    fields = []
     for i, f in enumerate(table.file_schema):
         chunks = [b[i] for b in batches]
         if f.name in ids:
@@ -168,10 +174,15 @@ def finish_batches(table: Table, run_id: str, time_offset: float, batches: Seque
         elif pa.types.is_timestamp(f.type):
             chunks = [pc.cast(pc.cast(pc.round(pc.multiply(pc.add(c, time_offset), 1e6)), pa.int64()), f.type)
                       for c in chunks]
-        elif chunks and pa.types.is_dictionary(chunks[0].type):
-            chunks = [pc.cast(c, f.type) for c in chunks]
-        columns.append(pa.chunked_array(chunks, type=f.type))
-    return pa.Table.from_arrays(columns, schema=table.file_schema)
+        field_ = f
+        if chunks and pa.types.is_dictionary(chunks[0].type):
+            if dictionaries:
+                field_ = f.with_type(chunks[0].type)
+            else:
+                chunks = [pc.cast(c, f.type) for c in chunks]
+        columns.append(pa.chunked_array(chunks, type=field_.type))
+        fields.append(field_)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 class _BackgroundSegments:
@@ -204,8 +215,9 @@ class _BackgroundSegments:
             try:
                 if self._error is None:
                     table, batches = item
-                    self.writer.write_segment(table, self.run_id,
-                                              finish_batches(table, self.run_id, self.time_offset, batches))
+                    self.writer.write_segment(table, self.run_id, finish_batches(
+                        table, self.run_id, self.time_offset, batches,
+                        dictionaries=getattr(self.writer, "takes_dictionaries", False)))
             except BaseException as exc:  # reported to the engine thread, never swallowed
                 self._error = exc
             finally:
@@ -432,7 +444,9 @@ class Recorder:
                 self._segments.submit(buffer.table, batches)
             else:
                 self.writer.write_segment(buffer.table, self.run_id,
-                                          finish_batches(buffer.table, self.run_id, self.time_offset, batches))
+                                          finish_batches(buffer.table, self.run_id, self.time_offset, batches,
+                                                         dictionaries=getattr(self.writer, "takes_dictionaries",
+                                                                              False)))
             self.records_written[name] += count
         self._last_flush = time.monotonic()
 

@@ -54,7 +54,11 @@ class ParquetSegmentWriter:
 
     Each segment of a digested table is hashed (SHA-256 of its bytes) and fingerprinted record by
     record as it is written; :meth:`write_digests` stores those as a ``segment_digests`` segment.
+    Dictionary-encoded text columns are written as such (no Arrow schema is stored, so every reader
+    sees plain text, as before).
     """
+
+    takes_dictionaries = True
 
     def __init__(self, parquet_root: Path, *, compression_level: int = 1, fsync: bool = True,
                  part_prefix: str = "") -> None:
@@ -83,7 +87,7 @@ class ParquetSegmentWriter:
         group = ROW_GROUP_ROWS_OF.get(table.name, ROW_GROUP_ROWS)
         pq.write_table(batch, sink, compression="zstd", compression_level=self.compression_level,
                        row_group_size=group, use_dictionary=dictionary_columns(table),
-                       write_statistics=statistics_columns(table))
+                       write_statistics=statistics_columns(table), store_schema=False)
         data = sink.getvalue()
         try:
             with temporary.open("wb") as handle:
