@@ -229,18 +229,20 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
     return self._db.frame_for([run], sql, {"run": run})
 
 
+#: Triggers and results in one scan (grouping sets); lost branches only from decisions that lost one.
 _POLICY_SQL = """
-WITH d AS (SELECT * FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival'),
-     l AS (SELECT * FROM coalesce_events WHERE run_id = $run AND event_type = 'late_arrival'),
-     lost AS (SELECT coalesce_name, unnest(branches_lost) AS branch, unnest(lost_reasons) AS reason FROM d)
-SELECT coalesce_name AS coalesce, 'trigger' AS kind, trigger AS key, NULL::VARCHAR AS reason, count(*) AS count,
-       NULL::DOUBLE AS mean_late_by_ms, NULL::DOUBLE AS max_late_by_ms
-FROM d GROUP BY ALL
-UNION ALL BY NAME
-SELECT coalesce_name AS coalesce, 'result' AS kind,
-       CASE WHEN event_type = 'merged' THEN 'merged' ELSE 'failed' END AS key,
-       failure_reason AS reason, count(*) AS count
-FROM d GROUP BY ALL
+WITH d AS (SELECT coalesce_name, trigger, event_type, failure_reason FROM coalesce_events
+           WHERE run_id = $run AND event_type <> 'late_arrival'),
+g AS (SELECT coalesce_name AS coalesce, trigger, if(event_type = 'merged', 'merged', 'failed') AS result, failure_reason,
+             grouping(trigger) AS by_result, count(*) AS count
+      FROM d GROUP BY GROUPING SETS ((coalesce_name, trigger), (coalesce_name, result, failure_reason))),
+lost AS (SELECT coalesce_name, unnest(branches_lost) AS branch, unnest(lost_reasons) AS reason FROM coalesce_events
+         WHERE run_id = $run AND event_type <> 'late_arrival' AND (n_lost > 0) IS NOT FALSE),
+l AS (SELECT * FROM coalesce_events WHERE run_id = $run AND event_type = 'late_arrival')
+SELECT coalesce, if(by_result = 1, 'result', 'trigger') AS kind, if(by_result = 1, result, trigger) AS key,
+       if(by_result = 1, failure_reason, NULL) AS reason, count, NULL::DOUBLE AS mean_late_by_ms,
+       NULL::DOUBLE AS max_late_by_ms
+FROM g
 UNION ALL BY NAME
 SELECT coalesce_name AS coalesce, 'lost_branch' AS kind, branch AS key, reason, count(*) AS count
 FROM lost GROUP BY ALL
