@@ -233,8 +233,8 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
 _POLICY_SQL = """
 WITH d AS (SELECT coalesce_name, trigger, event_type, failure_reason FROM coalesce_events
            WHERE run_id = $run AND event_type <> 'late_arrival'),
-g AS (SELECT coalesce_name AS coalesce, trigger, if(event_type = 'merged', 'merged', 'failed') AS result, failure_reason,
-             grouping(trigger) AS by_result, count(*) AS count
+g AS (SELECT coalesce_name AS coalesce, trigger, if(event_type = 'merged', 'merged', 'failed') AS result,
+             failure_reason, grouping(trigger) AS by_result, count(*) AS count
       FROM d GROUP BY GROUPING SETS ((coalesce_name, trigger), (coalesce_name, result, failure_reason))),
 lost AS (SELECT coalesce_name, unnest(branches_lost) AS branch, unnest(lost_reasons) AS reason FROM coalesce_events
          WHERE run_id = $run AND event_type <> 'late_arrival' AND (n_lost > 0) IS NOT FALSE),
