@@ -497,26 +497,28 @@ class Database:
         Answered by the store's audit.duckdb when it holds every one of ``runs`` exactly as the
         Parquet segments do (see :mod:`._native`); by the views otherwise, or if that copy fails.
         """
-        if self.native is not None:
-            with self.native.reading(self._states_of(runs)) as (con, held):
-                if con is not None and len(held) == len(set(runs)):
-                    with suppress(duckdb.Error):  # a damaged copy: the Parquet truth answers below
-                        answer = _frame(con.sql(sql, params=params).to_arrow_table())
-                        self.native_answers += 1
-                        return answer
-        return self.frame(sql, params)
+        found = self._on_copy(runs, lambda con: _frame(con.sql(sql, params=params).to_arrow_table()))
+        return found if found is not None else self.frame(sql, params)
 
     def rows_for(self, runs: Sequence[str], sql: str,
                  params: Mapping[str, Any] | Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """:meth:`rows` of a query about ``runs`` only, read where :meth:`frame_for` reads."""
-        if self.native is not None:
-            with self.native.reading(self._states_of(runs)) as (con, held):
-                if con is not None and len(held) == len(set(runs)):
-                    with suppress(duckdb.Error):
-                        found = con.execute(sql, params if params is not None else {}).fetchall()
-                        self.native_answers += 1
-                        return found
-        return self.rows(sql, params)
+        found = self._on_copy(runs, lambda con: con.execute(sql, params if params is not None else {}).fetchall())
+        return found if found is not None else self.rows(sql, params)
+
+    def _on_copy(self, runs: Sequence[str], answer: Callable[[duckdb.DuckDBPyConnection], _T]) -> _T | None:
+        """``answer`` on audit.duckdb if it holds every one of ``runs`` as on disk; None otherwise or if it fails."""
+        if self.native is None:
+            return None
+        with self.native.reading(self._states_of(runs)) as (con, held):
+            if con is None or len(held) != len(set(runs)):
+                return None
+            try:
+                found = answer(con)
+            except duckdb.Error:  # a damaged copy: the Parquet truth answers instead
+                return None
+            self.native_answers += 1
+            return found
 
     def frame_by_run(self, runs: Sequence[str], sql: str) -> pl.DataFrame:
         """A query with a ``$runs`` list parameter, each result row about one run: the runs audit.duckdb holds
