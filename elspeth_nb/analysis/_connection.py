@@ -57,11 +57,10 @@ PARQUET_OPTIONS = "hive_partitioning = true, union_by_name = true, hive_types = 
 @dataclass(frozen=True)
 class Lookup:
     """A relation to read one table from in a point lookup: SQL (a view, or a read of chosen segments) and its
-    parameters. ``segments`` names the chosen segment files (None when the relation is the whole view)."""
+    parameters."""
 
     sql: str
     params: dict[str, Any] = field(default_factory=dict)
-    segments: tuple[str, ...] | None = None
 
 
 def detect_kind(path: Path) -> str:
@@ -350,12 +349,11 @@ class Database:
             return view
         schema = TABLES[table]
         if not chosen:
-            return Lookup(f"({self._projection(schema, '', set())})", {}, ())
+            return Lookup(f"({self._projection(schema, '', set())})")
         present = set().union(*(s.columns for s in chosen)) | {PARTITION_COLUMN}
         param = f"enb_segments_{next(self._lookups)}"
         source = f"read_parquet(${param}, {PARQUET_OPTIONS})"
-        return Lookup(f"({self._projection(schema, source, present)})", {param: [s.path for s in chosen]},
-                      tuple(s.name for s in chosen))
+        return Lookup(f"({self._projection(schema, source, present)})", {param: [s.path for s in chosen]})
 
     def records(self, table: str, run_id: str, column: str, values: Collection[Any], *, nulls: bool = False,
                 names: Collection[str] | None = None) -> pa.Table | None:
