@@ -527,7 +527,8 @@ def interrupted_runs(store: AuditStore) -> list[str]:
 
 
 def mark_interrupted(store: AuditStore, found_by: str) -> list[str]:
-    """Append an ``interrupted`` revision for every run whose writer died; returns their ids."""
+    """Append an ``interrupted`` revision for every run whose writer died and delete the segment files
+    dead writers never finished; returns the interrupted run ids."""
     from elspeth_nb.audit.schema import RUNS, RunStatus
     from elspeth_nb.audit.writer import ParquetSegmentWriter
 
@@ -539,7 +540,21 @@ def mark_interrupted(store: AuditStore, found_by: str) -> list[str]:
                    error_message=f"the writing process ended before the run finished (found by {found_by})")
         row.pop(PARTITION_COLUMN, None)
         writer.write_segment(RUNS, run_id, pa.Table.from_pylist([row], schema=RUNS.file_schema))
-        for leftover in store.parquet_root.glob(f"*/{PARTITION_COLUMN}={run_id}/.part-*.tmp"):
-            leftover.unlink(missing_ok=True)  # a segment the dead writer never finished: never visible
     writer.close()
+    _remove_unfinished_segments(store)
     return list(stale)
+
+
+def _remove_unfinished_segments(store: AuditStore) -> None:
+    """Delete the never-visible segment files dead writers left behind, and partitions left empty by that.
+
+    This includes a writer killed before its run's first ``runs`` revision became visible: such a run is
+    not in the runs table at all, so only its lock (not held) tells it apart from a run being written.
+    """
+    for leftover in store.parquet_root.glob(f"*/{PARTITION_COLUMN}=*/.part-*.tmp"):
+        run_id = leftover.parent.name.split("=", 1)[1]
+        if run_id == SCHEMA_PARTITION or store.is_live(run_id):
+            continue
+        leftover.unlink(missing_ok=True)
+        with suppress(OSError):  # not empty: the dead writer's visible segments stay
+            leftover.parent.rmdir()

@@ -101,3 +101,34 @@ def test_a_live_run_is_not_marked_interrupted(tmp_path: Path) -> None:
         open_audit(store.root, mark_interrupted=True)
         assert raw.latest_run(store.root, RUN)["status"] == "running"
         assert open_audit(store.root).runs()["status"].to_list() == ["running"]
+
+
+def test_unfinished_segments_of_dead_writers_are_removed_and_those_of_live_ones_kept(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path / "audit")
+    dead_early, dead_late, live = "dead0" * 6 + "00", "dead1" * 6 + "11", RUN
+    early = store.parquet_root / "runs" / f"run_id={dead_early}" / ".part-000000.parquet.tmp"  # killed before any
+    early.parent.mkdir(parents=True)                                                          # runs row was visible
+    early.write_bytes(b"PAR1 half a footer")
+    store.lock_path(dead_early).parent.mkdir(parents=True, exist_ok=True)
+    store.lock_path(dead_early).write_text("4242\n")  # the lock file a dead process leaves, no longer held
+    with store.writing(dead_late):
+        rec = Recorder(dead_late, ParquetSegmentWriter(store.parquet_root, fsync=False), background=False)
+        _start(rec)
+        rec.flush()
+    late = store.parquet_root / "tokens" / f"run_id={dead_late}" / ".part-000001.parquet.tmp"
+    late.parent.mkdir(parents=True)
+    late.write_bytes(b"PAR1")
+    with store.writing(live):
+        rec = Recorder(live, ParquetSegmentWriter(store.parquet_root, fsync=False), background=False)
+        _start(rec)
+        rec.flush()
+        in_flight = store.parquet_root / "rows" / f"run_id={live}" / ".part-000001.parquet.tmp"
+        in_flight.parent.mkdir(parents=True)
+        in_flight.write_bytes(b"PAR1")
+        audit = open_audit(store.root, mark_interrupted=True)
+        assert in_flight.exists()  # a live writer's file is about to be renamed into place
+        assert not early.exists() and not early.parent.exists()
+        assert not late.exists() and not late.parent.exists()
+        assert (store.parquet_root / "runs" / f"run_id={dead_late}").is_dir()  # visible segments stay
+        statuses = dict(audit.runs().select("run_id", "status").iter_rows())
+    assert statuses == {dead_late: "interrupted", live: "running"}
