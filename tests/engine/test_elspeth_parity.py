@@ -31,11 +31,16 @@ def test_same_rows_and_hashes_as_elspeth(tmp_path: Path, sample: str) -> None:
     theirs = [json.loads(line) for line in (SAMPLES / sample / "output.jsonl").read_text().splitlines()]
     assert ours == theirs
 
-    elspeth = sqlite3.connect(SAMPLES / sample / "audit.db")
-    their_rows = dict(elspeth.execute("SELECT row_index, source_data_hash FROM rows").fetchall())
-    their_sink_inputs = sorted(h for (h,) in elspeth.execute(
-        "SELECT s.input_hash FROM node_states s JOIN nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id "
-        "WHERE n.node_type = 'sink'"))
+    # read-only and immutable: a plain connection to this WAL-mode sample creates -wal/-shm files beside it,
+    # which other tests reading the sample at the same moment rightly report as "ELSPETH may still be writing"
+    elspeth = sqlite3.connect(f"file:{SAMPLES / sample / 'audit.db'}?mode=ro&immutable=1", uri=True)
+    try:
+        their_rows = dict(elspeth.execute("SELECT row_index, source_data_hash FROM rows").fetchall())
+        their_sink_inputs = sorted(h for (h,) in elspeth.execute(
+            "SELECT s.input_hash FROM node_states s JOIN nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id "
+            "WHERE n.node_type = 'sink'"))
+    finally:
+        elspeth.close()
     with duckdb.connect(str(tmp_path / "audit" / "audit.duckdb"), read_only=True) as con:
         our_rows = dict(con.execute("SELECT row_index, source_data_hash FROM rows").fetchall())
         our_sink_inputs = sorted(h for (h,) in con.execute(
