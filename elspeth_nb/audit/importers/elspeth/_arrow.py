@@ -52,10 +52,15 @@ def convert_timestamps(name: str, table: pa.Table) -> tuple[pa.Table, list[str]]
 
 def lookup(keys: pa.ChunkedArray, table: pa.Table, key: str, value: str) -> pa.ChunkedArray:
     """``table[value]`` of the row whose ``table[key]`` equals each of ``keys`` (NULL where none)."""
+    return lookup_many(keys, table, key, [value])[0]
+
+
+def lookup_many(keys: pa.ChunkedArray, table: pa.Table, key: str, values: list[str]) -> list[pa.ChunkedArray]:
+    """Several columns of :func:`lookup`, matching the keys once."""
     if table.num_rows == 0:
-        return pa.chunked_array([pa.nulls(len(keys), table.schema.field(value).type)])
+        return [pa.chunked_array([pa.nulls(len(keys), table.schema.field(v).type)]) for v in values]
     index = pc.index_in(keys, value_set=table.column(key).combine_chunks(), skip_nulls=True)
-    return pc.take(table.column(value), index)
+    return [pc.take(table.column(v), index) for v in values]
 
 
 def replace(table: pa.Table, name: str, values: pa.ChunkedArray | pa.Array) -> pa.Table:

@@ -20,6 +20,9 @@ import duckdb
 from elspeth_nb.audit.importers.elspeth._lost import reason_table
 
 LATE_REASON = "late_arrival_after_merge"
+#: Members are ordered by sorting structs whose leading fields are the sort keys (arrival ordinal, start,
+#: state id): far cheaper than an ordered aggregate. A missing ordinal or start sorts last.
+LAST_US = 9223372036854775807
 
 MACROS = [
     "CREATE OR REPLACE TEMP MACRO ms_between(a, b) AS (epoch_us(b) - epoch_us(a)) / 1000.0",
@@ -121,8 +124,9 @@ STAGE_1 = [
             min(state_id) FILTER (WHERE ctx_hash IS NOT NULL) AS ctx_state,
             count(ctx_hash) > 0 AND min(ctx_hash) IS DISTINCT FROM max(ctx_hash) AS ctx_differs,
             min(started_at) AS first_arrival_at, max(plus_ms(started_at, duration_ms)) AS last_done_at,
-            list({{'t': token_id, 'b': coalesce(branch_name, ''), 'u': epoch_us(started_at)}}
-                 ORDER BY ordinal NULLS LAST, started_at, state_id) AS members,
+            list_sort(list({{'o': coalesce(ordinal, 2147483647), 'k': coalesce(epoch_us(started_at), {LAST_US}),
+                             's': state_id, 't': token_id, 'b': coalesce(branch_name, ''), 'u': epoch_us(started_at)}}))
+                AS members,
             any_value(fork_group_id) AS fork_group_id
         FROM c_merge_members GROUP BY event_id)
     SELECT g.* EXCLUDE (members),
@@ -168,12 +172,12 @@ STAGE_1 = [
     f"""CREATE TEMP TABLE c_fail_members AS
     SELECT cs.*, coalesce(cs.failure_raw, 'unknown') AS failure_key
     FROM c_states cs WHERE cs.status = 'failed' AND cs.failure_raw IS DISTINCT FROM '{LATE_REASON}'""",
-    """CREATE TEMP TABLE c_fail_groups AS
+    f"""CREATE TEMP TABLE c_fail_groups AS
     WITH g AS (
         SELECT run_id, node_id, row_id, error_json, any_value(failure_key) AS failure_raw,
             min(started_at) AS first_arrival_at, max(plus_ms(started_at, duration_ms)) AS decided_at,
-            list({'t': token_id, 'b': coalesce(branch_name, ''), 'u': epoch_us(started_at)}
-                 ORDER BY started_at, state_id) AS members,
+            list_sort(list({{'k': coalesce(epoch_us(started_at), {LAST_US}), 's': state_id, 't': token_id,
+                             'b': coalesce(branch_name, ''), 'u': epoch_us(started_at)}})) AS members,
             any_value(fork_group_id) AS fork_group_id, min(token_id) AS first_token
         FROM c_fail_members GROUP BY run_id, node_id, row_id, error_json)
     SELECT g.* EXCLUDE (members),

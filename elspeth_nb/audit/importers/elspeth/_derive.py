@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from elspeth_nb.audit.importers.elspeth import _coalesce
-from elspeth_nb.audit.importers.elspeth._arrow import conform, constant, lookup, replace
+from elspeth_nb.audit.importers.elspeth._arrow import conform, constant, lookup, lookup_many, replace
 from elspeth_nb.audit.schema import PARTITION_COLUMN, SCHEMA_VERSION, TABLES, Outcome
 
 _NODE_NAME = r"^(?:source|transform|aggregation|config_gate|coalesce|sink)_(.+)_[0-9a-f]{12}(?:_\d+)?$"
@@ -144,6 +144,8 @@ def _with_run(table: pa.Table, key: str, parent: pa.Table, parent_key: str) -> p
 def _calls(raw: dict[str, pa.Table]) -> pa.Table:
     """Calls belong to a node state or to an operation (ELSPETH's XOR); either gives the run."""
     calls = raw["calls"]
+    if calls.num_rows == 0:  # matching against every node state would cost more than the whole table
+        return replace(calls, PARTITION_COLUMN, pa.nulls(0, pa.string()))
     run = pc.coalesce(lookup(calls.column("state_id"), raw["node_states"], "state_id", PARTITION_COLUMN),
                       lookup(calls.column("operation_id"), raw["operations"], "operation_id", PARTITION_COLUMN))
     return replace(calls, PARTITION_COLUMN, run)
@@ -151,11 +153,10 @@ def _calls(raw: dict[str, pa.Table]) -> pa.Table:
 
 def _patch_outcomes(outcomes: pa.Table, patch: pa.Table, contexts: pa.Table) -> pa.Table:
     """Reclassified late arrivals and filled coalesce contexts, matched by outcome_id."""
-    keys = outcomes.column("outcome_id")
-    for column in ("outcome", "join_group_id"):
-        patched = lookup(keys, patch, "outcome_id", column)
-        outcomes = replace(outcomes, column, pc.coalesce(patched, outcomes.column(column)))
-    context = lookup(lookup(keys, patch, "outcome_id", "event_id"), contexts, "event_id", "context_json")
+    patched = lookup_many(outcomes.column("outcome_id"), patch, "outcome_id", ["outcome", "join_group_id", "event_id"])
+    for column, values in zip(("outcome", "join_group_id"), patched, strict=False):
+        outcomes = replace(outcomes, column, pc.coalesce(values, outcomes.column(column)))
+    context = lookup(patched[2], contexts, "event_id", "context_json")
     return replace(outcomes, "context_json", pc.coalesce(outcomes.column("context_json"), context))
 
 

@@ -97,7 +97,11 @@ def _write_runs_with_root(staging: Path, run_id: str, runs: pa.Table) -> None:
 
 
 def _run_rows(table: pa.Table, run_id: str) -> pa.Table:
-    return table.filter(pc.equal(table.column(PARTITION_COLUMN), run_id))
+    """The table's rows of ``run_id``; the table itself when every row is (no copy: a one-run import)."""
+    mine = pc.equal(table.column(PARTITION_COLUMN), run_id)
+    if pc.all(mine, skip_nulls=False).as_py() is True:
+        return table
+    return table.filter(mine)
 
 
 def _swap(store: AuditStore, staging: Path) -> str:
