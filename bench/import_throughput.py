@@ -173,6 +173,7 @@ def bench(rows: int, sample: Path, repeat: int) -> dict[str, float]:
         "read_landscape_s": round(read_s, 3), "read_landscape_rows_per_s": round(n_rows / read_s),
         "read_landscape_hashes_only_rows_per_s": round(n_rows / hashes_s),
         "import_into_store_s": round(store_s, 3), "import_into_store_rows_per_s": round(n_rows / store_s),
+        "import_phases_s_last_run": {k: round(v, 2) for k, v in report.timings.items()},  # type: ignore[attr-defined]
         "imported_records": sum(t.num_rows for t in imported.tables.values()),  # type: ignore[attr-defined]
         "problems": len(imported.problems),  # type: ignore[attr-defined]
     }

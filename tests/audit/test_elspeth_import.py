@@ -482,6 +482,9 @@ def test_import_into_store_is_idempotent(tmp_path: Path) -> None:
     assert counts["segment_digests"] > 0  # the store's writer digests every segment it writes
     assert first.source_rows == 100 and first.records == expected.records and first.rows_per_s > 0
     assert "ImportReport" in repr(first) and "100 source rows" in repr(first)
+    assert list(first.timings) == ["read_sqlite_s", "derive_and_payloads_s", "write_parquet_s", "sync_duckdb_s"]
+    assert all(s > 0 for s in first.timings.values()) and sum(first.timings.values()) <= first.seconds
+    assert "phases: read sqlite" in repr(first) and "sync duckdb" in repr(first)
     con = duckdb.connect(str(audit / "audit.duckdb"), read_only=True)
     try:
         for name in TABLES:

@@ -51,6 +51,8 @@ class ImportReport:
     seconds: float
     problems: list[str]
     duckdb_message: str = ""
+    #: seconds per phase: reading SQLite, deriving tables and payloads, writing Parquet, updating audit.duckdb.
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def rows_per_s(self) -> float:
@@ -62,8 +64,11 @@ class ImportReport:
             f"  runs: {', '.join(self.run_ids) or '-'}",
             f"  {self.source_rows:,} source rows, {self.records:,} records in {self.seconds:.2f} s "
             f"({self.rows_per_s:,.0f} source rows/s)",
-            f"  problems: {len(self.problems)}",
         ]
+        if self.timings:
+            lines.append("  phases: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.2f} s"
+                                                   for name, seconds in self.timings.items()))
+        lines.append(f"  problems: {len(self.problems)}")
         lines += [f"    - {p}" for p in self.problems[:MAX_LISTED_PROBLEMS]]
         if self.duckdb_message:
             lines.append(f"  duckdb: {self.duckdb_message}")

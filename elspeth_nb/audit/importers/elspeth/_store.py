@@ -46,6 +46,8 @@ def import_into_store(
     imported = read_landscape(db_path, payloads=payloads, run_ids=run_ids)
     store = AuditStore.create(audit_dir)
     recover_staging(store)
+    timings = {k: v for k, v in imported.timings.items() if k != "total_s"}
+    writing = time.perf_counter()
     for run_id in imported.run_ids:
         try:
             with store.writing(run_id):
@@ -53,11 +55,14 @@ def import_into_store(
         except BlockingIOError as exc:
             raise AuditStoreError(f"run {run_id} is being written to {store.root} by another process; "
                                   "import it again when that process has finished") from exc
+    timings["write_parquet_s"] = time.perf_counter() - writing
     sync = store.sync_duckdb(imported.run_ids)
+    timings["sync_duckdb_s"] = sync.seconds
     return ImportReport(
         db_path=Path(db_path), audit_dir=store.root, run_ids=list(imported.run_ids),
         source_rows=imported.source_rows, records=imported.records, seconds=time.perf_counter() - started,
         problems=list(imported.problems), duckdb_message=sync.message or f"synced {len(sync.synced)} run(s)",
+        timings=timings,
     )
 
 
