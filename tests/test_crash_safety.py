@@ -76,6 +76,16 @@ def test_sigkill_at_random_points_never_damages_the_store(tmp_path: Path) -> Non
         assert _visible_segments_readable(store) > 0
         assert verify_run(store, completed.run_id).ok
     assert killed.count(-signal.SIGKILL) >= 18 and set(killed) <= {-signal.SIGKILL, 0}
+    # a last kill once the run is visibly running, so at least one dead run is left to find whatever the
+    # random kills hit (each start marks the dead runs before it interrupted, and a kill may land first)
+    known = set(latest_run_rows(store))
+    process = _start(pipeline)
+    deadline = time.monotonic() + 60
+    while not set(latest_run_rows(store)) - known and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
     stale = interrupted_runs(store)
     runs = latest_run_rows(store)
     assert stale and all(runs[r]["status"] == "running" for r in stale)
@@ -93,25 +103,33 @@ def test_sigkill_at_random_points_never_damages_the_store(tmp_path: Path) -> Non
 
 def test_a_reader_in_another_process_sees_a_running_pipeline_grow(tmp_path: Path) -> None:
     pipeline = _slow_pipeline(tmp_path, rows=600)
-    process = _start(pipeline)
-    reader = textwrap.dedent("""
-        import sys, duckdb
-        glob = sys.argv[1]
+    stop = tmp_path / "stop-reading"
+    reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import pathlib, sys, time, duckdb
+        glob, stop = sys.argv[1], pathlib.Path(sys.argv[2])
         con = duckdb.connect()
-        print(con.execute("SELECT count(*) FROM read_parquet(?)", [glob]).fetchone()[0])
-    """)
-    counts = []
+        print("reading", flush=True)
+        while not stop.exists():
+            try:
+                print(con.execute("SELECT count(*) FROM read_parquet(?)", [glob]).fetchone()[0], flush=True)
+            except duckdb.IOException:  # no segment yet
+                print(0, flush=True)
+            time.sleep(0.02)
+    """), str(tmp_path / "audit" / "parquet" / "node_states" / "run_id=*" / "part-*.parquet"), str(stop)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
+    process = _start(pipeline)
     try:
-        while process.poll() is None:
-            out = subprocess.run([sys.executable, "-c", reader,
-                                  str(tmp_path / "audit" / "parquet" / "node_states" / "*" / "*.parquet")],
-                                 capture_output=True, text=True, check=True)
-            counts.append(int(out.stdout))
-            time.sleep(0.1)
+        _, errors = process.communicate(timeout=120)
     finally:
-        _, errors = process.communicate(timeout=60)
+        stop.touch()
+        out, reader_errors = reader.communicate(timeout=60)
     assert process.returncode == 0, errors
-    assert len(counts) >= 3 and counts == sorted(counts) and counts[-1] > counts[0]
+    assert reader.returncode == 0, reader_errors
+    counts = [int(line) for line in out.split()]
+    growing = sorted(set(counts))
+    assert counts == sorted(counts)  # segments only ever appear, never vanish or shrink
+    assert len(growing) >= 3 and 0 < growing[1] < growing[-1]  # seen part-way, more than once
 
 
 def test_the_end_of_run_duckdb_update_survives_a_reader_holding_the_file(tmp_path: Path) -> None:
