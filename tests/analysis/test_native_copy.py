@@ -102,23 +102,36 @@ def test_the_copy_is_read_only_while_it_holds_the_run_as_on_disk(tmp_path: Path)
 
 
 HOLD_FOR_WRITING = """
-import sys, time, duckdb
+import sys, duckdb
 con = duckdb.connect(sys.argv[1])
 print("holding", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.readline()
 con.close()
 """
+
+
+def _eventually(condition: Callable[[], bool], within_s: float = 10.0) -> bool:
+    """Whether ``condition`` becomes true within ``within_s`` (timers may fire late on a loaded machine)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_a_writer_holding_the_copy_sends_reads_to_the_segments(tmp_path: Path) -> None:
     store, run, decisions = _store(tmp_path)
     _empty_the_copy(store, run)
-    with subprocess.Popen([sys.executable, "-c", HOLD_FOR_WRITING, str(store.duckdb_path), "3"],
-                          stdout=subprocess.PIPE, text=True) as holder:
+    with subprocess.Popen([sys.executable, "-c", HOLD_FOR_WRITING, str(store.duckdb_path)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-        with open_audit(store.root) as audit:
-            assert audit.coalesce_events(run).height == decisions
-            assert audit._db.native_answers == 0
+        try:
+            with open_audit(store.root) as audit:
+                assert audit.coalesce_events(run).height == decisions
+                assert audit._db.native_answers == 0
+        finally:
+            holder.communicate("\n", timeout=30)
 
 
 SYNC = """
@@ -132,11 +145,10 @@ print("synced" if result.ok else result.message, flush=True)
 def test_an_open_audit_lets_go_of_the_copy_so_syncs_get_through(tmp_path: Path) -> None:
     store, run, decisions = _store(tmp_path)
     with open_audit(store.root) as audit:
-        audit._db.native.idle_s = 0.2
+        audit._db.native.idle_s = 0.5
         assert audit.policy_outcomes(run).results["count"].sum() == decisions
-        assert audit._db.native.is_open
-        time.sleep(0.6)
-        assert not audit._db.native.is_open
+        assert audit._db.native_answers == 1
+        assert _eventually(lambda: not audit._db.native.is_open)
 
         audit.policy_outcomes(run)  # held again: another process's sync waits for the release, then writes
         assert audit._db.native.is_open
