@@ -95,36 +95,39 @@ def test_a_real_run_is_visible_while_it_runs(tmp_path: Path) -> None:
 def test_a_live_run_is_not_marked_interrupted(tmp_path: Path) -> None:
     store = AuditStore.create(tmp_path / "audit")
     with store.writing(RUN):
-        rec = Recorder(RUN, ParquetSegmentWriter(store.parquet_root, fsync=False), background=False)
-        _start(rec)
-        rec.flush()
+        _record_start(store, RUN)
         open_audit(store.root, mark_interrupted=True)
         assert raw.latest_run(store.root, RUN)["status"] == "running"
         assert open_audit(store.root).runs()["status"].to_list() == ["running"]
 
 
+def _record_start(store: AuditStore, run_id: str) -> None:
+    """The run's first ``runs`` and ``nodes`` segments, as a writer holding its lock leaves them."""
+    rec = Recorder(run_id, ParquetSegmentWriter(store.parquet_root, fsync=False), background=False)
+    _start(rec)
+    rec.flush()
+
+
+def _unfinished_segment(store: AuditStore, table: str, run_id: str, part: int) -> Path:
+    """A segment file still under its temporary name, as a writer killed mid-write leaves it."""
+    path = store.parquet_root / table / f"run_id={run_id}" / f".part-{part:06d}.parquet.tmp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PAR1 half a footer")
+    return path
+
+
 def test_unfinished_segments_of_dead_writers_are_removed_and_those_of_live_ones_kept(tmp_path: Path) -> None:
     store = AuditStore.create(tmp_path / "audit")
     dead_early, dead_late, live = "dead0" * 6 + "00", "dead1" * 6 + "11", RUN
-    early = store.parquet_root / "runs" / f"run_id={dead_early}" / ".part-000000.parquet.tmp"  # killed before any
-    early.parent.mkdir(parents=True)                                                          # runs row was visible
-    early.write_bytes(b"PAR1 half a footer")
+    early = _unfinished_segment(store, "runs", dead_early, 0)  # killed before any runs row was visible
     store.lock_path(dead_early).parent.mkdir(parents=True, exist_ok=True)
     store.lock_path(dead_early).write_text("4242\n")  # the lock file a dead process leaves, no longer held
     with store.writing(dead_late):
-        rec = Recorder(dead_late, ParquetSegmentWriter(store.parquet_root, fsync=False), background=False)
-        _start(rec)
-        rec.flush()
-    late = store.parquet_root / "tokens" / f"run_id={dead_late}" / ".part-000001.parquet.tmp"
-    late.parent.mkdir(parents=True)
-    late.write_bytes(b"PAR1")
+        _record_start(store, dead_late)
+    late = _unfinished_segment(store, "tokens", dead_late, 1)
     with store.writing(live):
-        rec = Recorder(live, ParquetSegmentWriter(store.parquet_root, fsync=False), background=False)
-        _start(rec)
-        rec.flush()
-        in_flight = store.parquet_root / "rows" / f"run_id={live}" / ".part-000001.parquet.tmp"
-        in_flight.parent.mkdir(parents=True)
-        in_flight.write_bytes(b"PAR1")
+        _record_start(store, live)
+        in_flight = _unfinished_segment(store, "rows", live, 1)
         audit = open_audit(store.root, mark_interrupted=True)
         assert in_flight.exists()  # a live writer's file is about to be renamed into place
         assert not early.exists() and not early.parent.exists()
