@@ -1,4 +1,5 @@
-"""Import throughput of ELSPETH Landscape files: ``read_landscape`` and ``import_into_store``.
+"""Import throughput of ELSPETH Landscape files: ``read_landscape`` and ``import_into_store`` (with the
+audit.duckdb update, and without it: ``sync_duckdb=False`` leaves it to ``elspeth-nb sync``).
 
 Builds (and caches under ``bench/_stores/``) a Landscape of at least ``--rows`` source rows by
 replicating a sample run's rows with fresh ids: rows, tokens, token_parents, token_outcomes,
@@ -168,11 +169,15 @@ def bench(rows: int, sample: Path, repeat: int) -> dict[str, float]:
     hashes_s, _ = _best(lambda: read_landscape(db), repeat)
     with tempfile.TemporaryDirectory(dir=STORES) as tmp:
         store_s, report = _best(lambda: import_into_store(db, Path(tmp) / "audit", payloads=payloads), repeat)
+    with tempfile.TemporaryDirectory(dir=STORES) as tmp:  # Parquet complete, audit.duckdb left for `sync`
+        parquet_s, _ = _best(lambda: import_into_store(db, Path(tmp) / "audit", payloads=payloads,
+                                                       sync_duckdb=False), repeat)
     out = {
         "source_rows": n_rows, "landscape_records": n_records, "build_or_cache_s": round(built, 2),
         "read_landscape_s": round(read_s, 3), "read_landscape_rows_per_s": round(n_rows / read_s),
         "read_landscape_hashes_only_rows_per_s": round(n_rows / hashes_s),
         "import_into_store_s": round(store_s, 3), "import_into_store_rows_per_s": round(n_rows / store_s),
+        "import_without_duckdb_s": round(parquet_s, 3), "import_without_duckdb_rows_per_s": round(n_rows / parquet_s),
         "import_phases_s_last_run": {k: round(v, 2) for k, v in report.timings.items()},  # type: ignore[attr-defined]
         "imported_records": sum(t.num_rows for t in imported.tables.values()),  # type: ignore[attr-defined]
         "problems": len(imported.problems),  # type: ignore[attr-defined]
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for rows in args.rows or [10_000]:
         result = bench(rows, args.sample, args.repeat)
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-        for key in ("read_landscape_rows_per_s", "import_into_store_rows_per_s"):
+        for key in ("read_landscape_rows_per_s", "import_into_store_rows_per_s", "import_without_duckdb_rows_per_s"):
             verdict = "meets" if result[key] >= target else "BELOW"
             print(f"{key}: {result[key]:,} source rows/s ({verdict} the {target:,} rows/s target)")
     sizes = " ".join(str(r) for r in args.rows or [10_000])

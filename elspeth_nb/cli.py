@@ -75,8 +75,9 @@ def _verify(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from elspeth_nb.audit.importers.elspeth import import_into_store
 
+    when: dict[str, bool | str] = {"now": True, "background": "background", "later": False}
     report = import_into_store(args.database, args.audit, payloads=args.payloads,
-                               run_ids=[args.run] if args.run else None)
+                               run_ids=[args.run] if args.run else None, sync_duckdb=when[args.duckdb])
     print(report)
     return 0
 
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--payloads", help="ELSPETH payload store folder")
     imp.add_argument("--audit", default="audit")
     imp.add_argument("--run", help="only this run id")
+    imp.add_argument("--duckdb", choices=("now", "background", "later"), default="now",
+                     help="when audit.duckdb gets the runs: before returning (default), in a background "
+                          "process, or at the next `elspeth-nb sync`")
 
     rebuild = verb("rebuild", _rebuild, "recreate audit.duckdb from the Parquet segments")
     rebuild.add_argument("--audit", default="audit")

@@ -626,3 +626,47 @@ def test_stdlib_sqlite3_fallback_reads_the_same_tables(monkeypatch: pytest.Monke
     via_sqlite3 = read_landscape(QUORUM / "audit.db", payloads=QUORUM / "payloads")
     for name in TABLES:
         assert via_sqlite3.tables[name].equals(via_adbc.tables[name]), name
+
+
+def test_a_reimport_left_for_a_later_sync_is_read_from_its_new_segments(tmp_path: Path) -> None:
+    from elspeth_nb.analysis import open_audit
+
+    db = copy_sample(REQUIRE_ALL, tmp_path)
+    audit = tmp_path / "audit"
+    (run_id,) = import_into_store(db, audit).run_ids
+    with open_audit(audit) as before:
+        assert set(before.coalesce_events(run_id)["policy"]) == {"require_all"}
+        assert before._db.native_answers == 1
+    mutate(db, "UPDATE nodes SET config_json = json_patch(config_json, ?) WHERE node_type = 'coalesce'",
+           params=(json.dumps({"policy": "first"}),))
+    report = import_into_store(db, audit, sync_duckdb=False)
+    assert "pending" in report.duckdb_message and "sync_duckdb_s" not in report.timings
+    store = AuditStore.open(audit)
+    assert store.pending_runs() == [run_id]  # audit.duckdb still holds the first import's rows
+    with open_audit(audit) as later:
+        assert set(later.coalesce_events(run_id)["policy"]) == {"first"}
+        assert later._db.native_answers == 0
+    assert store.sync_duckdb([]).synced == [run_id] and store.pending_runs() == []
+    with open_audit(audit) as synced:
+        assert set(synced.coalesce_events(run_id)["policy"]) == {"first"}
+        assert synced._db.native_answers == 1
+
+
+def test_import_says_which_duckdb_timings_it_accepts(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sync_duckdb: expected True, False or 'background', got 'soon'"):
+        import_into_store(REQUIRE_ALL / "audit.db", tmp_path / "audit", sync_duckdb="soon")
+    assert not (tmp_path / "audit").exists()
+
+
+def test_the_import_command_prints_its_report_and_can_leave_duckdb_for_later(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from elspeth_nb.cli import main
+
+    audit = tmp_path / "audit"
+    assert main(["import", str(REQUIRE_ALL / "audit.db"), "--payloads", str(REQUIRE_ALL / "payloads"),
+                 "--audit", str(audit), "--duckdb", "later"]) == 0
+    printed = capsys.readouterr().out
+    assert "ImportReport: 1 run(s) from audit.db" in printed and "100 source rows" in printed
+    assert "phases: read sqlite" in printed and "write parquet" in printed and "sync duckdb" not in printed
+    assert f"pending until `elspeth-nb sync --audit {audit}`" in printed
+    assert AuditStore.open(audit).pending_runs() and not (audit / "audit.duckdb").exists()

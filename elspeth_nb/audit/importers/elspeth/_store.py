@@ -40,8 +40,16 @@ def import_into_store(
     *,
     payloads: str | Path | None = None,
     run_ids: Sequence[str] | None = None,
+    sync_duckdb: bool | str = True,
 ) -> ImportReport:
-    """Import ELSPETH runs into the audit store at ``audit_dir``, replacing earlier imports of them."""
+    """Import ELSPETH runs into the audit store at ``audit_dir``, replacing earlier imports of them.
+
+    ``sync_duckdb``: True brings audit.duckdb up to date before returning; ``"background"`` leaves
+    that to a detached process; False leaves the runs pending for ``elspeth-nb sync``. Until then
+    readers answer from the Parquet segments, which are complete when this returns.
+    """
+    if sync_duckdb not in (True, False, "background"):
+        raise ValueError(f"sync_duckdb: expected True, False or 'background', got {sync_duckdb!r}")
     started = time.perf_counter()
     imported = read_landscape(db_path, payloads=payloads, run_ids=run_ids)
     store = AuditStore.create(audit_dir)
@@ -49,6 +57,7 @@ def import_into_store(
     timings = {k: v for k, v in imported.timings.items() if k != "total_s"}
     writing = time.perf_counter()
     for run_id in imported.run_ids:
+        store.mark_pending(run_id)  # a re-import: from the swap on, audit.duckdb's rows of the run are stale
         try:
             with store.writing(run_id):
                 _replace_run(store, imported, run_id)
@@ -56,13 +65,19 @@ def import_into_store(
             raise AuditStoreError(f"run {run_id} is being written to {store.root} by another process; "
                                   "import it again when that process has finished") from exc
     timings["write_parquet_s"] = time.perf_counter() - writing
-    sync = store.sync_duckdb(imported.run_ids)
-    timings["sync_duckdb_s"] = sync.seconds
+    if sync_duckdb == "background":
+        message = store.sync_duckdb_in_background(imported.run_ids)
+    elif sync_duckdb:
+        sync = store.sync_duckdb(imported.run_ids)
+        timings["sync_duckdb_s"] = sync.seconds
+        message = sync.message or f"synced {len(sync.synced)} run(s)"
+    else:
+        message = (f"not updated: {len(imported.run_ids)} run(s) pending until `elspeth-nb sync --audit "
+                   f"{store.root}`")
     return ImportReport(
         db_path=Path(db_path), audit_dir=store.root, run_ids=list(imported.run_ids),
         source_rows=imported.source_rows, records=imported.records, seconds=time.perf_counter() - started,
-        problems=list(imported.problems), duckdb_message=sync.message or f"synced {len(sync.synced)} run(s)",
-        timings=timings,
+        problems=list(imported.problems), duckdb_message=message, timings=timings,
     )
 
 
