@@ -165,3 +165,18 @@ def test_background_duckdb_update_finishes_on_its_own(tmp_path: Path) -> None:
     assert store.pending_runs() == []
     with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
         assert con.execute("SELECT run_id FROM runs").fetchall() == [(result.run_id,)]
+
+
+def test_a_run_that_leaves_duckdb_for_later_is_pending_until_the_next_sync(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="sync_duckdb: expected True, False or 'background', got 'soon'"):
+        run_pipeline(fork_pipeline(write_csv(tmp_path / "in.csv")), sync_duckdb="soon")
+    assert not (tmp_path / "audit").exists()  # refused before anything was written
+    result = run_pipeline(fork_pipeline(write_csv(tmp_path / "in.csv")), sync_duckdb=False)
+    store = AuditStore.open(tmp_path / "audit")
+    assert store.pending_runs() == [result.run_id] and "pending" in result.duckdb and result.duckdb_s == 0
+    assert "audit.duckdb: not updated" in repr(result)
+    assert store.sync_duckdb([]).synced == [result.run_id] and store.pending_runs() == []
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT run_id FROM runs").fetchall() == [(result.run_id,)]

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,6 +343,23 @@ class AuditStore:
             time.sleep(wait_s * (2**attempt))
         return None, last_error, True
 
+    def update_duckdb(self, run_ids: Sequence[str], when: bool | str) -> SyncResult:
+        """Bring audit.duckdb up to date for finished runs: now (True), in a detached process
+        (``"background"``), or not (False: the runs stay pending for ``elspeth-nb sync``).
+        ``message`` says what happened; ``seconds`` is the time of an update made now."""
+        check_duckdb_update(when)
+        if when == "background":
+            return SyncResult(pending=list(run_ids), message=self.sync_duckdb_in_background(run_ids))
+        if not when:
+            for run_id in run_ids:
+                self.mark_pending(run_id)
+            return SyncResult(pending=list(run_ids), message=(
+                f"not updated: {len(run_ids)} run(s) pending until `elspeth-nb sync --audit {self.root}`"))
+        pa.default_memory_pool().release_unused()  # hand the caller's freed Arrow buffers back before DuckDB's
+        result = self.sync_duckdb(run_ids)
+        result.message = result.message or f"up to date ({result.seconds:.2f}s)"
+        return result
+
     def sync_duckdb_in_background(self, run_ids: Iterable[str]) -> str:
         """Mark the runs pending and start a detached ``elspeth-nb sync`` that brings audit.duckdb up to date."""
         for run_id in run_ids:
@@ -505,6 +522,16 @@ def latest_run_rows(store: AuditStore) -> dict[str, dict[str, object]]:
         best = max(rows, key=lambda r: int(r["revision"] or 0))
         latest[run_id] = best
     return latest
+
+
+#: What ``update_duckdb`` (and ``sync_duckdb=`` of run_pipeline and import_into_store) accepts.
+DUCKDB_UPDATES = (True, False, "background")
+
+
+def check_duckdb_update(when: object) -> None:
+    """Refuse a ``sync_duckdb`` value other than True, False or ``"background"`` before any work starts."""
+    if not any(when is choice or (isinstance(choice, str) and when == choice) for choice in DUCKDB_UPDATES):
+        raise ValueError(f"sync_duckdb: expected True, False or 'background', got {when!r}")
 
 
 def _dead_runs(store: AuditStore) -> dict[str, dict[str, object]]:

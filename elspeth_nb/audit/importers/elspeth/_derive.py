@@ -153,10 +153,11 @@ def _calls(raw: dict[str, pa.Table]) -> pa.Table:
 
 def _patch_outcomes(outcomes: pa.Table, patch: pa.Table, contexts: pa.Table) -> pa.Table:
     """Reclassified late arrivals and filled coalesce contexts, matched by outcome_id."""
-    patched = lookup_many(outcomes.column("outcome_id"), patch, "outcome_id", ["outcome", "join_group_id", "event_id"])
-    for column, values in zip(("outcome", "join_group_id"), patched, strict=False):
-        outcomes = replace(outcomes, column, pc.coalesce(values, outcomes.column(column)))
-    context = lookup(patched[2], contexts, "event_id", "context_json")
+    outcome, join_group_id, event_id = lookup_many(outcomes.column("outcome_id"), patch, "outcome_id",
+                                                   ["outcome", "join_group_id", "event_id"])
+    outcomes = replace(outcomes, "outcome", pc.coalesce(outcome, outcomes.column("outcome")))
+    outcomes = replace(outcomes, "join_group_id", pc.coalesce(join_group_id, outcomes.column("join_group_id")))
+    context = lookup(event_id, contexts, "event_id", "context_json")
     return replace(outcomes, "context_json", pc.coalesce(outcomes.column("context_json"), context))
 
 

@@ -26,7 +26,7 @@ from elspeth_nb.audit.importers.elspeth._model import ImportReport, LandscapeImp
 from elspeth_nb.audit.importers.elspeth._read import read_landscape
 from elspeth_nb.audit.integrity import run_root
 from elspeth_nb.audit.schema import PARTITION_COLUMN, TABLES
-from elspeth_nb.audit.store import AuditStore
+from elspeth_nb.audit.store import AuditStore, check_duckdb_update
 from elspeth_nb.audit.writer import ParquetSegmentWriter, partition_dir
 from elspeth_nb.errors import AuditStoreError
 
@@ -48,8 +48,7 @@ def import_into_store(
     that to a detached process; False leaves the runs pending for ``elspeth-nb sync``. Until then
     readers answer from the Parquet segments, which are complete when this returns.
     """
-    if sync_duckdb not in (True, False, "background"):
-        raise ValueError(f"sync_duckdb: expected True, False or 'background', got {sync_duckdb!r}")
+    check_duckdb_update(sync_duckdb)
     started = time.perf_counter()
     imported = read_landscape(db_path, payloads=payloads, run_ids=run_ids)
     store = AuditStore.create(audit_dir)
@@ -65,19 +64,13 @@ def import_into_store(
             raise AuditStoreError(f"run {run_id} is being written to {store.root} by another process; "
                                   "import it again when that process has finished") from exc
     timings["write_parquet_s"] = time.perf_counter() - writing
-    if sync_duckdb == "background":
-        message = store.sync_duckdb_in_background(imported.run_ids)
-    elif sync_duckdb:
-        sync = store.sync_duckdb(imported.run_ids)
-        timings["sync_duckdb_s"] = sync.seconds
-        message = sync.message or f"synced {len(sync.synced)} run(s)"
-    else:
-        message = (f"not updated: {len(imported.run_ids)} run(s) pending until `elspeth-nb sync --audit "
-                   f"{store.root}`")
+    update = store.update_duckdb(imported.run_ids, sync_duckdb)
+    if sync_duckdb is True:
+        timings["sync_duckdb_s"] = update.seconds
     return ImportReport(
         db_path=Path(db_path), audit_dir=store.root, run_ids=list(imported.run_ids),
         source_rows=imported.source_rows, records=imported.records, seconds=time.perf_counter() - started,
-        problems=list(imported.problems), duckdb_message=message, timings=timings,
+        problems=list(imported.problems), duckdb_message=update.message, timings=timings,
     )
 
 
