@@ -346,10 +346,10 @@ config_case("missing-required-sink-path", (("  bad: {plugin: jsonl, options: {pa
             r"pipeline\.yaml:34: sinks\.bad\.options\.path: required \(got nothing\)")
 config_case("wrong-type-length", (('    options: {fields: {note: 8}, suffix: ".."}',
                                    '    options: {fields: {note: eight}, suffix: ".."}'),),
-            r"pipeline\.yaml:25: transforms\[1\]\.options\.fields\.note: must be a valid integer, unable to parse "
-            r"string as an integer \(got 'eight'\)")
+            r"pipeline\.yaml:25: transforms\[1\]\.options\.fields\.note: must be a valid integer "
+            r"\(got 'eight'\)")
 config_case("wrong-type-timeout", (("    merge: union", "    merge: union\n    timeout_seconds: soon"),),
-            r"pipeline\.yaml:31: coalesce\[0\]\.timeout_seconds: must be a valid number, .* \(got 'soon'\)")
+            r"pipeline\.yaml:31: coalesce\[0\]\.timeout_seconds: must be a valid number \(got 'soon'\)")
 config_case("unknown-transform-plugin", (("    plugin: passthrough", "    plugin: passthru"),),
             r"pipeline\.yaml:18: transforms\[0\]\.plugin: unknown plugin; expected one of 'passthrough', "
             r"'field_mapper', 'truncate', 'keyword_filter', 'latency', 'python' \(got 'passthru'\)")
@@ -390,6 +390,42 @@ config_case("duplicate-node-names", (("  - name: b_truncate", "  - name: a_pass"
             r"'a_pass' \(got 'a_pass'\)",
             r"pipeline\.yaml:15: gates\[0\]\.fork_to\[1\]: fork branch 'b' leads nowhere: .*",
             r"pipeline\.yaml:28: coalesce\[0\]\.branches\.b: no node produces connection 'out_b' .*")
+config_case("quorum-count-boolean", (("    policy: require_all", "    policy: quorum\n    quorum_count: true"),),
+            r"pipeline\.yaml:30: coalesce\[0\]\.quorum_count: must be a valid integer \(got true\)")
+config_case("coalesce-branch-not-named-after-its-fork-branch", (("    branches: {a: out_a, b: out_b}",
+                                                                "    branches: {a: out_a, x: out_b}"),),
+            r"pipeline\.yaml:28: coalesce\[0\]\.branches\.x: input 'out_b' carries fork branch 'b' of gate "
+            r"'fork_gate'; a coalesce branch is named after the fork branch it joins \(tokens carry that name\): "
+            r"use 'b' \(got 'x'\)")
+
+
+def _input_kept(ctx: Ctx, _: Any) -> None:
+    _nothing_written(ctx, _)
+    assert (ctx.work / "in.csv").read_bytes() == HEADER + b"1,1.5,ok\n"
+
+
+case("config-sink-overwrites-the-input",
+     _config(("  bad: {plugin: jsonl, options: {path: bad.jsonl}}", "  bad: {plugin: csv, options: {path: in.csv}}")),
+     Fails(ConfigError, r"^pipeline\.yaml:34: sinks\.bad\.options\.path: is the source's input file "
+                        r"\(source\.options\.path\); the sink would overwrite it \(got 'in\.csv'\)$"),
+     then=_input_kept)
+case("config-two-sinks-one-file",
+     _config(("  bad: {plugin: jsonl, options: {path: bad.jsonl}}",
+              "  bad: {plugin: jsonl, options: {path: out.jsonl}}")),
+     Fails(ConfigError, r"^pipeline\.yaml:34: sinks\.bad\.options\.path: is already the file of "
+                        r"sinks\.out\.options\.path; the sink would overwrite it \(got 'out\.jsonl'\)$"),
+     then=_nothing_written)
+case("config-sink-overwrites-the-settings",
+     _config(("  bad: {plugin: jsonl, options: {path: bad.jsonl}}",
+              "  bad: {plugin: jsonl, options: {path: pipeline.yaml}}")),
+     Fails(ConfigError, r"^pipeline\.yaml:34: sinks\.bad\.options\.path: is this settings file; the sink would "
+                        r"overwrite it \(got 'pipeline\.yaml'\)$"))
+case("config-sink-inside-the-audit-store",
+     _config(("  bad: {plugin: jsonl, options: {path: bad.jsonl}}",
+              "  bad: {plugin: jsonl, options: {path: audit/bad.jsonl}}")),
+     Fails(ConfigError, r"^pipeline\.yaml:34: sinks\.bad\.options\.path: is inside the audit store <work>/audit; "
+                        r"write sink files elsewhere \(got 'audit/bad\.jsonl'\)$"),
+     then=_nothing_written)
 config_case("node-named-like-a-sink", (("  - name: a_pass", "  - name: bad"),),
             r"pipeline\.yaml:17: transforms\[0\]\.name: a sink has the same name; node and sink names must "
             r"differ \(got 'bad'\)",
@@ -643,6 +679,12 @@ def _recorded_failed_run(ctx: Ctx, error: RunFailedError) -> None:
     assert status == "failed" and "SystemExit" in message
 
 
+case("transform-module-raises-on-import", _python_transform("raise RuntimeError('no credentials')\n"),
+     Fails(ConfigError, r"^pipeline\.yaml:\d+: transforms\[0\]\.options\.function: importing 'plugin\.py' for "
+                        r"python function 'plugin\.py:explode' raised RuntimeError: no credentials$"))
+case("transform-function-missing", _python_transform("def other(row):\n    return row\n"),
+     Fails(ConfigError, r"^pipeline\.yaml:\d+: transforms\[0\]\.options\.function: cannot load python function "
+                        r"'plugin\.py:explode': plugin\.py has no attribute 'explode'; it defines other$"))
 case("transform-raises-on-one-row",
      _python_transform("def explode(row):\n    if row['id'] == 2:\n        raise ZeroDivisionError('boom')\n"
                        "    return row\n"),

@@ -31,6 +31,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -128,6 +129,9 @@ Encoding = Annotated[str, AfterValidator(_encoding)]
 Regex = Annotated[str, AfterValidator(_regex)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 OneChar = Annotated[str, Field(min_length=1, max_length=1)]
+#: Numbers that refuse YAML booleans (``quorum_count: true`` is a mistake, not 1).
+Whole = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]
 
 
 class _Model(BaseModel):
@@ -329,7 +333,7 @@ class TruncateOptions(PluginOptions):
     """``truncate``: cut fields to a maximum length that includes the suffix."""
 
     suffix: str = ""
-    fields: dict[str, int]
+    fields: dict[str, Whole]
 
     @field_validator("fields")
     @classmethod
@@ -376,13 +380,13 @@ class LatencyOptions(PluginOptions):
     """``latency``: a simulated external call with a seeded delay distribution and failure rate."""
 
     distribution: Literal["fixed", "uniform", "exponential", "lognormal"] = "fixed"
-    mean_ms: float = Field(0.0, ge=0)
-    low_ms: float | None = Field(None, ge=0, validate_default=True)
-    high_ms: float | None = Field(None, ge=0, validate_default=True)
-    sigma: float = Field(0.5, gt=0)
-    max_ms: float | None = Field(None, ge=0)
-    failure_rate: float = Field(0.0, ge=0, le=1)
-    seed: int = 0
+    mean_ms: Number = Field(0.0, ge=0)
+    low_ms: Number | None = Field(None, ge=0, validate_default=True)
+    high_ms: Number | None = Field(None, ge=0, validate_default=True)
+    sigma: Number = Field(0.5, gt=0)
+    max_ms: Number | None = Field(None, ge=0)
+    failure_rate: Number = Field(0.0, ge=0, le=1)
+    seed: Whole = 0
 
     @field_validator("low_ms", "high_ms")
     @classmethod
@@ -556,8 +560,8 @@ class CoalesceConfig(_Model):
     branches: dict[ConnectionName, ConnectionName]
     policy: Literal["require_all", "quorum", "best_effort", "first"] = "require_all"
     merge: Literal["union", "nested", "select"] = "union"
-    timeout_seconds: float | None = Field(None, gt=0, validate_default=True)
-    quorum_count: int | None = Field(None, gt=0, validate_default=True)
+    timeout_seconds: Number | None = Field(None, gt=0, validate_default=True)
+    quorum_count: Whole | None = Field(None, gt=0, validate_default=True)
     select_branch: str | None = Field(None, validate_default=True)
     on_success: ConnectionName | None = None
 
@@ -686,7 +690,7 @@ class AuditConfig(_Model):
 class EngineConfig(_Model):
     """Engine limits."""
 
-    max_in_flight: int = Field(1024, ge=1)
+    max_in_flight: Whole = Field(1024, ge=1)
 
 
 ELSPETH_ONLY_SETTINGS: Mapping[str, str] = MappingProxyType(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -596,6 +597,13 @@ class _Builder:
                 )
             elif isinstance(origin, tuple):
                 found[origin] = (c.name, branch)
+                if origin[1] != branch:
+                    self.problem(
+                        loc,
+                        f"input {connection!r} carries fork branch {origin[1]!r} of gate {origin[0]!r}; a coalesce "
+                        f"branch is named after the fork branch it joins (tokens carry that name): use {origin[1]!r}",
+                        branch,
+                    )
         gates = list(dict.fromkeys(gate for gate, _ in found))
         if len(gates) > 1:
             traced = ", ".join(f"{b} ← {g}.{fb}" for (g, fb), (_, b) in found.items())
@@ -733,6 +741,7 @@ class Pipeline:
     base_dir: Path
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
+    locator: Locator | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> Pipeline:
@@ -742,7 +751,7 @@ class Pipeline:
         config, warnings = config_from_mapping(data, source=str(path), locator=locator)
         graph = build_graph(config, locator=locator, source=str(path))
         absolute = path.absolute()
-        return cls(config, graph, absolute.parent, absolute, warnings)
+        return cls(config, graph, absolute.parent, absolute, warnings, locator)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | Path | None = None) -> Pipeline:
@@ -755,6 +764,37 @@ class Pipeline:
         """``p`` as an absolute path: relative paths are taken from ``base_dir``."""
         path = Path(p).expanduser()
         return path if path.is_absolute() else self.base_dir / path
+
+    def where(self, loc: Loc) -> str:
+        """``settings.yaml:25: transforms[1].options.function``: a setting as error messages name it."""
+        return f"{self.locator.prefix(loc) if self.locator else ''}{render_loc(loc)}"
+
+    def check_paths(self, audit_root: Path) -> None:
+        """Refuse sink paths that would overwrite the input, the settings, another sink or the audit store.
+
+        Checked before anything is opened: a sink truncates its file when the run starts.
+        """
+        def real(p: str | Path) -> Path:
+            return Path(os.path.realpath(self.resolve_path(p)))
+
+        taken: dict[Path, str] = {real(self.config.source.options.path): "the source's input file "
+                                  "(source.options.path)"}
+        if self.source_path is not None:
+            taken[real(self.source_path)] = "this settings file"
+        audit = real(audit_root)
+        problems = []
+        for name, sink in self.config.sinks.items():
+            loc = ("sinks", name, "options", "path")
+            path = real(sink.options.path)
+            if path in taken:
+                problems.append(format_problem(loc, f"is {taken[path]}; the sink would overwrite it",
+                                               sink.options.path, locator=self.locator))
+            elif path == audit or audit in path.parents:
+                problems.append(format_problem(loc, f"is inside the audit store {audit}; write sink files elsewhere",
+                                               sink.options.path, locator=self.locator))
+            taken.setdefault(path, f"already the file of sinks.{name}.options.path")
+        if problems:
+            raise ConfigError(problems, str(self.source_path) if self.source_path else None)
 
 
 def load_pipeline(path: str | Path) -> Pipeline:

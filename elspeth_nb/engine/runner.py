@@ -189,9 +189,12 @@ class Engine:
         self.max_in_flight = max(1, int(max_in_flight))
         self.run_id = run_id
         config = pipeline.config
+        pipeline.check_paths(audit_root)
         self.source = build_source(config.source, pipeline.resolve_path)
         self.source.check_readable()
-        self.plugins = {t.name: build_transform(t, pipeline.base_dir) for t in config.transforms}
+        self.plugins = {t.name: build_transform(t, pipeline.base_dir,
+                                                pipeline.where(("transforms", i, "options", "function")))
+                        for i, t in enumerate(config.transforms)}
         self.sinks = {name: build_sink(s, pipeline.resolve_path) for name, s in config.sinks.items()}
         for name, sink in self.sinks.items():
             check_writable(sink.path, f"sinks.{name}.options.path")

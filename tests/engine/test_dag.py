@@ -626,11 +626,11 @@ def test_two_coalesce_branches_from_one_fork_branch() -> None:
     data = fork_settings(
         gates=[fork_gate("fan", "raw", ["a", "b"]), split("split_a", "a", "a1", "a2")],
         transforms=[],
-        coalesce=[{"name": "merge", "branches": {"x": "a1", "y": "a2"}, "on_success": "out"}],
+        coalesce=[{"name": "merge", "branches": {"a": "a1", "y": "a2"}, "on_success": "out"}],
         sinks=sinks("out", "b"),
     )
     assert problems_of(data) == [
-        "coalesce[0].branches.y: traces back to fork branch 'a' of gate 'fan', like branch 'x'; "
+        "coalesce[0].branches.y: traces back to fork branch 'a' of gate 'fan', like branch 'a'; "
         "each branch must come from a different fork branch (got 'a2')"
     ]
 

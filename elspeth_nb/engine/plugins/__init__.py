@@ -35,8 +35,8 @@ def build_source(config: Any, resolve: Callable[[str], Path]) -> Source:
     return ParquetSource(path, schema.mode, fields)
 
 
-def build_transform(config: Any, base_dir: Path) -> Any:
-    """The transform plugin for ``config`` (a TransformConfig)."""
+def build_transform(config: Any, base_dir: Path, where: str | None = None) -> Any:
+    """The transform plugin for ``config`` (a TransformConfig); ``where`` locates it in load errors."""
     options = config.options
     plugin = config.plugin
     if plugin == "passthrough":
@@ -49,7 +49,7 @@ def build_transform(config: Any, base_dir: Path) -> Any:
         return KeywordFilter(options)
     if plugin == "latency":
         return Latency(options, config.name)
-    return PythonFunction(options, base_dir, where=f"transforms[{config.name}].options.function")
+    return PythonFunction(options, base_dir, where=where or f"transforms[{config.name}].options.function")
 
 
 def build_sink(config: Any, resolve: Callable[[str], Path]) -> Sink:

@@ -227,9 +227,16 @@ def load_callable(spec: str, base_dir: Path, where: str) -> Callable[..., Any]:
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_part)
+        if not hasattr(module, attr):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise AttributeError(f"{module_part} has no attribute {attr!r}"
+                                 + (f"; it defines {', '.join(names[:10])}" if names else ""))
         function = getattr(module, attr)
     except (ImportError, FileNotFoundError, AttributeError, SyntaxError) as exc:
         raise ConfigError([f"{where}: cannot load python function {spec!r}: {exc}"]) from exc
+    except Exception as exc:  # the module's own code failed while it was imported
+        raise ConfigError([f"{where}: importing {module_part!r} for python function {spec!r} raised "
+                           f"{type(exc).__name__}: {exc}"]) from exc
     if not callable(function):
         raise ConfigError([f"{where}: {spec!r} is a {type(function).__name__}, not a function"])
     return function  # type: ignore[no-any-return]
