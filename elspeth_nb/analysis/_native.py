@@ -1,9 +1,10 @@
 """Finished runs read from ``audit.duckdb``, the store's native copy, instead of their Parquet segments.
 
 DuckDB's own storage answers whole-run aggregates several times faster than Parquet. A run is read
-there only while that copy provably equals the Parquet truth: the file opens read-only (so no
-writer holds it and none can start), the run is finished, has no pending marker, and its latest
-revision there is its latest revision on disk. Anything else reads Parquet, as before.
+there only while that copy equals the Parquet truth: the file opens read-only (so no writer holds
+it and none can start), the run is finished, has no pending marker, its latest revision there is its
+latest revision on disk, and its segment files are still the ones copied (same names, sizes and
+modification times: a segment rewritten by hand is noticed). Anything else reads Parquet, as before.
 
 The file is held only while queries run and for ``idle_s`` after the last one, so a pipeline's
 end-of-run update, which needs the file to itself and retries, is kept out for at most that long
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 import duckdb
 
 from elspeth_nb.audit.schema import TABLES, RunStatus
-from elspeth_nb.audit.store import AuditStore, register_reader
+from elspeth_nb.audit.store import COPIED_SEGMENTS, AuditStore, register_reader
 
 #: Seconds the file stays open after the last query (a burst of notebook calls shares one connection).
 IDLE_S = 1.0
@@ -37,6 +38,10 @@ class NativeCopy:
         self._con: duckdb.DuckDBPyConnection | None = None
         #: run id -> latest revision held by the open file (it cannot change while the file is open)
         self._revisions: dict[str, int] = {}
+        #: run id -> the segment files its copy was made from, as the open file lists them
+        self._copied: dict[str, set[tuple[str, str, int, int]]] = {}
+        #: run id -> whether its segment files on disk are still those (checked once per opening)
+        self._unchanged: dict[str, bool] = {}
         self._last_used = 0.0
         self._timer: threading.Timer | None = None
         self._closed = False
@@ -80,6 +85,10 @@ class NativeCopy:
                 return None
             self._revisions = dict(con.execute(
                 "SELECT run_id, max(revision) FROM runs WHERE revision IS NOT NULL GROUP BY run_id").fetchall())
+            self._copied, self._unchanged = {}, {}
+            for run_id, *segment in con.execute(
+                    f"SELECT run_id, table_name, file, size, mtime_ns FROM {COPIED_SEGMENTS}").fetchall():  # noqa: S608
+                self._copied.setdefault(run_id, set()).add(tuple(segment))  # type: ignore[arg-type]
         except duckdb.Error:
             con.close()
             return None
@@ -90,7 +99,13 @@ class NativeCopy:
         pending = set(self.store.pending_runs())
         return [run_id for run_id, (revision, status) in runs.items()
                 if revision is not None and status != RunStatus.RUNNING and run_id not in pending
-                and self._revisions.get(run_id) == revision]
+                and self._revisions.get(run_id) == revision and self._segments_unchanged(run_id)]
+
+    def _segments_unchanged(self, run_id: str) -> bool:
+        """True when the run's segment files are exactly those its copy was made from (a file rewritten is not)."""
+        if run_id not in self._unchanged:
+            self._unchanged[run_id] = self._copied.get(run_id) == self.store.segment_files(run_id)
+        return self._unchanged[run_id]
 
     def _schedule_close(self) -> None:
         if self._con is not None and self._timer is None:
@@ -113,7 +128,7 @@ class NativeCopy:
         if self._con is not None:
             self._con.close()
             self._con = None
-            self._revisions = {}
+            self._revisions, self._copied, self._unchanged = {}, {}, {}
 
     @property
     def is_open(self) -> bool:

@@ -39,6 +39,9 @@ MANIFEST_NAME = "elspeth-nb-store.json"
 STORE_FORMAT = "elspeth-nb-audit-store"
 SCHEMA_PARTITION = "__schema__"
 DUCKDB_NAME = "audit.duckdb"
+#: The table of audit.duckdb that lists, per run, the segment files its rows were copied from (name, size,
+#: mtime): a reader trusts the copy of a run only while the files on disk are still exactly those.
+COPIED_SEGMENTS = "enb_copied_segments"
 
 
 class DuckdbReader(Protocol):
@@ -402,6 +405,8 @@ class AuditStore:
             ).fetchall()
         }
         tables = {t for t, _ in existing}
+        con.execute(f"CREATE TABLE IF NOT EXISTS {COPIED_SEGMENTS} (run_id VARCHAR, table_name VARCHAR, "
+                    "file VARCHAR, size BIGINT, mtime_ns BIGINT)")
         for table in TABLES.values():
             if table.name not in tables:
                 cols = ", ".join(f"{quote_ident(f.name)} {duckdb_type(f.type)}" for f in table.schema)
@@ -413,8 +418,24 @@ class AuditStore:
                         f"ALTER TABLE {quote_ident(table.name)} ADD COLUMN {quote_ident(f.name)} {duckdb_type(f.type)}"
                     )
 
+    def segment_files(self, run_id: str) -> set[tuple[str, str, int, int]]:
+        """(table, file name, size, mtime_ns) of each segment of the run: what its audit.duckdb copy is checked by."""
+        found = set()
+        for table in TABLES:
+            with suppress(FileNotFoundError), os.scandir(partition_dir(self.parquet_root, table, run_id)) as entries:
+                for entry in entries:
+                    if entry.name.startswith("part-") and entry.name.endswith(".parquet"):
+                        info = entry.stat()
+                        found.add((table, entry.name, info.st_size, info.st_mtime_ns))
+        return found
+
     def _copy_run(self, con: duckdb.DuckDBPyConnection, run_id: str) -> None:
-        """Replace the run's rows in every table, two tables at a time (each on its own cursor)."""
+        """Replace the run's rows in every table, two tables at a time (each on its own cursor).
+
+        The segment files are listed first: one changed while it is copied no longer matches the list,
+        so readers fall back to the segments rather than trust the copy.
+        """
+        files = sorted(self.segment_files(run_id))
         tables = sorted(TABLES.values(), key=lambda t: -self._segment_bytes(t.name, run_id))
         lanes: list[list[Table]] = [[], []]
         weights = [0, 0]
@@ -445,6 +466,10 @@ class AuditStore:
             thread.join()
         if errors:
             raise errors[0]
+        con.execute(f"DELETE FROM {COPIED_SEGMENTS} WHERE run_id = $run_id", {"run_id": run_id})  # noqa: S608
+        if files:
+            con.executemany(f"INSERT INTO {COPIED_SEGMENTS} VALUES ($1, $2, $3, $4, $5)",  # noqa: S608
+                            [(run_id, *f) for f in files])
 
     def _copy_table(self, cursor: duckdb.DuckDBPyConnection, table: Table, run_id: str) -> None:
         """Replace one table's rows of the run, one segment file at a time (memory stays bounded)."""

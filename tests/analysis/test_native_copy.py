@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -99,6 +100,27 @@ def test_the_copy_is_read_only_while_it_holds_the_run_as_on_disk(tmp_path: Path)
         writer.close()
         assert audit.coalesce_events(run).height == decisions  # a revision the copy lacks: the segments answer
         assert audit.runs()["merged"][0] + audit.runs()["coalesce_failed"][0] == decisions
+
+
+def test_a_segment_rewritten_by_hand_sends_reads_to_the_segments(tmp_path: Path) -> None:
+    store, run, decisions = _store(tmp_path)
+    _empty_the_copy(store, run)
+    with open_audit(store.root) as audit:
+        assert audit.coalesce_events(run).height == 0  # the copy answers while the files are the ones copied
+    [segment] = (store.parquet_root / "coalesce_events" / f"run_id={run}").glob("part-*.parquet")
+    table = pq.read_table(segment)
+    first_decision = table.column("event_type").to_pylist().index("merged")
+    kept = [i for i in range(table.num_rows) if i != first_decision]
+    pq.write_table(table.take(kept), segment)  # one decision less; same revision, no pending marker
+    with open_audit(store.root) as audit:
+        assert audit.coalesce_events(run).height == decisions - 1
+        assert audit.sql("SELECT count(*) FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival'",
+                         {"run": run}).rows() == [(decisions - 1,)]
+        assert audit._db.native_answers == 0
+    store.sync_duckdb([run])  # copied again: the copy is trusted again
+    with open_audit(store.root) as audit:
+        assert audit.coalesce_events(run).height == decisions - 1
+        assert audit._db.native_answers > 0
 
 
 HOLD_FOR_WRITING = """
