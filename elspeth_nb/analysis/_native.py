@@ -88,7 +88,7 @@ class NativeCopy:
             self._copied, self._unchanged = {}, {}
             for run_id, *segment in con.execute(
                     f"SELECT run_id, table_name, file, size, mtime_ns FROM {COPIED_SEGMENTS}").fetchall():  # noqa: S608
-                self._copied.setdefault(run_id, set()).add(tuple(segment))  # type: ignore[arg-type]
+                self._copied.setdefault(run_id, set()).add(tuple(segment))
         except duckdb.Error:
             con.close()
             return None
