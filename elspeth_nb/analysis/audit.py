@@ -126,7 +126,9 @@ def open_audit(path: str | os.PathLike[str], *, payloads: str | os.PathLike[str]
 
     ``payloads`` is ELSPETH's payload folder (only for a Landscape file). ``mark_interrupted=True``
     records, in the store, an ``interrupted`` revision for runs whose writing process is gone
-    (``elspeth-nb check`` does this); without it nothing is ever written.
+    (``elspeth-nb check`` does this); without it nothing is ever written. An ``audit.duckdb`` opened
+    directly stays held until :meth:`Audit.close`, which keeps pipelines from updating it: open the
+    store folder instead when runs are still being written to it.
 
     >>> open_audit(store_path).kind
     'store'
