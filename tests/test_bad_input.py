@@ -615,14 +615,14 @@ case("input-parquet-with-corrupt-footer",
            r"bytes not found in footer"), then=_nothing_written)
 
 
-def _python_transform(body: str) -> Act:
+def _python_transform(body: str, *edits: Edit, rows: int = 3) -> Act:
     def act(ctx: Ctx) -> Any:
         (ctx.work / "plugin.py").write_text(body)
         return run_pipeline(ctx.settings(
             ("  on_success: raw", "  on_success: raw0"),
             ("transforms:", "transforms:\n  - {name: user_fn, plugin: python, input: raw0, on_success: raw, "
-                            "on_error: bad, options: {function: 'plugin.py:explode'}}"),
-            inputs={"in.csv": HEADER + b"1,1.5,a\n2,2.5,b\n3,3.5,c\n"}))
+                            "on_error: bad, options: {function: 'plugin.py:explode'}}"), *edits,
+            inputs={"in.csv": HEADER + b"".join(b"%d,%d.5,%c\n" % (i, i, 96 + i) for i in range(1, rows + 1))}))
 
     return act
 
@@ -643,6 +643,38 @@ def _recorded_failed_run(ctx: Ctx, error: RunFailedError) -> None:
     assert status == "failed" and "SystemExit" in message
 
 
+_PARQUET_OUT = ("  out: {plugin: jsonl, options: {path: out.jsonl}}",
+                "  out: {plugin: parquet, options: {path: out.parquet}}")
+_PARQUET_SCHEMA = r" \(the sink's first row fixed the Parquet schema: id: int64, amount: double, note: string\)$"
+
+
+def _parquet_rows_that_do_not_fit(ctx: Ctx, result: RunResult) -> None:
+    """Rows 2 and 4 fail at the sink with its error; rows 1 and 3 (note missing: null) are in the file."""
+    assert result.status == "completed"
+    assert dict(result.outcomes) == {"coalesced": 8, "completed": 2, "failed": 2, "forked": 4}
+    assert pq.read_table(ctx.work / "out.parquet").to_pylist() == [
+        {"id": 1, "amount": 1.5, "note": "a"}, {"id": 3, "amount": 3.5, "note": None}]
+    with open_audit(ctx.store) as audit:
+        failed = audit.sql("SELECT r.row_index, o.sink_name, s.error_json FROM token_outcomes o "
+                           "JOIN tokens t USING (run_id, token_id) JOIN rows r USING (run_id, row_id) "
+                           "JOIN node_states s ON s.run_id = o.run_id AND s.token_id = o.token_id "
+                           "AND s.status = 'failed' WHERE o.run_id = $run AND o.outcome = 'failed' "
+                           "ORDER BY r.row_index", {"run": result.run_id}).rows()
+        assert audit.check(result.run_id).ok and audit.verify(result.run_id).ok
+    assert [(index, sink) for index, sink, _ in failed] == [(1, "out"), (3, "out")]
+    errors = [json.loads(error) for _, _, error in failed]
+    assert {(e["reason"], e["type"]) for e in errors} == {("sink_write_failed", "SinkWriteError")}
+    assert re.fullmatch(r"field\(s\) 'extra' \(str\) not in the schema" + _PARQUET_SCHEMA, errors[0]["exception"])
+    assert re.fullmatch(r"value\(s\) the columns cannot hold: 'amount' is str but its column is double"
+                        + _PARQUET_SCHEMA, errors[1]["exception"])
+
+
+case("parquet-sink-rows-that-do-not-fit-its-schema",
+     _python_transform("def explode(row):\n    if row['id'] == 2:\n        row['extra'] = 'E'\n"
+                       "    if row['id'] == 3:\n        del row['note']\n"
+                       "    if row['id'] == 4:\n        row['amount'] = 'text'\n    return row\n",
+                       _PARQUET_OUT, rows=4),
+     Returns(_parquet_rows_that_do_not_fit, adds_run=True))
 case("transform-raises-on-one-row",
      _python_transform("def explode(row):\n    if row['id'] == 2:\n        raise ZeroDivisionError('boom')\n"
                        "    return row\n"),

@@ -29,7 +29,7 @@ from elspeth_nb.audit.writer import ParquetSegmentWriter, SegmentWriter
 from elspeth_nb.engine.clock import Clock, SystemClock
 from elspeth_nb.engine.dag import Pipeline, load_pipeline
 from elspeth_nb.engine.plugins import build_sink, build_source, build_transform
-from elspeth_nb.engine.plugins.sinks import Artifact, CsvSink
+from elspeth_nb.engine.plugins.sinks import Artifact, CsvSink, ParquetSink
 from elspeth_nb.engine.processor import ProcessStats, RowProcessor
 from elspeth_nb.engine.tokens import EngineContext
 from elspeth_nb.errors import AuditStoreError, ConfigError, Error, InputError
@@ -206,8 +206,8 @@ class Engine:
             wanted = 1
         else:
             wanted = min(2, os.cpu_count() or 1)
-        if any(isinstance(s, CsvSink) for s in self.sinks.values()):
-            return 1  # CSV headers come from each part's first row; keep one writer
+        if any(isinstance(s, CsvSink | ParquetSink) for s in self.sinks.values()):
+            return 1  # a CSV header or Parquet schema comes from the first row written; keep one writer
         return wanted
 
     # -- the run --------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ def _run(tmp_path: Path, workers: int, sink_plugin: str = "jsonl") -> tuple[Any,
     folder.mkdir()
     pipeline = fork_pipeline(_input(folder / "in.csv", 1500), policy="best_effort", timeout_seconds=1.0,
                              lose_c_for="toys")
-    if sink_plugin == "json":
-        pipeline["sinks"]["output"] = {"plugin": "json", "options": {"path": str(folder / "output.jsonl")}}
+    if sink_plugin != "jsonl":
+        pipeline["sinks"]["output"] = {"plugin": sink_plugin, "options": {"path": str(folder / "output.jsonl")}}
     return run_pipeline(pipeline, workers=workers), folder
 
 
@@ -85,3 +85,10 @@ def test_parquet_and_duckdb_hold_the_same_rows(tmp_path: Path) -> None:
                 return tuple(str(row[c]) for c in columns)
 
             assert sorted(duck_rows, key=key) == sorted(parquet_rows, key=key), table.name
+
+
+@pytest.mark.parametrize("sink_plugin", ["csv", "parquet"])
+def test_a_sink_whose_first_row_fixes_its_columns_runs_in_one_process(tmp_path: Path, sink_plugin: str) -> None:
+    """Parts would each take their header or schema from their own first row, so one writer writes the file."""
+    result, _ = _run(tmp_path, 2, sink_plugin)
+    assert result.workers == 1 and result.status == "completed"
