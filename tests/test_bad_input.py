@@ -18,6 +18,7 @@ same: a bad input may add a run of its own, never change or lose one, and the st
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -42,6 +43,8 @@ from elspeth_nb.analysis import Audit, ReadOnlyError, open_audit
 from elspeth_nb.audit.schema import SCHEMA_VERSION
 from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.verification import verify_run
+from elspeth_nb.cli import main
+from elspeth_nb.engine.plugins.sinks import JsonlSink, ParquetSink
 from elspeth_nb.engine.runner import RunFailedError, RunResult, run_pipeline
 from elspeth_nb.errors import (
     AuditStoreError,
@@ -681,6 +684,88 @@ case("transform-raises-on-one-row",
      Completes(good=2, outcomes={"routed": 1}), then=_recorded_transform_error)
 case("transform-exits-the-process", _python_transform("def explode(row):\n    raise SystemExit(3)\n"),
      Fails(RunFailedError, r"^run \w+ failed: SystemExit: 3$", adds_run=True), then=_recorded_failed_run)
+
+# == a sink that breaks as a whole: the run fails, naming it, and the trail keeps everything recorded ==========
+
+
+def _broken_sink(cls: type, method: str, error: Exception, *edits: Edit, rows: int = 3, cli: bool = False,
+                 **run: Any) -> Act:
+    """Run PIPELINE (``rows`` rows) with ``cls.method`` of the ``out`` sink raising ``error`` once it holds a row."""
+    def act(ctx: Ctx) -> Any:
+        real = getattr(cls, method)
+
+        def broken(sink: Any, *args: Any) -> Any:
+            if sink.path.name.startswith("out.") and sink.rows:
+                raise error
+            return real(sink, *args)
+
+        ctx.stack.enter_context(pytest.MonkeyPatch.context()).setattr(cls, method, broken)
+        path = ctx.settings(*edits, inputs={"in.csv": HEADER + b"".join(b"%d,1.5,n\n" % i for i in range(rows))})
+        if not cli:
+            return run_pipeline(path, **run)
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(["run", str(path)])
+        return code, out.getvalue(), err.getvalue()
+
+    return act
+
+
+def _failed_at_sink(failed_token: str | None = None) -> Callable[[Ctx, Any], None]:
+    """The run is stored failed with the sink's error, every row it read and no artifact for ``out``; check()
+    passes, or names only tokens that were in flight; ``failed_token``: the error of the token being written."""
+    def then(ctx: Ctx, error: RunFailedError) -> None:
+        result = error.result
+        assert result.status == "failed" and str(error) == f"run {result.run_id} failed: {result.error}"
+        with open_audit(ctx.store) as audit:
+            params = {"run": result.run_id}
+            [(status, message, rows)] = audit.sql("SELECT status, error_message, (SELECT count(*) FROM rows "
+                                                  "WHERE run_id = $run) FROM runs WHERE run_id = $run", params).rows()
+            sinks = audit.sql("SELECT n.node_name FROM artifacts a JOIN nodes n ON n.run_id = a.run_id AND "
+                              "n.node_id = a.sink_node_id WHERE a.run_id = $run", params)["node_name"].to_list()
+            errors = audit.sql("SELECT s.error_json FROM node_states s JOIN nodes n ON n.run_id = s.run_id AND "
+                               "n.node_id = s.node_id WHERE s.run_id = $run AND n.node_name = 'out' "
+                               "AND s.status = 'failed'", params)["error_json"].to_list()
+            unfinished = audit.sql("SELECT count(*) AS n FROM tokens t WHERE run_id = $run AND NOT EXISTS (SELECT 1 "
+                                   "FROM token_outcomes o WHERE o.run_id = t.run_id AND o.token_id = t.token_id)",
+                                   params)["n"][0]
+            violations = audit.check(result.run_id).violations
+        assert (status, message, rows) == ("failed", result.error, result.rows)
+        assert sinks == ["bad"]
+        assert [json.loads(e) for e in errors] == ([] if failed_token is None else [
+            {"reason": "sink_failed", "type": "ValueError", "exception": failed_token}])
+        assert violations.height == unfinished and set(violations["invariant"]) <= {"token_has_outcome"}
+
+    return then
+
+
+def _cli_says_one_line(ctx: Ctx, said: tuple[int, str, str]) -> None:
+    code, out, err = said
+    assert code == 1 and "Traceback" not in out + err, out + err
+    [line] = [line for line in out.splitlines() if "error" in line]
+    assert re.fullmatch(ctx.sub(r"  error: SinkFailedError: sink 'out' \(<work>/out\.parquet\): close failed: "
+                                r"ArrowInvalid: Could not convert 'text' with type str"), line), line
+
+
+_NO_SPACE = OSError(28, "No space left on device")
+_ARROW_INVALID = pa.ArrowInvalid("Could not convert 'text'\nwith type str")  # a message on two lines
+_SINK_FAILED = r"^run \w+ failed: SinkFailedError: sink 'out' \(<work>/out\.(jsonl|parquet)\): "
+case("sink-write-raises-something-else-than-a-row-error", _broken_sink(JsonlSink, "write", ValueError("bug in a sink")),
+     Fails(RunFailedError, _SINK_FAILED + r"write failed: ValueError: bug in a sink$", adds_run=True),
+     then=_failed_at_sink("bug in a sink"))
+case("sink-flush-fails-mid-run", _broken_sink(JsonlSink, "flush", _NO_SPACE, rows=130, flush_interval_s=0),
+     Fails(RunFailedError, _SINK_FAILED + r"flush failed: OSError: \[Errno 28\] No space left on device$",
+           adds_run=True), then=_failed_at_sink())
+case("sink-close-fails", _broken_sink(JsonlSink, "close", _NO_SPACE),
+     Fails(RunFailedError, _SINK_FAILED + r"close failed: OSError: \[Errno 28\] No space left on device$",
+           adds_run=True), then=_failed_at_sink())
+case("parquet-sink-flush-raises-arrow-error",
+     _broken_sink(ParquetSink, "flush", _ARROW_INVALID, _PARQUET_OUT),
+     Fails(RunFailedError, _SINK_FAILED + r"close failed: ArrowInvalid: Could not convert 'text' with type str$",
+           adds_run=True), then=_failed_at_sink())
+case("sink-fails-cli-prints-the-error-not-a-traceback",
+     _broken_sink(ParquetSink, "flush", _ARROW_INVALID, _PARQUET_OUT, cli=True),
+     Returns(_cli_says_one_line, adds_run=True))
 
 # == where the run writes: clear errors before anything is written ====================================
 

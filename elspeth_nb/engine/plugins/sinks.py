@@ -10,7 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from elspeth_nb.errors import InputError
+from elspeth_nb.errors import InputError, PluginError
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,16 @@ class Artifact:
 
 
 class SinkWriteError(Exception):
-    """A row could not be written (e.g. a CSV row with fields the header does not have)."""
+    """A row could not be written (e.g. a CSV row with fields the header does not have): that token fails."""
+
+
+class SinkFailedError(PluginError):
+    """A sink itself failed (a write, flush or close raised something else): the run fails, naming it."""
+
+    def __init__(self, sink: str, path: Path, action: str, cause: BaseException) -> None:
+        self.sink = sink
+        detail = " ".join(str(cause).split())  # one line, whatever the library put in its message
+        super().__init__(f"sink {sink!r} ({path}): {action} failed: {type(cause).__name__}: {detail}")
 
 
 class _FileSink:
@@ -90,10 +100,16 @@ class _FileSink:
         self._size += len(data)
 
     def close(self) -> Artifact:
-        self._end()
-        self.flush()
-        self._handle.close()
+        try:
+            self._end()
+            self.flush()
+        finally:
+            self._handle.close()
         return Artifact(self.path, self._hash.hexdigest(), self._size, self.rows)
+
+    def abort(self) -> None:
+        """Release the file without writing what is still buffered (the sink failed)."""
+        self._handle.close()
 
 
 class JsonlSink(_FileSink):
@@ -255,6 +271,11 @@ class ParquetSink:
         data_hash, size = _hash_file(self.path)
         return Artifact(self.path, data_hash, size, self.rows)
 
+    def abort(self) -> None:
+        """Close the file with the row groups already written, dropping pending rows (the sink failed)."""
+        if self._writer is not None:
+            self._writer.close()
+
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _EXACT_FLOAT_INT = 1 << 53
@@ -318,6 +339,52 @@ def _same(stored: Any, value: Any) -> bool:
 
 
 Sink = JsonlSink | JsonArraySink | CsvSink | ParquetSink
+
+
+class OpenSinks:
+    """The sinks one process writes, opened, flushed and closed together.
+
+    Any exception a sink raises becomes a :class:`SinkFailedError` naming it; a sink that failed
+    writes nothing more and records no artifact, so the trail never describes a file it did not finish.
+    """
+
+    def __init__(self, sinks: Mapping[str, Sink]) -> None:
+        self.sinks = dict(sinks)
+        self.failed: list[str] = []  # sinks that were open and record no artifact
+        self._open: dict[str, Sink] = {}
+
+    def open(self) -> None:
+        """Open every sink (an InputError names one that cannot be opened)."""
+        for name, sink in self.sinks.items():
+            sink.open()
+            self._open[name] = sink
+
+    def flush(self) -> None:
+        """Hand every open sink's buffered rows to its file (the engine calls this before each audit flush)."""
+        for name, sink in self._open.items():
+            try:
+                sink.flush()
+            except Exception as exc:
+                raise SinkFailedError(name, sink.path, "flush", exc) from exc
+
+    def close(self, failure: BaseException | None = None) -> tuple[dict[str, Artifact], SinkFailedError | None]:
+        """Close every open sink, aborting the one ``failure`` names; the artifacts and the first close failure."""
+        failed = failure.sink if isinstance(failure, SinkFailedError) else None
+        artifacts: dict[str, Artifact] = {}
+        error: SinkFailedError | None = None
+        for name, sink in self._open.items():
+            if name == failed:
+                self.failed.append(name)
+                with suppress(Exception):
+                    sink.abort()
+                continue
+            try:
+                artifacts[name] = sink.close()
+            except Exception as exc:
+                self.failed.append(name)
+                error = error or SinkFailedError(name, sink.path, "close", exc)
+        self._open.clear()
+        return artifacts, error
 
 
 def part_sink(sink: Sink, index: int) -> Sink:
