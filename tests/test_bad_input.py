@@ -678,6 +678,34 @@ case("parquet-sink-rows-that-do-not-fit-its-schema",
                        "    if row['id'] == 4:\n        row['amount'] = 'text'\n    return row\n",
                        _PARQUET_OUT, rows=4),
      Returns(_parquet_rows_that_do_not_fit, adds_run=True))
+_CSV_OUT = ("  out: {plugin: jsonl, options: {path: out.jsonl}}",
+            "  out: {plugin: csv, options: {path: out.csv}, on_write_failure: discard}")
+
+
+def _csv_row_that_does_not_fit_fails_its_token(ctx: Ctx, result: RunResult) -> None:
+    """What the on_write_failure warning says: the row that does not fit the header fails, the run goes on."""
+    assert [w for w in result.warnings if "on_write_failure" in w] == [
+        "pipeline.yaml:34: sinks.out.on_write_failure: accepted for ELSPETH compatibility, not applied (a row the "
+        "sink cannot write fails its token, recorded with the sink's error, and the run goes on; a sink that breaks "
+        "fails the run)"]
+    assert result.status == "completed"
+    assert dict(result.outcomes) == {"coalesced": 6, "completed": 2, "failed": 1, "forked": 3}
+    assert (ctx.work / "out.csv").read_text() == "id,amount,note\n1,1.5,a\n3,3.5,c\n"
+    with open_audit(ctx.store) as audit:
+        [(sink, error)] = audit.sql("SELECT o.sink_name, s.error_json FROM token_outcomes o JOIN node_states s "
+                                    "ON s.run_id = o.run_id AND s.token_id = o.token_id AND s.status = 'failed' "
+                                    "WHERE o.run_id = $run AND o.outcome = 'failed'", {"run": result.run_id}).rows()
+        assert audit.check(result.run_id).ok and audit.verify(result.run_id).ok
+    assert sink == "out" and json.loads(error) == {
+        "reason": "sink_write_failed", "type": "SinkWriteError",
+        "exception": "row fields ['amount', 'extra', 'id', 'note'] do not match the CSV header "
+                     "['id', 'amount', 'note']"}
+
+
+case("csv-sink-row-that-does-not-fit-the-header",
+     _python_transform("def explode(row):\n    if row['id'] == 2:\n        row['extra'] = 'E'\n    return row\n",
+                       _CSV_OUT),
+     Returns(_csv_row_that_does_not_fit_fails_its_token, adds_run=True))
 case("transform-raises-on-one-row",
      _python_transform("def explode(row):\n    if row['id'] == 2:\n        raise ZeroDivisionError('boom')\n"
                        "    return row\n"),
