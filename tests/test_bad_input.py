@@ -18,6 +18,7 @@ same: a bad input may add a run of its own, never change or lose one, and the st
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -42,6 +43,8 @@ from elspeth_nb.analysis import Audit, ReadOnlyError, open_audit
 from elspeth_nb.audit.schema import SCHEMA_VERSION
 from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.verification import verify_run
+from elspeth_nb.cli import main
+from elspeth_nb.engine.plugins.sinks import JsonlSink, ParquetSink
 from elspeth_nb.engine.runner import RunFailedError, RunResult, run_pipeline
 from elspeth_nb.errors import (
     AuditStoreError,
@@ -651,14 +654,14 @@ case("input-parquet-with-corrupt-footer",
            r"bytes not found in footer"), then=_nothing_written)
 
 
-def _python_transform(body: str) -> Act:
+def _python_transform(body: str, *edits: Edit, rows: int = 3) -> Act:
     def act(ctx: Ctx) -> Any:
         (ctx.work / "plugin.py").write_text(body)
         return run_pipeline(ctx.settings(
             ("  on_success: raw", "  on_success: raw0"),
             ("transforms:", "transforms:\n  - {name: user_fn, plugin: python, input: raw0, on_success: raw, "
-                            "on_error: bad, options: {function: 'plugin.py:explode'}}"),
-            inputs={"in.csv": HEADER + b"1,1.5,a\n2,2.5,b\n3,3.5,c\n"}))
+                            "on_error: bad, options: {function: 'plugin.py:explode'}}"), *edits,
+            inputs={"in.csv": HEADER + b"".join(b"%d,%d.5,%c\n" % (i, i, 96 + i) for i in range(1, rows + 1))}))
 
     return act
 
@@ -685,12 +688,154 @@ case("transform-module-raises-on-import", _python_transform("raise RuntimeError(
 case("transform-function-missing", _python_transform("def other(row):\n    return row\n"),
      Fails(ConfigError, r"^pipeline\.yaml:\d+: transforms\[0\]\.options\.function: cannot load python function "
                         r"'plugin\.py:explode': plugin\.py has no attribute 'explode'; it defines other$"))
+_PARQUET_OUT = ("  out: {plugin: jsonl, options: {path: out.jsonl}}",
+                "  out: {plugin: parquet, options: {path: out.parquet}}")
+_PARQUET_SCHEMA = r" \(the sink's first row fixed the Parquet schema: id: int64, amount: double, note: string\)$"
+
+
+def _parquet_rows_that_do_not_fit(ctx: Ctx, result: RunResult) -> None:
+    """Rows 2 and 4 fail at the sink with its error; rows 1 and 3 (note missing: null) are in the file."""
+    assert result.status == "completed"
+    assert dict(result.outcomes) == {"coalesced": 8, "completed": 2, "failed": 2, "forked": 4}
+    assert pq.read_table(ctx.work / "out.parquet").to_pylist() == [
+        {"id": 1, "amount": 1.5, "note": "a"}, {"id": 3, "amount": 3.5, "note": None}]
+    with open_audit(ctx.store) as audit:
+        failed = audit.sql("SELECT r.row_index, o.sink_name, s.error_json FROM token_outcomes o "
+                           "JOIN tokens t USING (run_id, token_id) JOIN rows r USING (run_id, row_id) "
+                           "JOIN node_states s ON s.run_id = o.run_id AND s.token_id = o.token_id "
+                           "AND s.status = 'failed' WHERE o.run_id = $run AND o.outcome = 'failed' "
+                           "ORDER BY r.row_index", {"run": result.run_id}).rows()
+        assert audit.check(result.run_id).ok and audit.verify(result.run_id).ok
+    assert [(index, sink) for index, sink, _ in failed] == [(1, "out"), (3, "out")]
+    errors = [json.loads(error) for _, _, error in failed]
+    assert {(e["reason"], e["type"]) for e in errors} == {("sink_write_failed", "SinkWriteError")}
+    assert re.fullmatch(r"field\(s\) 'extra' \(str\) not in the schema" + _PARQUET_SCHEMA, errors[0]["exception"])
+    assert re.fullmatch(r"value\(s\) the columns cannot hold: 'amount' is str but its column is double"
+                        + _PARQUET_SCHEMA, errors[1]["exception"])
+
+
+case("parquet-sink-rows-that-do-not-fit-its-schema",
+     _python_transform("def explode(row):\n    if row['id'] == 2:\n        row['extra'] = 'E'\n"
+                       "    if row['id'] == 3:\n        del row['note']\n"
+                       "    if row['id'] == 4:\n        row['amount'] = 'text'\n    return row\n",
+                       _PARQUET_OUT, rows=4),
+     Returns(_parquet_rows_that_do_not_fit, adds_run=True))
+_CSV_OUT = ("  out: {plugin: jsonl, options: {path: out.jsonl}}",
+            "  out: {plugin: csv, options: {path: out.csv}, on_write_failure: discard}")
+
+
+def _csv_row_that_does_not_fit_fails_its_token(ctx: Ctx, result: RunResult) -> None:
+    """What the on_write_failure warning says: the row that does not fit the header fails, the run goes on."""
+    assert [w for w in result.warnings if "on_write_failure" in w] == [
+        "pipeline.yaml:34: sinks.out.on_write_failure: accepted for ELSPETH compatibility, not applied (a row the "
+        "sink cannot write fails its token, recorded with the sink's error, and the run goes on; a sink that breaks "
+        "fails the run)"]
+    assert result.status == "completed"
+    assert dict(result.outcomes) == {"coalesced": 6, "completed": 2, "failed": 1, "forked": 3}
+    assert (ctx.work / "out.csv").read_text() == "id,amount,note\n1,1.5,a\n3,3.5,c\n"
+    with open_audit(ctx.store) as audit:
+        [(sink, error)] = audit.sql("SELECT o.sink_name, s.error_json FROM token_outcomes o JOIN node_states s "
+                                    "ON s.run_id = o.run_id AND s.token_id = o.token_id AND s.status = 'failed' "
+                                    "WHERE o.run_id = $run AND o.outcome = 'failed'", {"run": result.run_id}).rows()
+        assert audit.check(result.run_id).ok and audit.verify(result.run_id).ok
+    assert sink == "out" and json.loads(error) == {
+        "reason": "sink_write_failed", "type": "SinkWriteError",
+        "exception": "row fields ['amount', 'extra', 'id', 'note'] do not match the CSV header "
+                     "['id', 'amount', 'note']"}
+
+
+case("csv-sink-row-that-does-not-fit-the-header",
+     _python_transform("def explode(row):\n    if row['id'] == 2:\n        row['extra'] = 'E'\n    return row\n",
+                       _CSV_OUT),
+     Returns(_csv_row_that_does_not_fit_fails_its_token, adds_run=True))
 case("transform-raises-on-one-row",
      _python_transform("def explode(row):\n    if row['id'] == 2:\n        raise ZeroDivisionError('boom')\n"
                        "    return row\n"),
      Completes(good=2, outcomes={"routed": 1}), then=_recorded_transform_error)
 case("transform-exits-the-process", _python_transform("def explode(row):\n    raise SystemExit(3)\n"),
      Fails(RunFailedError, r"^run \w+ failed: SystemExit: 3$", adds_run=True), then=_recorded_failed_run)
+
+# == a sink that breaks as a whole: the run fails, naming it, and the trail keeps everything recorded ==========
+
+
+def _broken_sink(cls: type, method: str, error: Exception, *edits: Edit, rows: int = 3, cli: bool = False,
+                 **run: Any) -> Act:
+    """Run PIPELINE (``rows`` rows) with ``cls.method`` of the ``out`` sink raising ``error`` once it holds a row."""
+    def act(ctx: Ctx) -> Any:
+        real = getattr(cls, method)
+
+        def broken(sink: Any, *args: Any) -> Any:
+            if sink.path.name.startswith("out.") and sink.rows:
+                raise error
+            return real(sink, *args)
+
+        ctx.stack.enter_context(pytest.MonkeyPatch.context()).setattr(cls, method, broken)
+        path = ctx.settings(*edits, inputs={"in.csv": HEADER + b"".join(b"%d,1.5,n\n" % i for i in range(rows))})
+        if not cli:
+            return run_pipeline(path, **run)
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(["run", str(path)])
+        return code, out.getvalue(), err.getvalue()
+
+    return act
+
+
+def _failed_at_sink(failed_token: str | None = None) -> Callable[[Ctx, Any], None]:
+    """The run is stored failed with the sink's error, every row it read and no artifact for ``out``; check()
+    passes, or names only tokens that were in flight; ``failed_token``: the error of the token being written."""
+    def then(ctx: Ctx, error: RunFailedError) -> None:
+        result = error.result
+        assert result.status == "failed" and str(error) == f"run {result.run_id} failed: {result.error}"
+        with open_audit(ctx.store) as audit:
+            params = {"run": result.run_id}
+            [(status, message, rows)] = audit.sql("SELECT status, error_message, (SELECT count(*) FROM rows "
+                                                  "WHERE run_id = $run) FROM runs WHERE run_id = $run", params).rows()
+            sinks = audit.sql("SELECT n.node_name FROM artifacts a JOIN nodes n ON n.run_id = a.run_id AND "
+                              "n.node_id = a.sink_node_id WHERE a.run_id = $run", params)["node_name"].to_list()
+            errors = audit.sql("SELECT s.error_json FROM node_states s JOIN nodes n ON n.run_id = s.run_id AND "
+                               "n.node_id = s.node_id WHERE s.run_id = $run AND n.node_name = 'out' "
+                               "AND s.status = 'failed'", params)["error_json"].to_list()
+            unfinished = audit.sql("SELECT count(*) AS n FROM tokens t WHERE run_id = $run AND NOT EXISTS (SELECT 1 "
+                                   "FROM token_outcomes o WHERE o.run_id = t.run_id AND o.token_id = t.token_id)",
+                                   params)["n"][0]
+            violations = audit.check(result.run_id).violations
+        assert (status, message, rows) == ("failed", result.error, result.rows)
+        assert sinks == ["bad"]
+        assert [json.loads(e) for e in errors] == ([] if failed_token is None else [
+            {"reason": "sink_failed", "type": "ValueError", "exception": failed_token}])
+        assert violations.height == unfinished and set(violations["invariant"]) <= {"token_has_outcome"}
+
+    return then
+
+
+def _cli_says_one_line(ctx: Ctx, said: tuple[int, str, str]) -> None:
+    code, out, err = said
+    assert code == 1 and "Traceback" not in out + err, out + err
+    [line] = [line for line in out.splitlines() if "error" in line]
+    assert re.fullmatch(ctx.sub(r"  error: SinkFailedError: sink 'out' \(<work>/out\.parquet\): close failed: "
+                                r"ArrowInvalid: Could not convert 'text' with type str"), line), line
+
+
+_NO_SPACE = OSError(28, "No space left on device")
+_ARROW_INVALID = pa.ArrowInvalid("Could not convert 'text'\nwith type str")  # a message on two lines
+_SINK_FAILED = r"^run \w+ failed: SinkFailedError: sink 'out' \(<work>/out\.(jsonl|parquet)\): "
+case("sink-write-raises-something-else-than-a-row-error", _broken_sink(JsonlSink, "write", ValueError("bug in a sink")),
+     Fails(RunFailedError, _SINK_FAILED + r"write failed: ValueError: bug in a sink$", adds_run=True),
+     then=_failed_at_sink("bug in a sink"))
+case("sink-flush-fails-mid-run", _broken_sink(JsonlSink, "flush", _NO_SPACE, rows=130, flush_interval_s=0),
+     Fails(RunFailedError, _SINK_FAILED + r"flush failed: OSError: \[Errno 28\] No space left on device$",
+           adds_run=True), then=_failed_at_sink())
+case("sink-close-fails", _broken_sink(JsonlSink, "close", _NO_SPACE),
+     Fails(RunFailedError, _SINK_FAILED + r"close failed: OSError: \[Errno 28\] No space left on device$",
+           adds_run=True), then=_failed_at_sink())
+case("parquet-sink-flush-raises-arrow-error",
+     _broken_sink(ParquetSink, "flush", _ARROW_INVALID, _PARQUET_OUT),
+     Fails(RunFailedError, _SINK_FAILED + r"close failed: ArrowInvalid: Could not convert 'text' with type str$",
+           adds_run=True), then=_failed_at_sink())
+case("sink-fails-cli-prints-the-error-not-a-traceback",
+     _broken_sink(ParquetSink, "flush", _ARROW_INVALID, _PARQUET_OUT, cli=True),
+     Returns(_cli_says_one_line, adds_run=True))
 
 # == where the run writes: clear errors before anything is written ====================================
 

@@ -772,7 +772,8 @@ def collect_warnings(config: PipelineConfig, locator: Locator | None = None) -> 
             found.append(
                 (
                     ("sinks", name, "on_write_failure"),
-                    "accepted for ELSPETH compatibility, not applied (a failed sink write fails the run)",
+                    "accepted for ELSPETH compatibility, not applied (a row the sink cannot write fails its token, "
+                    "recorded with the sink's error, and the run goes on; a sink that breaks fails the run)",
                 )
             )
     for i, c in enumerate(config.coalesce):

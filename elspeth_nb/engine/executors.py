@@ -13,7 +13,7 @@ from typing import Any
 
 from elspeth_nb.audit.hashing import canonical_bytes, canonical_json, error_hash, stable_hash
 from elspeth_nb.audit.schema import Outcome, StateStatus
-from elspeth_nb.engine.plugins.sinks import Sink, SinkWriteError
+from elspeth_nb.engine.plugins.sinks import Sink, SinkFailedError, SinkWriteError
 from elspeth_nb.engine.plugins.transforms import Latency, RowRejected
 from elspeth_nb.engine.tokens import EngineContext, Token, hash_row
 from elspeth_nb.errors import CanonicalizationError
@@ -255,6 +255,8 @@ class GateExecutor(NodeExecutor):
 class SinkExecutor(NodeExecutor):
     """Writes a token's row; records the sink state and the completed/routed/quarantined outcome.
 
+    A row the sink refuses (SinkWriteError) fails that token; anything else the sink raises fails the run.
+
     ``arg`` is the outcome (``completed`` on the normal path, ``routed`` when a gate or error
     routing sent it), or ``(outcome, context_json)`` when the token left a branch early.
     """
@@ -274,14 +276,11 @@ class SinkExecutor(NodeExecutor):
             self.first_state_id = state_id
         try:
             self.write(token.row, token.data)
-        except (SinkWriteError, TypeError, ValueError) as exc:
-            ended = ctx.now()
-            error_json = canonical_json({"reason": "sink_write_failed", "type": type(exc).__name__,
-                                         "exception": str(exc)})
-            ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, FAILED, token.hash, None, None, None,
-                                (ended - started) * 1000.0, error_json, None, started, ended)
-            ctx.finish(token, Outcome.FAILED, ended, sink_name=self.name, error_hash=error_hash("sink_write_failed"),
-                       context_json=context)
+        except Exception as exc:
+            refused = isinstance(exc, SinkWriteError)
+            self._fail(token, state_id, started, context, "sink_write_failed" if refused else "sink_failed", exc)
+            if not refused:  # the sink itself broke, not this row: the run fails
+                raise SinkFailedError(self.name, self.sink.path, "write", exc) from exc
             return
         ended = ctx.now()
         if ctx.store_boundary_payloads and not ctx.store_all_payloads:
@@ -293,3 +292,14 @@ class SinkExecutor(NodeExecutor):
             context = ctx.loss_context(token, loss)
             ctx.lose(token, loss, ended)
         ctx.finish(token, outcome, ended, sink_name=self.name, context_json=context)
+
+    def _fail(self, token: Token, state_id: int, started: float, context: str | None, reason: str,
+              exc: Exception) -> None:
+        """Record the token's failed sink state and its failed outcome, with the sink's error."""
+        ctx = self.ctx
+        ended = ctx.now()
+        error_json = canonical_json({"reason": reason, "type": type(exc).__name__, "exception": str(exc)})
+        ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, FAILED, token.hash, None, None, None,
+                            (ended - started) * 1000.0, error_json, None, started, ended)
+        ctx.finish(token, Outcome.FAILED, ended, sink_name=self.name, error_hash=error_hash(reason),
+                   context_json=context)

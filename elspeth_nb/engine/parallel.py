@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from elspeth_nb.audit.schema import RunStatus
-from elspeth_nb.engine.plugins.sinks import Artifact, assemble_parts, part_sink
+from elspeth_nb.engine.plugins.sinks import OpenSinks, SinkFailedError, assemble_parts, part_sink
 from elspeth_nb.engine.processor import ProcessStats, RowProcessor
 from elspeth_nb.engine.tokens import EngineContext
 
@@ -41,6 +41,7 @@ class ShardResult:
     outcome_counts: dict[str, int] = field(default_factory=dict)
     records: dict[str, int] = field(default_factory=dict)
     parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # sink -> (part path, rows)
+    failed_sinks: list[str] = field(default_factory=list)  # sinks that failed in this worker (no part)
     seconds: dict[str, float] = field(default_factory=dict)  # where the worker's time went
 
 
@@ -80,8 +81,7 @@ def run_sharded(engine: Engine, workers: int) -> RunOutcome:
     outcome = RunOutcome(ProcessStats(), {}, {}, {})
     outcome.shard_seconds = [r.seconds for r in results]
     _merge(outcome, results)
-    outcome.artifacts = {name: (artifact, outcome.stats.first_sink_states.get(name))
-                         for name, artifact in _assemble(engine, results).items()}
+    _assemble(engine, results, outcome)
     return outcome
 
 
@@ -124,13 +124,22 @@ def _merge(outcome: RunOutcome, results: list[ShardResult]) -> None:
             outcome.status, outcome.error = result.status, f"worker {result.index}: {result.error}"
 
 
-def _assemble(engine: Engine, results: list[ShardResult]) -> dict[str, Artifact]:
-    artifacts = {}
+def _assemble(engine: Engine, results: list[ShardResult], outcome: RunOutcome) -> None:
+    """Join each sink's parts into its file; a sink that failed in a worker or here records no artifact."""
+    failed = {name for r in results for name in r.failed_sinks}
     for name, sink in engine.sinks.items():
         parts = [(Path(r.parts[name][0]), r.parts[name][1]) for r in results if name in r.parts]
-        if parts:
-            artifacts[name] = assemble_parts(sink, parts)
-    return artifacts
+        if not parts:
+            continue
+        try:
+            artifact = assemble_parts(sink, parts)
+        except Exception as exc:
+            error = SinkFailedError(name, sink.path, "joining the workers' parts", exc)
+            if outcome.status == RunStatus.COMPLETED:
+                outcome.status, outcome.error = RunStatus.FAILED, f"{type(error).__name__}: {error}"
+            continue
+        if name not in failed:
+            outcome.artifacts[name] = (artifact, outcome.stats.first_sink_states.get(name))
 
 
 def _worker(engine: Engine, index: int, start: int, stop: int, conn: Connection, parent: int) -> None:
@@ -139,34 +148,31 @@ def _worker(engine: Engine, index: int, start: int, stop: int, conn: Connection,
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     began = time.perf_counter()
     result = ShardResult(index)
-    sinks = {name: part_sink(sink, index) for name, sink in engine.sinks.items()}
-    opened: list[Any] = []
-
-    def flush_sinks() -> None:  # sink bytes reach the OS before the audit says they were written
-        for sink in opened:
-            sink.flush()
-
-    rec = engine.recorder(None, before_flush=flush_sinks, part_prefix=f"w{index}-")
+    sinks = OpenSinks({name: part_sink(sink, index) for name, sink in engine.sinks.items()})
+    # sink bytes reach the OS before the audit says they were written
+    rec = engine.recorder(None, before_flush=sinks.flush, part_prefix=f"w{index}-")
     ctx = EngineContext(engine.run_id, rec, engine.clock, engine.payload_mode, id_offset=(index + 1) * ID_STRIDE)
     processor: RowProcessor | None = None
+    failure: BaseException | None = None
     try:
-        for sink in sinks.values():
-            sink.open()
-            opened.append(sink)
-        processor = RowProcessor(engine.pipeline, ctx, source=engine.source, plugins=engine.plugins, sinks=sinks,
-                                 edge_ids=engine.edge_ids, max_in_flight=engine.max_in_flight)
+        sinks.open()
+        processor = RowProcessor(engine.pipeline, ctx, source=engine.source, plugins=engine.plugins,
+                                 sinks=sinks.sinks, edge_ids=engine.edge_ids, max_in_flight=engine.max_in_flight)
         processor.process(start, stop)
         result.seconds["process"] = time.perf_counter() - began
     except KeyboardInterrupt:
         result.status, result.error = RunStatus.INTERRUPTED, "interrupted"
     except BaseException as exc:
-        result.status, result.error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
+        result.status, result.error, failure = RunStatus.FAILED, f"{type(exc).__name__}: {exc}", exc
     if processor is not None:
         result.stats = processor.stats
-    for name, sink in sinks.items():
-        if sink in opened:
-            artifact = sink.close()
-            result.parts[name] = (str(artifact.path), artifact.rows)
+    closed, close_failure = sinks.close(failure)
+    if close_failure is not None and result.status == RunStatus.COMPLETED:
+        result.status, result.error = RunStatus.FAILED, f"{type(close_failure).__name__}: {close_failure}"
+    result.parts = {name: (str(artifact.path), artifact.rows) for name, artifact in closed.items()}
+    result.failed_sinks = sinks.failed
+    for name in sinks.failed:  # what reached a failed part stays out of the joined file
+        sinks.sinks[name].path.unlink(missing_ok=True)
     rec.close()
     result.seconds["total"] = time.perf_counter() - began
     result.outcome_counts = dict(ctx.outcome_counts)

@@ -29,7 +29,7 @@ from elspeth_nb.audit.writer import ParquetSegmentWriter, SegmentWriter
 from elspeth_nb.engine.clock import Clock, SystemClock
 from elspeth_nb.engine.dag import Pipeline, load_pipeline
 from elspeth_nb.engine.plugins import build_sink, build_source, build_transform
-from elspeth_nb.engine.plugins.sinks import Artifact, CsvSink
+from elspeth_nb.engine.plugins.sinks import Artifact, CsvSink, OpenSinks, ParquetSink
 from elspeth_nb.engine.processor import ProcessStats, RowProcessor
 from elspeth_nb.engine.tokens import EngineContext
 from elspeth_nb.errors import AuditStoreError, ConfigError, Error, InputError
@@ -209,8 +209,8 @@ class Engine:
             wanted = 1
         else:
             wanted = min(2, os.cpu_count() or 1)
-        if any(isinstance(s, CsvSink) for s in self.sinks.values()):
-            return 1  # CSV headers come from each part's first row; keep one writer
+        if any(isinstance(s, CsvSink | ParquetSink) for s in self.sinks.values()):
+            return 1  # a CSV header or Parquet schema comes from the first row written; keep one writer
         return wanted
 
     # -- the run --------------------------------------------------------------------------------
@@ -270,29 +270,24 @@ class Engine:
 
     def _run_here(self, ctx: EngineContext) -> RunOutcome:
         """Process every record in this process, with the run's own recorder."""
-        opened: list[Any] = []
-
-        def flush_sinks() -> None:  # sink bytes reach the OS before the audit says they were written
-            for sink in opened:
-                sink.flush()
-
-        ctx.rec.before_flush = flush_sinks
+        sinks = OpenSinks(self.sinks)
+        ctx.rec.before_flush = sinks.flush  # sink bytes reach the OS before the audit says they were written
         processor: RowProcessor | None = None
-        status, error = RunStatus.COMPLETED, None
+        status, error, failure = RunStatus.COMPLETED, None, None
         try:
-            for sink in self.sinks.values():
-                sink.open()
-                opened.append(sink)
+            sinks.open()
             processor = RowProcessor(self.pipeline, ctx, source=self.source, plugins=self.plugins, sinks=self.sinks,
                                      edge_ids=self.edge_ids, max_in_flight=self.max_in_flight)
             processor.process()
         except KeyboardInterrupt:
             status, error = RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)"
         except BaseException as exc:  # SystemExit from a plugin too: record it, then report it
-            status, error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
+            status, error, failure = RunStatus.FAILED, f"{type(exc).__name__}: {exc}", exc
         stats = processor.stats if processor is not None else ProcessStats()
-        artifacts = {name: (sink.close(), stats.first_sink_states.get(name))
-                     for name, sink in self.sinks.items() if sink in opened}
+        closed, close_failure = sinks.close(failure)
+        if close_failure is not None and status == RunStatus.COMPLETED:
+            status, error = RunStatus.FAILED, f"{type(close_failure).__name__}: {close_failure}"
+        artifacts = {name: (artifact, stats.first_sink_states.get(name)) for name, artifact in closed.items()}
         return RunOutcome(stats, dict(ctx.outcome_counts), {}, artifacts, error, status)
 
     @staticmethod

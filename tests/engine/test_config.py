@@ -32,8 +32,8 @@ ELSPETH_WARNINGS = [
     "landscape: ELSPETH-only setting, ignored (elspeth-nb writes its audit trail to audit.path)",
     "payload_store: ELSPETH-only setting, ignored "
     "(row payloads are kept in the audit store; see audit.payloads)",
-    "sinks.output.on_write_failure: accepted for ELSPETH compatibility, not applied "
-    "(a failed sink write fails the run)",
+    "sinks.output.on_write_failure: accepted for ELSPETH compatibility, not applied (a row the sink cannot write "
+    "fails its token, recorded with the sink's error, and the run goes on; a sink that breaks fails the run)",
 ]
 
 

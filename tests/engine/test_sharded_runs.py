@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,11 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from elspeth_nb.analysis import open_audit
 from elspeth_nb.audit.schema import TABLES
 from elspeth_nb.audit.store import AuditStore
-from elspeth_nb.engine.runner import run_pipeline
+from elspeth_nb.engine.plugins.sinks import JsonlSink
+from elspeth_nb.engine.runner import RunFailedError, run_pipeline
 from tests.cases import fork_pipeline
 
 
@@ -35,8 +38,8 @@ def _run(tmp_path: Path, workers: int, sink_plugin: str = "jsonl") -> tuple[Any,
     folder.mkdir()
     pipeline = fork_pipeline(_input(folder / "in.csv", 1500), policy="best_effort", timeout_seconds=1.0,
                              lose_c_for="toys")
-    if sink_plugin == "json":
-        pipeline["sinks"]["output"] = {"plugin": "json", "options": {"path": str(folder / "output.jsonl")}}
+    if sink_plugin != "jsonl":
+        pipeline["sinks"]["output"] = {"plugin": sink_plugin, "options": {"path": str(folder / "output.jsonl")}}
     return run_pipeline(pipeline, workers=workers), folder
 
 
@@ -85,3 +88,32 @@ def test_parquet_and_duckdb_hold_the_same_rows(tmp_path: Path) -> None:
                 return tuple(str(row[c]) for c in columns)
 
             assert sorted(duck_rows, key=key) == sorted(parquet_rows, key=key), table.name
+
+
+@pytest.mark.parametrize("sink_plugin", ["csv", "parquet"])
+def test_a_sink_whose_first_row_fixes_its_columns_runs_in_one_process(tmp_path: Path, sink_plugin: str) -> None:
+    """Parts would each take their header or schema from their own first row, so one writer writes the file."""
+    result, _ = _run(tmp_path, 2, sink_plugin)
+    assert result.workers == 1 and result.status == "completed"
+
+
+def test_a_sink_failing_in_a_worker_fails_the_run_and_keeps_the_trail(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's records are all stored, the run is failed naming the sink, and no artifact claims its file."""
+    def broken(sink: JsonlSink) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(JsonlSink, "flush", broken)
+    with pytest.raises(RunFailedError) as failed:
+        _run(tmp_path, 2)
+    result, folder = failed.value.result, tmp_path / "w2"
+    assert result.workers == 2 and result.status == "failed"
+    assert re.fullmatch(r"worker \d: SinkFailedError: sink 'output' \(\S+/output\.jsonl\.part\d\): close failed: "
+                        r"OSError: \[Errno 28\] No space left on device", result.error or "")
+    assert not list(folder.glob("output.jsonl*"))
+    with open_audit(folder / "audit") as audit:
+        assert audit.check(result.run_id).ok
+        [(status, rows, artifacts)] = audit.sql(
+            "SELECT status, (SELECT count(*) FROM rows WHERE run_id = $run), (SELECT count(*) FROM artifacts "
+            "WHERE run_id = $run) FROM runs WHERE run_id = $run", {"run": result.run_id}).rows()
+    assert (status, rows, artifacts) == ("failed", 1501, 0)

@@ -10,13 +10,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from elspeth_nb.errors import InputError
+from elspeth_nb.errors import InputError, PluginError
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,16 @@ class Artifact:
 
 
 class SinkWriteError(Exception):
-    """A row could not be written (e.g. a CSV row with fields the header does not have)."""
+    """A row could not be written (e.g. a CSV row with fields the header does not have): that token fails."""
+
+
+class SinkFailedError(PluginError):
+    """A sink itself failed (a write, flush or close raised something else): the run fails, naming it."""
+
+    def __init__(self, sink: str, path: Path, action: str, cause: BaseException) -> None:
+        self.sink = sink
+        detail = " ".join(str(cause).split())  # one line, whatever the library put in its message
+        super().__init__(f"sink {sink!r} ({path}): {action} failed: {type(cause).__name__}: {detail}")
 
 
 class _FileSink:
@@ -88,10 +100,16 @@ class _FileSink:
         self._size += len(data)
 
     def close(self) -> Artifact:
-        self._end()
-        self.flush()
-        self._handle.close()
+        try:
+            self._end()
+            self.flush()
+        finally:
+            self._handle.close()
         return Artifact(self.path, self._hash.hexdigest(), self._size, self.rows)
+
+    def abort(self) -> None:
+        """Release the file without writing what is still buffered (the sink failed)."""
+        self._handle.close()
 
 
 class JsonlSink(_FileSink):
@@ -168,7 +186,12 @@ def _cell(value: Any) -> Any:
 
 
 class ParquetSink:
-    """Parquet, written in row groups; the schema comes from the first rows."""
+    """Parquet, written in row groups; the first row written fixes the schema, as it fixes a CSV header.
+
+    A later row with a field the schema lacks, or a value its column cannot hold, fails its own write
+    (:class:`SinkWriteError`) when it is written, so it never takes a row group of good rows with it;
+    a field the row lacks is stored as null.
+    """
 
     plugin = "parquet"
     batch_rows = 50_000
@@ -178,6 +201,8 @@ class ParquetSink:
         self.rows = 0
         self._pending: list[dict[str, Any]] = []
         self._writer: Any = None
+        self._schema: Any = None
+        self._fits: dict[str, Callable[[Any], bool]] = {}
 
     def open(self) -> None:
         try:
@@ -187,10 +212,43 @@ class ParquetSink:
             raise InputError(f"sink {self.path}: cannot open for writing: {exc.strerror or exc}") from exc
 
     def write(self, row: dict[str, Any], canonical: bytes) -> None:
+        if self._schema is None:
+            self._fix_schema(row)
+        else:
+            self._check(row)
         self._pending.append(row)
         self.rows += 1
         if len(self._pending) >= self.batch_rows:
             self.flush()
+
+    def _fix_schema(self, row: dict[str, Any]) -> None:
+        """Type the columns from ``row``, refusing a row that Parquet cannot store at all."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pa.Table.from_pylist([row])
+            pq.write_table(table, pa.BufferOutputStream())
+        except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
+            raise SinkWriteError(f"row cannot be stored in Parquet, so it cannot fix the file's schema: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        self._schema = table.schema
+        self._fits = {f.name: _column_fits(f.type) for f in table.schema}
+
+    def _check(self, row: dict[str, Any]) -> None:
+        """Refuse a row with fields the schema lacks or values its columns cannot hold (key sets first)."""
+        fits = self._fits
+        problems = []
+        if not row.keys() <= fits.keys():
+            extra = [f"{k!r} ({_kind(v)})" for k, v in row.items() if k not in fits]
+            problems.append(f"field(s) {', '.join(extra)} not in the schema")
+        wrong = [f"{k!r} is {_kind(v)} but its column is {self._schema.field(k).type}"
+                 for k, v in row.items() if v is not None and k in fits and not fits[k](v)]
+        if wrong:
+            problems.append(f"value(s) the columns cannot hold: {', '.join(wrong)}")
+        if problems:
+            columns = ", ".join(f"{f.name}: {f.type}" for f in self._schema)
+            raise SinkWriteError(f"{'; '.join(problems)} (the sink's first row fixed the Parquet schema: {columns})")
 
     def flush(self) -> None:
         if not self._pending:
@@ -198,23 +256,135 @@ class ParquetSink:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        batch = pa.Table.from_pylist(self._pending, schema=self._schema)
         if self._writer is None:
-            batch = pa.Table.from_pylist(self._pending)
-            self._writer = pq.ParquetWriter(self.path, batch.schema, compression="zstd")
-        else:
-            batch = pa.Table.from_pylist(self._pending, schema=self._writer.schema)
+            self._writer = pq.ParquetWriter(self.path, self._schema, compression="zstd")
         self._writer.write_table(batch)
         self._pending.clear()
 
     def close(self) -> Artifact:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+        data_hash, size = _hash_file(self.path)
+        return Artifact(self.path, data_hash, size, self.rows)
+
+    def abort(self) -> None:
+        """Close the file with the row groups already written, dropping pending rows (the sink failed)."""
         if self._writer is not None:
             self._writer.close()
-        data = self.path.read_bytes()
-        return Artifact(self.path, hashlib.sha256(data).hexdigest(), len(data), self.rows)
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_EXACT_FLOAT_INT = 1 << 53
+
+
+def _kind(value: Any) -> str:
+    """A value's JSON-ish type name for messages: str, int, float, bool, dict, list."""
+    return type(value).__name__
+
+
+def _column_fits(column: Any) -> Callable[[Any], bool]:
+    """Whether a column of Arrow type ``column`` holds a (non-null) value as its canonical JSON reads."""
+    scalar = _SCALAR_FITS.get(str(column))
+    return scalar if scalar is not None else partial(_round_trips, column)
+
+
+def _fits_string(value: Any) -> bool:
+    return type(value) is str
+
+
+def _fits_bool(value: Any) -> bool:
+    return type(value) is bool
+
+
+def _fits_int64(value: Any) -> bool:
+    kind = type(value)
+    return (kind is int or (kind is float and value.is_integer())) and _INT64[0] <= value <= _INT64[1]
+
+
+def _fits_double(value: Any) -> bool:
+    kind = type(value)
+    return kind is float or (kind is int and -_EXACT_FLOAT_INT <= value <= _EXACT_FLOAT_INT)
+
+
+_SCALAR_FITS: dict[str, Callable[[Any], bool]] = {
+    "string": _fits_string, "bool": _fits_bool, "int64": _fits_int64, "double": _fits_double,
+}
+
+
+def _round_trips(column: Any, value: Any) -> bool:
+    """A nested (or unusual) column holds ``value`` if Arrow reads back the same value; a missing key reads null."""
+    import pyarrow as pa
+
+    try:
+        stored = pa.array([value], type=column).to_pylist()[0]
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        return False
+    return _same(stored, value)
+
+
+def _same(stored: Any, value: Any) -> bool:
+    """Equal as canonical JSON, where a key the value lacks may read back as null (bools are not numbers)."""
+    if isinstance(value, dict):
+        return (isinstance(stored, dict) and stored.keys() >= value.keys()
+                and all(_same(stored[k], value.get(k)) for k in stored))
+    if isinstance(value, list):
+        return isinstance(stored, list) and len(stored) == len(value) and all(map(_same, stored, value))
+    if isinstance(value, bool) or isinstance(stored, bool):
+        return stored is value
+    return bool(stored == value)
 
 
 Sink = JsonlSink | JsonArraySink | CsvSink | ParquetSink
+
+
+class OpenSinks:
+    """The sinks one process writes, opened, flushed and closed together.
+
+    Any exception a sink raises becomes a :class:`SinkFailedError` naming it; a sink that failed
+    writes nothing more and records no artifact, so the trail never describes a file it did not finish.
+    """
+
+    def __init__(self, sinks: Mapping[str, Sink]) -> None:
+        self.sinks = dict(sinks)
+        self.failed: list[str] = []  # sinks that were open and record no artifact
+        self._open: dict[str, Sink] = {}
+
+    def open(self) -> None:
+        """Open every sink (an InputError names one that cannot be opened)."""
+        for name, sink in self.sinks.items():
+            sink.open()
+            self._open[name] = sink
+
+    def flush(self) -> None:
+        """Hand every open sink's buffered rows to its file (the engine calls this before each audit flush)."""
+        for name, sink in self._open.items():
+            try:
+                sink.flush()
+            except Exception as exc:
+                raise SinkFailedError(name, sink.path, "flush", exc) from exc
+
+    def close(self, failure: BaseException | None = None) -> tuple[dict[str, Artifact], SinkFailedError | None]:
+        """Close every open sink, aborting the one ``failure`` names; the artifacts and the first close failure."""
+        failed = failure.sink if isinstance(failure, SinkFailedError) else None
+        artifacts: dict[str, Artifact] = {}
+        error: SinkFailedError | None = None
+        for name, sink in self._open.items():
+            if name == failed:
+                self.failed.append(name)
+                with suppress(Exception):
+                    sink.abort()
+                continue
+            try:
+                artifacts[name] = sink.close()
+            except Exception as exc:
+                self.failed.append(name)
+                error = error or SinkFailedError(name, sink.path, "close", exc)
+        self._open.clear()
+        return artifacts, error
 
 
 def part_sink(sink: Sink, index: int) -> Sink:
@@ -222,50 +392,38 @@ def part_sink(sink: Sink, index: int) -> Sink:
     path = sink.path.with_name(f"{sink.path.name}.part{index}")
     if isinstance(sink, JsonArraySink):
         return JsonArraySink(path, fragment=True)
-    if isinstance(sink, CsvSink):
-        raise ValueError("CSV sinks are not sharded: each part would take its header from its own first row")
-    return type(sink)(path)
+    if isinstance(sink, CsvSink | ParquetSink):
+        raise ValueError(f"{sink.plugin} sinks are not sharded: each part would fix its columns from its own first row")
+    return JsonlSink(path)
 
 
 def assemble_parts(sink: Sink, parts: list[tuple[Path, int]]) -> Artifact:
     """Join the workers' parts (path, rows) of ``sink`` into its file, in order, and delete the parts."""
     rows = sum(n for _, n in parts)
-    if isinstance(sink, ParquetSink):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    digest, size = hashlib.sha256(), 0
+    with sink.path.open("wb") as out:
+        def emit(data: bytes) -> None:
+            nonlocal size
+            out.write(data)
+            digest.update(data)
+            size += len(data)
 
-        tables = [pq.read_table(p) for p, n in parts if n]
-        if tables:
-            pq.write_table(pa.concat_tables(tables, promote_options="permissive"), sink.path, compression="zstd")
-        else:
-            sink.path.write_bytes(b"")
-        data_hash, size = _hash_file(sink.path)
-    else:
-        digest, size = hashlib.sha256(), 0
-        with sink.path.open("wb") as out:
-            def emit(data: bytes) -> None:
-                nonlocal size
-                out.write(data)
-                digest.update(data)
-                size += len(data)
-
-            array = isinstance(sink, JsonArraySink)
-            if array:
-                emit(b"[")
-            written = 0
-            for path, count in parts:
-                if array and count:
-                    emit(b"\n" if written == 0 else b",\n")
-                with path.open("rb") as part:
-                    while chunk := part.read(1 << 20):
-                        emit(chunk)
-                written += count
-            if array:
-                emit(b"\n]\n" if written else b"]\n")
-        data_hash = digest.hexdigest()
+        array = isinstance(sink, JsonArraySink)
+        if array:
+            emit(b"[")
+        written = 0
+        for path, count in parts:
+            if array and count:
+                emit(b"\n" if written == 0 else b",\n")
+            with path.open("rb") as part:
+                while chunk := part.read(1 << 20):
+                    emit(chunk)
+            written += count
+        if array:
+            emit(b"\n]\n" if written else b"]\n")
     for path, _ in parts:
         path.unlink(missing_ok=True)
-    return Artifact(sink.path, data_hash, size, rows)
+    return Artifact(sink.path, digest.hexdigest(), size, rows)
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
