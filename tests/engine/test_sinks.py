@@ -54,7 +54,9 @@ def test_parquet_value_its_column_cannot_hold_fails_that_row_only(tmp_path: Path
     with pytest.raises(SinkWriteError) as failed:
         sink.write({"id": 2, "v": later}, b"")
     kind = type(later).__name__
-    assert str(failed.value) == (f"value(s) the columns cannot hold: 'v' is {kind} but its column is {column} "
+    hint = ("; 'v' had no value in the first row; declare the type in the sink's options.schema.fields "
+            "(e.g. 'v: str?')") if column == "null" else ""
+    assert str(failed.value) == (f"value(s) the columns cannot hold: 'v' is {kind} but its column is {column}{hint} "
                                  f"(the sink's first row fixed the Parquet schema: id: int64, v: {column})")
     sink.write({"id": 3, "v": None}, b"")
     assert [row["id"] for row in _written(sink)] == [1, 3]
@@ -83,3 +85,26 @@ def test_parquet_first_row_parquet_cannot_store_is_refused_and_the_next_fixes_th
         sink.write({"id": 2**64}, b"")
     sink.write({"id": 3}, b"")
     assert _written(sink) == [{"id": 3}]
+
+
+def test_parquet_declared_fields_take_their_declared_type(tmp_path: Path) -> None:
+    """An optional field first seen empty gets its declared column; a declared field the first row lacks too."""
+    sink = ParquetSink(tmp_path / "out.parquet", {"note": "str", "score": "float", "tag": "any"})
+    sink.open()
+    sink.write({"id": 1, "note": None, "tag": 7}, b"")
+    sink.write({"id": 2, "note": "late", "score": 2}, b"")
+    with pytest.raises(SinkWriteError, match=r"'note' is int but its column is string"):
+        sink.write({"id": 3, "note": 5}, b"")
+    assert _written(sink) == [{"id": 1, "note": None, "tag": 7, "score": None},
+                              {"id": 2, "note": "late", "tag": None, "score": 2.0}]
+    assert str(pq.read_schema(sink.path).field("note").type) == "string"
+
+
+def test_parquet_first_row_that_breaks_the_declared_schema_is_refused(tmp_path: Path) -> None:
+    sink = ParquetSink(tmp_path / "out.parquet", {"id": "int"})
+    sink.open()
+    with pytest.raises(SinkWriteError, match=re.escape(
+            "value(s) that do not fit the sink's declared schema: 'id' is str but it is declared int")):
+        sink.write({"id": "one"}, b"")
+    sink.write({"id": 2}, b"")
+    assert _written(sink) == [{"id": 2}]

@@ -59,7 +59,9 @@ def build_sink(config: Any, resolve: Callable[[str], Path]) -> Sink:
     if config.plugin == "csv":
         return CsvSink(path, getattr(options, "delimiter", ","))
     if config.plugin == "parquet":
-        return ParquetSink(path)
+        schema = options.schema_
+        declared = {f.name: f.type for f in schema.field_specs()} if schema is not None and schema.fields else {}
+        return ParquetSink(path, declared)
     if config.plugin == "json" and getattr(options, "format", "json") == "json":
         return JsonArraySink(path)
     return JsonlSink(path)

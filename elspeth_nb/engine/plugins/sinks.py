@@ -190,14 +190,16 @@ class ParquetSink:
 
     A later row with a field the schema lacks, or a value its column cannot hold, fails its own write
     (:class:`SinkWriteError`) when it is written, so it never takes a row group of good rows with it;
-    a field the row lacks is stored as null.
+    a field the row lacks is stored as null. Fields declared in the sink's ``schema`` (``'note: str?'``)
+    take their declared type instead, so an optional field first seen empty still gets a real column.
     """
 
     plugin = "parquet"
     batch_rows = 50_000
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, declared: Mapping[str, str] | None = None) -> None:
         self.path = path
+        self.declared = dict(declared or {})  # field name -> declared type (int, float, str, bool, any)
         self.rows = 0
         self._pending: list[dict[str, Any]] = []
         self._writer: Any = None
@@ -232,8 +234,15 @@ class ParquetSink:
         except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
             raise SinkWriteError(f"row cannot be stored in Parquet, so it cannot fix the file's schema: "
                                  f"{type(exc).__name__}: {exc}") from exc
-        self._schema = table.schema
-        self._fits = {f.name: _column_fits(f.type) for f in table.schema}
+        inferred = {f.name: f.type for f in table.schema}
+        names = [*inferred, *(n for n in self.declared if n not in inferred)]
+        schema = pa.schema([(n, _declared_type(self.declared.get(n, "any")) or inferred[n]) for n in names])
+        fits = {f.name: _column_fits(f.type) for f in schema}
+        wrong = [f"{k!r} is {_kind(v)} but it is declared {self.declared[k]}"
+                 for k, v in row.items() if v is not None and k in self.declared and not fits[k](v)]
+        if wrong:
+            raise SinkWriteError(f"value(s) that do not fit the sink's declared schema: {', '.join(wrong)}")
+        self._schema, self._fits = schema, fits
 
     def _check(self, row: dict[str, Any]) -> None:
         """Refuse a row with fields the schema lacks or values its columns cannot hold (key sets first)."""
@@ -246,6 +255,10 @@ class ParquetSink:
                  for k, v in row.items() if v is not None and k in fits and not fits[k](v)]
         if wrong:
             problems.append(f"value(s) the columns cannot hold: {', '.join(wrong)}")
+            untyped = [f.name for f in self._schema if str(f.type) == "null" and row.get(f.name) is not None]
+            if untyped:
+                problems.append(f"{', '.join(map(repr, untyped))} had no value in the first row; declare the type "
+                                f"in the sink's options.schema.fields (e.g. '{untyped[0]}: str?')")
         if problems:
             columns = ", ".join(f"{f.name}: {f.type}" for f in self._schema)
             raise SinkWriteError(f"{'; '.join(problems)} (the sink's first row fixed the Parquet schema: {columns})")
@@ -275,6 +288,13 @@ class ParquetSink:
         """Close the file with the row groups already written, dropping pending rows (the sink failed)."""
         if self._writer is not None:
             self._writer.close()
+
+
+def _declared_type(name: str) -> Any:
+    """The Arrow type of a declared schema type (None for ``any``: the first row decides)."""
+    import pyarrow as pa
+
+    return {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}.get(name)
 
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
