@@ -342,6 +342,8 @@ config_case("unknown-key-with-suggestion", (("    policy: require_all", "    pol
             r"\(got 'require_all'\)")
 config_case("unknown-top-level-section", (("audit: {path: audit}", "audit: {path: audit}\naudits: {}"),),
             r"pipeline\.yaml:36: audits: unknown setting; did you mean 'audit'\? \(got \{\}\)")
+config_case("unknown-top-level-key-without-a-near-one", (("audit: {path: audit}", "audit: {path: audit}\nfoo: 1"),),
+            r"pipeline\.yaml:36: foo: unknown setting \(got 1\)")  # never a key of another section ('fork_to')
 config_case("missing-required-input", (("    input: a", ""),),
             r"pipeline\.yaml:17: transforms\[0\]\.input: required \(got nothing\)")
 config_case("missing-required-sink-path", (("  bad: {plugin: jsonl, options: {path: bad.jsonl}}",
@@ -390,9 +392,7 @@ config_case("on-error-unknown-sink", (("    on_success: out_a", "    on_success:
             r"\(got 'nosink'\)")
 config_case("duplicate-node-names", (("  - name: b_truncate", "  - name: a_pass"),),
             r"pipeline\.yaml:21: transforms\[1\]\.name: duplicate node name: transforms\[0\] is also called "
-            r"'a_pass' \(got 'a_pass'\)",
-            r"pipeline\.yaml:15: gates\[0\]\.fork_to\[1\]: fork branch 'b' leads nowhere: .*",
-            r"pipeline\.yaml:28: coalesce\[0\]\.branches\.b: no node produces connection 'out_b' .*")
+            r"'a_pass' \(got 'a_pass'\)")  # alone: what follows from leaving a node out is not listed
 config_case("quorum-count-boolean", (("    policy: require_all", "    policy: quorum\n    quorum_count: true"),),
             r"pipeline\.yaml:30: coalesce\[0\]\.quorum_count: must be a valid integer \(got true\)")
 config_case("coalesce-branch-not-named-after-its-fork-branch", (("    branches: {a: out_a, b: out_b}",
@@ -431,9 +431,7 @@ case("config-sink-inside-the-audit-store",
      then=_nothing_written)
 config_case("node-named-like-a-sink", (("  - name: a_pass", "  - name: bad"),),
             r"pipeline\.yaml:17: transforms\[0\]\.name: a sink has the same name; node and sink names must "
-            r"differ \(got 'bad'\)",
-            r"pipeline\.yaml:15: gates\[0\]\.fork_to\[0\]: fork branch 'a' leads nowhere: .*",
-            r"pipeline\.yaml:28: coalesce\[0\]\.branches\.a: no node produces connection 'out_a' .*")
+            r"differ \(got 'bad'\)")
 config_case("duplicate-fork-branch", (("    fork_to: [a, b]", "    fork_to: [a, b, a]"),),
             r"pipeline\.yaml:15: gates\[0\]\.fork_to: duplicate branch names: a \(got \[\"a\", \"b\", \"a\"\]\)")
 config_case("cycle", (("transforms:", "transforms:\n  - {name: x1, plugin: passthrough, input: lp1, on_success: lp2}"

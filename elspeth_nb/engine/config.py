@@ -978,7 +978,7 @@ def _describe(error: Mapping[str, Any], data: Any) -> tuple[Loc, str, Any]:
     if kind == "missing":
         return loc, "required", None
     if kind == "extra_forbidden":
-        return loc, _unknown_key_message(str(loc[-1]) if loc else ""), error.get("input")
+        return loc, _unknown_key_message(loc), error.get("input")
     return loc, _tidy(error["msg"]), error.get("input")
 
 
@@ -1010,20 +1010,35 @@ def _tidy(message: str) -> str:
     return message[:1].lower() + message[1:]
 
 
-def _unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, _known_keys(), n=1)
+def _unknown_key_message(loc: Loc) -> str:
+    key = str(loc[-1]) if loc else ""
+    close = difflib.get_close_matches(key, _known_keys(_section_model(loc[:-1])), n=1)
     return f"unknown setting; did you mean {close[0]!r}?" if close else "unknown setting"
 
 
+def _section_model(parent: Loc) -> type[BaseModel]:
+    """The settings model (with its plugin subclasses) whose keys belong at ``parent``; the base for any."""
+    if not parent:
+        return PipelineConfig
+    if len(parent) >= 2 and parent[-1] == "options":
+        return PluginOptions if parent[0] != "source" else SourceOptions
+    sections: dict[tuple[str, int], type[BaseModel]] = {
+        ("source", 1): SourceConfig, ("transforms", 2): TransformConfig, ("gates", 2): GateConfig,
+        ("coalesce", 2): CoalesceConfig, ("sinks", 2): SinkConfig, ("audit", 1): AuditConfig,
+        ("engine", 1): EngineConfig,
+    }
+    return sections.get((str(parent[0]), len(parent)), _Model)
+
+
 @functools.cache
-def _known_keys() -> tuple[str, ...]:
-    """Every key any settings model accepts, for 'did you mean' hints."""
+def _known_keys(model: type[BaseModel]) -> tuple[str, ...]:
+    """Every key ``model`` or one of its plugin subclasses accepts, for 'did you mean' hints."""
     keys: set[str] = set()
-    pending: list[type[BaseModel]] = [_Model]
+    pending: list[type[BaseModel]] = [model]
     while pending:
-        model = pending.pop()
-        keys.update(model.model_fields)
-        pending.extend(model.__subclasses__())
+        current = pending.pop()
+        keys.update(current.model_fields)
+        pending.extend(current.__subclasses__())
     return tuple(sorted(keys))
 
 

@@ -235,8 +235,14 @@ class _Builder:
         self.problems.append((loc, message, got))
 
     def build(self, locator: Locator | None, source: str | None) -> PipelineGraph:
-        """Run every check, then assemble the graph (or raise with all problems)."""
+        """Run every check, then assemble the graph (or raise with all problems).
+
+        Name clashes are reported alone: with a node left out, the wiring checks would only list its
+        consequences (connections nobody produces, sinks nothing reaches) as if they were mistakes too.
+        """
         self._declare()
+        if self.problems:
+            raise ConfigError(self._formatted(locator), source)
         self._collect()
         self._wire()
         self._divert_edges()
