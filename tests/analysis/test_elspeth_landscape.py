@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import polars as pl
@@ -44,6 +45,21 @@ def test_coalesce_analytics_of_the_quorum_run(landscape: Audit) -> None:
     waits = decisions["wait_duration_ms"]
     assert summary["decisions"] == 100 and summary["wait_max_ms"] == pytest.approx(waits.max())
     assert summary["wait_p50_ms"] == pytest.approx(waits.quantile(0.5, interpolation="linear"))
+
+
+def test_a_branch_lost_after_the_decision_is_tied_to_it(landscape: Audit) -> None:
+    """ELSPETH records no outcome context; the import infers it from the branch token that ended elsewhere."""
+    with sqlite3.connect(f"file:{LOSSY / 'audit.db'}?mode=ro&immutable=1", uri=True) as con:
+        ended = dict(con.execute(
+            "SELECT t.token_id, n.node_id FROM tokens t JOIN token_outcomes o USING (token_id) "
+            "JOIN node_states n USING (token_id) WHERE t.branch_name = 'path_c' AND o.is_terminal = 1 "
+            "AND o.outcome = 'quarantined'").fetchall())
+    missing = landscape.merge_timings().filter(pl.col("status") == "missing")
+    assert sorted(missing["token_id"]) == sorted(ended) and len(ended) == 18
+    assert set(missing["lost_reason"]) == {"quarantined"}
+    assert {node.startswith("transform_branch_c_filter_") for node in ended.values()} == {True}
+    text = repr(landscape.lineage(row_index=14))
+    assert "(lost to merge3 after its decision: quarantined at branch_c_filter)" in text
 
 
 def test_check_and_verify_pass_on_elspeth_data(landscape: Audit) -> None:

@@ -221,6 +221,7 @@ def test_quorum_late_arrivals_are_reclassified(imports: dict[str, LandscapeImpor
     assert outcomes["late_arrival"] == raw["failed"] == 82 and outcomes["failed"] == 0
     assert outcomes["quarantined"] == raw["quarantined"] == 18 and outcomes["coalesced"] == raw["coalesced"]
     late_tokens = set(late_events)
+    tokens = {t["token_id"]: t["row_id"] for t in rows_of(imported, "tokens")}
     for outcome in rows_of(imported, "token_outcomes"):
         if outcome["token_id"] in late_tokens:
             context = json.loads(outcome["context_json"])
@@ -229,6 +230,11 @@ def test_quorum_late_arrivals_are_reclassified(imports: dict[str, LandscapeImpor
             assert context["decision"]["event_id"] == late_events[outcome["token_id"]]["decision_event_id"]
         elif outcome["outcome"] == "coalesced":
             assert json.loads(outcome["context_json"])["outcome"] == "merged"
+        elif outcome["outcome"] == "quarantined":  # path_c filtered out after the merge: tied to that decision
+            lost = json.loads(outcome["context_json"])["lost_branch"]
+            assert lost["after_event_id"] == by_row[tokens[outcome["token_id"]]]["event_id"]
+            assert (lost["coalesce"], lost["branch"], lost["reason"], lost["inferred"]) == (
+                "merge3", "path_c", "quarantined", True)
         else:
             assert outcome["context_json"] is None
     # the 18 quarantined path_c tokens were filtered after their row merged: not lost branches of the merge

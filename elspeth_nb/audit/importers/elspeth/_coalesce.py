@@ -357,6 +357,40 @@ STAGE_3 = [
     FROM c_late_events""",
 ]
 
+#: A branch token that ended elsewhere after a decision taken without it (neither arrived nor known lost then):
+#: the outcome context our engine writes in that case, ``{"lost_branch": {...}}``, which ELSPETH never records.
+AFTER_LOSS = [
+    f"""CREATE TEMP TABLE c_after_loss AS
+    WITH d AS (
+        SELECT event_id, run_id, node_id, coalesce_name, row_id, fork_group_id, expected_branches, branches_arrived,
+            branches_lost FROM c_merge_events
+        UNION ALL
+        SELECT event_id, run_id, node_id, coalesce_name, row_id, fork_group_id, expected_branches, branches_arrived,
+            branches_lost FROM c_fail_events),
+    open AS (
+        SELECT d.*, b.branch FROM d, unnest(d.expected_branches) AS b(branch)
+        WHERE NOT list_contains(d.branches_arrived, b.branch) AND NOT list_contains(d.branches_lost, b.branch)),
+    ended AS (
+        SELECT x.*, t.token_id AS lost_token, o.outcome_id, o.outcome, o.sink_name
+        FROM open x
+        JOIN l_tokens t ON t.row_id = x.row_id AND t.branch_name = x.branch
+            AND t.fork_group_id IS NOT DISTINCT FROM x.fork_group_id
+        JOIN l_token_outcomes o ON o.token_id = t.token_id AND o.is_terminal = 1
+        WHERE t.token_id NOT IN (SELECT token_id FROM c_states WHERE node_id = x.node_id)),
+    last_node AS (
+        SELECT s.token_id, arg_max(s.node_id, s.step_index * 1000 + s.attempt) AS node_id FROM l_node_states s
+        WHERE s.token_id IN (SELECT lost_token FROM ended) GROUP BY s.token_id),
+    k AS (
+        SELECT e.*, n.node_name, {_LOST_KIND.replace("fl.", "e.")} AS reason
+        FROM ended e LEFT JOIN last_node ln ON ln.token_id = e.lost_token
+        LEFT JOIN x_nodes n ON n.node_id = ln.node_id AND n.run_id = e.run_id)
+    SELECT outcome_id, jobj(kv('lost_branch', jobj(concat(
+            kv('after_event_id', jstr(event_id)), kv('branch', jstr(branch)), kv('coalesce', jstr(coalesce_name)),
+            kv('inferred', 'true'), kv('node', jstr(node_name)), kv('reason', jstr(reason)),
+            kv('sink', jstr(sink_name)), kv('token_id', jstr(lost_token)))))) AS context_json
+    FROM k""",
+]
+
 EVENT_CONTEXTS = """
 SELECT event_id, context_json FROM c_merge_events UNION ALL SELECT event_id, context_json FROM c_fail_events
 UNION ALL SELECT event_id, context_json FROM c_late_events
@@ -396,7 +430,7 @@ def build(con: duckdb.DuckDBPyConnection) -> list[str]:
     raws = [r[0] for r in con.execute("SELECT DISTINCT raw FROM c_merge_lost ORDER BY raw").fetchall()]
     reasons, problems = reason_table(raws)
     con.register("c_lost_reasons", reasons)
-    for sql in STAGE_2 + STAGE_3:
+    for sql in STAGE_2 + STAGE_3 + AFTER_LOSS:
         con.execute(sql)
     return problems + _problems(con)
 

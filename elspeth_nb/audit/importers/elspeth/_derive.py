@@ -108,8 +108,8 @@ def derive(con: duckdb.DuckDBPyConnection, raw: dict[str, pa.Table], *, producer
                                        "routing_events")
     tables["calls"] = conform(_calls(raw), "calls")
     contexts = _arrow(con, _coalesce.EVENT_CONTEXTS)
-    tables["token_outcomes"] = conform(_patch_outcomes(raw["token_outcomes"], _arrow(con, OUTCOME_PATCH), contexts),
-                                       "token_outcomes")
+    tables["token_outcomes"] = conform(_patch_outcomes(raw["token_outcomes"], _arrow(con, OUTCOME_PATCH), contexts,
+                                                       _arrow(con, "SELECT * FROM c_after_loss")), "token_outcomes")
     states = raw["node_states"]
     event_ids = lookup(states.column("state_id"), _arrow(con, STATE_PATCH), "state_id", "event_id")
     context = pc.coalesce(states.column("context_after_json"), lookup(event_ids, contexts, "event_id", "context_json"))
@@ -151,13 +151,15 @@ def _calls(raw: dict[str, pa.Table]) -> pa.Table:
     return replace(calls, PARTITION_COLUMN, run)
 
 
-def _patch_outcomes(outcomes: pa.Table, patch: pa.Table, contexts: pa.Table) -> pa.Table:
-    """Reclassified late arrivals and filled coalesce contexts, matched by outcome_id."""
+def _patch_outcomes(outcomes: pa.Table, patch: pa.Table, contexts: pa.Table, after_loss: pa.Table) -> pa.Table:
+    """Reclassified late arrivals, filled coalesce contexts and lost-branch contexts, matched by outcome_id."""
     outcome, join_group_id, event_id = lookup_many(outcomes.column("outcome_id"), patch, "outcome_id",
                                                    ["outcome", "join_group_id", "event_id"])
     outcomes = replace(outcomes, "outcome", pc.coalesce(outcome, outcomes.column("outcome")))
     outcomes = replace(outcomes, "join_group_id", pc.coalesce(join_group_id, outcomes.column("join_group_id")))
     context = lookup(event_id, contexts, "event_id", "context_json")
+    if after_loss.num_rows:
+        context = pc.coalesce(context, lookup(outcomes.column("outcome_id"), after_loss, "outcome_id", "context_json"))
     return replace(outcomes, "context_json", pc.coalesce(outcomes.column("context_json"), context))
 
 
