@@ -650,6 +650,44 @@ case("transform-raises-on-one-row",
 case("transform-exits-the-process", _python_transform("def explode(row):\n    raise SystemExit(3)\n"),
      Fails(RunFailedError, r"^run \w+ failed: SystemExit: 3$", adds_run=True), then=_recorded_failed_run)
 
+
+def _branch_transform(body: str) -> Act:
+    """PIPELINE with branch b's transform replaced by the python function ``explode`` (on_error: bad)."""
+    def act(ctx: Ctx) -> Any:
+        (ctx.work / "plugin.py").write_text(body)
+        return run_pipeline(ctx.settings(
+            ("    plugin: truncate", "    plugin: python\n    on_error: bad"),
+            ('    options: {fields: {note: 8}, suffix: ".."}', "    options: {function: 'plugin.py:explode'}"),
+            inputs={"in.csv": HEADER + b"1,1.5,a\n2,2.5,b\n3,3.5,c\n"}))
+
+    return act
+
+
+def _branch_error(reason: str) -> Returns:
+    """Row 2's branch b fails like any transform error: recorded, routed to bad, its coalesce fails, check() ok."""
+    def check(ctx: Ctx, result: RunResult) -> None:
+        assert result.status == "completed"
+        assert dict(result.outcomes) == {"forked": 3, "coalesced": 4, "completed": 2, "routed": 1, "failed": 1}
+        with open_audit(ctx.store) as audit:
+            assert audit.check(result.run_id).ok
+            [(destination, details)] = audit.sql("SELECT destination, error_details_json FROM transform_errors "
+                                                 "WHERE run_id = $run", {"run": result.run_id}).rows()
+        assert destination == "bad" and json.loads(details)["reason"] == "non_canonical_output"
+        assert re.search(reason, json.loads(details)["error"]), details
+        assert [row["id"] for row in _lines(ctx.work / "bad.jsonl")] == [2]
+        assert [row["id"] for row in _lines(ctx.work / "out.jsonl")] == [1, 3]
+
+    return Returns(check, adds_run=True)
+
+
+case("transform-in-a-branch-returns-a-row-that-contains-itself",
+     _branch_transform("def explode(row):\n    if row['id'] == 2:\n        row['me'] = row\n    return row\n"),
+     _branch_error(r"^\$\.me\.me\..*nested more than 254 levels deep \(or a value that contains itself\)"))
+case("transform-in-a-branch-returns-nan",
+     _branch_transform("def explode(row):\n    row['score'] = float('nan') if row['id'] == 2 else 0.5\n"
+                       "    return row\n"),
+     _branch_error(r"^\$\.score: nan is not a finite number"))
+
 # == where the run writes: clear errors before anything is written ====================================
 
 
