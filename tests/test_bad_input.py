@@ -6,7 +6,8 @@
 - ``Fails``: an error of exactly one elspeth_nb class, whose message names what is wrong and where (file and
   line, path in the settings, segment file, id); for a config error, the exact list of problems;
 - ``Quarantines``: the run goes on; each bad record has a ``validation_errors`` row with its violation type,
-  source location and message, a ``quarantined`` outcome, and is kept in the quarantine sink;
+  source location and message, a ``quarantined`` outcome, and is kept in the quarantine sink; the trail passes
+  ``check()``;
 - ``Completes``: an input that looks odd but is valid (a BOM, a header only, a field just under the limit);
 - ``Pending``: the run completes on Parquet while audit.duckdb cannot be updated, and says so;
 - ``Returns``: a result to inspect (a verify finding, an explorer page, an empty filter).
@@ -217,7 +218,8 @@ class Quarantines:
             found = audit.sql("SELECT source_location, violation_type, error, destination FROM validation_errors "
                               "WHERE run_id = $run", {"run": result.run_id}).rows()
             outcomes = dict(audit.outcomes(result.run_id).select("outcome", "count").rows())
-        found.sort(key=lambda r: int(r[0].rsplit(":", 1)[1]))
+            assert audit.check(result.run_id).ok
+        found.sort(key=lambda r: int(re.split(r":|#row", r[0])[-1]))  # in.csv:12, in.parquet#row12
         assert [(loc, kind) for loc, kind, _, _ in found] == [(loc, kind) for loc, kind, _ in self.rows]
         for (_, _, message, destination), (_, _, pattern) in zip(found, self.rows, strict=True):
             assert re.search(pattern, message), f"{message!r} !~ {pattern!r}"
@@ -504,13 +506,25 @@ def _kept_raw(needle: str) -> Callable[[Ctx, Any], None]:
     return then
 
 
+def _stored_raw(*expected: dict[str, Any]) -> Callable[[Ctx, Any], None]:
+    """The quarantined records are stored exactly as ``expected`` (in source order): the text as read."""
+    def then(ctx: Ctx, result: RunResult) -> None:
+        with open_audit(ctx.store) as audit:
+            stored = audit.sql("SELECT source_location, row_data_json FROM validation_errors WHERE run_id = $run",
+                               {"run": result.run_id}).rows()
+        stored.sort(key=lambda r: int(re.split(r":|#row", r[0])[-1]))
+        assert [json.loads(raw) for _, raw in stored] == list(expected)
+
+    return then
+
+
 case("csv-too-few-fields", _run(HEADER + b"1,1.5,ok\n2,2.5\n3,3.5,ok\n"),
      Quarantines(("in.csv:3", "malformed_row", r"^record has 2 fields, the header has 3$"), good=2))
 case("csv-too-many-fields", _run(HEADER + b"1,1.5,ok\n2,2.5,x,y\n"),
      Quarantines(("in.csv:3", "malformed_row", r"^record has 4 fields, the header has 3$"), good=1))
 case("csv-unterminated-quote", _run(HEADER + b'1,1.5,ok\n2,2.5,"open\n3,3.5,ok\n'),
      Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record \(it runs to line 4\): unexpected end of data"),
-                 good=1))
+                 good=1),)
 case("csv-text-after-closing-quote", _run(HEADER + b'1,1.5,"ab"c\n2,2.5,ok\n'),
      Quarantines(("in.csv:2", "malformed_row", r"""^malformed CSV record: ',' expected after '"'$"""), good=1))
 case("csv-invalid-utf8", _run(HEADER + b"1,1.5,ok\n2,2.5,caf\xe9\n3,3.5,ok\n"),
@@ -538,11 +552,20 @@ case("csv-huge-field-over-16MiB", _run(HEADER + b"1,1.5,ok\n2,2.5," + b"x" * (LI
                  good=2))
 case("csv-huge-field-just-under-16MiB", _run(HEADER + b"1,1.5,ok\n2,2.5," + b"x" * (LIMIT - 1) + b"\n"),
      Completes(good=2), then=_payload_at_least(LIMIT - 1))
-case("csv-nan-and-infinities", _run(HEADER + b"1,nan,a\n2,inf,b\n3,-inf,c\n4,NaN,d\n5,Infinity,e\n"
-                                    b"6,-Infinity,f\n7,1.5,ok\n"),
+_NON_FINITE_TEXT = ("nan", "inf", "-inf", "NaN", "Infinity", "-Infinity", "1e400", "-1e400")
+case("csv-nan-and-infinities", _run(HEADER + b"".join(b"%d,%s,n\n" % (i, t.encode()) for i, t in
+                                                      enumerate(_NON_FINITE_TEXT, start=1)) + b"9,1.5,ok\n"),
      Quarantines(*[(f"in.csv:{line}", "non_finite", rf"^\$\.amount: {text} is not a finite number; NaN and Infinity "
                     "cannot be hashed") for line, text in ((2, "nan"), (3, "inf"), (4, "-inf"), (5, "nan"),
-                                                         (6, "inf"), (7, "-inf"))], good=1))
+                                                         (6, "inf"), (7, "-inf"), (8, "inf"), (9, "-inf"))], good=1),
+     then=_stored_raw(*[{"id": str(i), "amount": t, "note": "n"} for i, t in enumerate(_NON_FINITE_TEXT, start=1)]))
+_RANGE = r"^\$\.id: integer {} is outside the range RFC 8785 can represent exactly \(\+/-2\*\*53-1\)"
+case("csv-integer-beyond-2**53", _run(HEADER + b"99999999999999999999999999,1.5,a\n9007199254740993,2.5,b\n"
+                                      b"-9007199254740991,3.5,ok\n"),
+     Quarantines(("in.csv:2", "integer_range", _RANGE.format("99999999999999999999999999")),
+                 ("in.csv:3", "integer_range", _RANGE.format("9007199254740993")), good=1),
+     then=_stored_raw({"id": "99999999999999999999999999", "amount": "1.5", "note": "a"},
+                      {"id": "9007199254740993", "amount": "2.5", "note": "b"}))
 _NON_FINITE_JSON = r"^NaN or Infinity is not allowed in audited data \(use null\)$"
 case("jsonl-nan-and-infinities", _run(b'{"id": 1, "amount": NaN, "note": "a"}\n{"id": 2, "amount": Infinity, '
                                       b'"note": "b"}\n{"id": 3, "amount": -Infinity, "note": "c"}\n'
@@ -565,6 +588,44 @@ case("jsonl-invalid-utf8", _run(b'{"id": 1, "amount": 1.5, "note": "caf\xe9"}\n{
      Quarantines(("in.jsonl:1", "encoding", r"^bytes that are not valid utf-8$"), good=1), then=_kept_raw("caf\\\\xe9"))
 case("jsonl-utf8-bom", _run(b'\xef\xbb\xbf{"id": 1, "amount": 1.5, "note": "ok"}\n', jsonl=True), Completes(good=1))
 case("jsonl-empty-file", _run(b"", jsonl=True), Completes(good=0))
+OBSERVED = (("      mode: fixed", "      mode: observed"),
+            ('      fields: ["id: int", "amount: float", "note: str"]', ""))
+case("jsonl-schema-violation-with-a-value-that-cannot-be-hashed",
+     _run(b'{"id": "1", "amount": 9007199254740993, "note": "a"}\n{"id": 2, "amount": 1.5, "note": "ok"}\n',
+          jsonl=True),
+     Quarantines(("in.jsonl:1", "type_mismatch", r"^field 'id' should be int, got str '1'$"), good=1),
+     then=_stored_raw({"line": '{"id": "1", "amount": 9007199254740993, "note": "a"}'}))
+
+
+def _nested_line(levels: int, key: str = "x", more: str = "") -> bytes:
+    """A JSON object whose ``key`` holds lists nested ``levels`` deep (the object itself is one level more)."""
+    return f'{{"id": 1, "amount": 1.5, "note": "a"{more}, "{key}": {"[" * levels}{"]" * levels}}}\n'.encode()
+
+
+_TOO_DEEP = (_nested_line(400)  # read, but deeper than canonical JSON goes
+             + _nested_line(1100)  # deeper than the JSON parsers go
+             + _nested_line(253)  # the deepest a row can be
+             + b'{"id": 5, "amount": 1.5, "note": "ok"}\n')
+case("jsonl-nested-too-deep",
+     _run(_TOO_DEEP, *OBSERVED, jsonl=True),
+     Quarantines(("in.jsonl:1", "too_deep", r"^\$\.x\[0\]\[0\].*: nested more than 254 levels deep"),
+                 ("in.jsonl:2", "too_deep", r"^JSON nested too deeply to read \(depth limit exceeded"),
+                 good=2),
+     then=_stored_raw(*[{"line": line} for line in _TOO_DEEP.decode().splitlines()[:2]]))
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return bytes(sink.getvalue())
+
+
+PARQUET = (("  plugin: csv", "  plugin: parquet"), ("    path: in.csv", "    path: in.parquet"))
+case("parquet-integer-beyond-2**53",
+     _run(_parquet(pa.table({"id": [1, 2**62, 3], "amount": [1.5, 2.5, 3.5], "note": ["a", "b", "c"]})), *PARQUET,
+          name="in.parquet"),
+     Quarantines(("in.parquet#row2", "integer_range", _RANGE.format(2**62)), good=2),
+     then=_stored_raw({"id": str(2**62), "amount": 2.5, "note": "b"}))
 
 
 def _chmod_stops_reading() -> bool:

@@ -1,8 +1,10 @@
 """Sources: read rows from CSV, JSON Lines or Parquet and check them against the schema.
 
 ``records()`` yields either a row (a plain ``dict``) or a :class:`Quarantine` describing a
-record that could not become a row (a malformed line, a wrong type, bad encoding). The engine
-quarantines those and goes on; only an unreadable file stops a run, before it starts.
+record that could not become a row (a malformed line, a wrong type, bad encoding). A row the
+engine then cannot hash (NaN, an integer beyond +/-2**53-1, too deep) becomes the quarantine
+``unhashable()`` gives, with the raw text where the source has it. The engine quarantines those
+and goes on; only an unreadable file stops a run, before it starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 import orjson
 
-from elspeth_nb.errors import InputError
+from elspeth_nb.audit.hashing import canonical_bytes
+from elspeth_nb.errors import CanonicalizationError, InputError
 
 MAX_FIELD_BYTES = 16 * 1024 * 1024
 
@@ -115,6 +118,10 @@ class _Source:
         """Where the record yielded last came from (for problems found after parsing, like NaN)."""
         return self.location(self._current)
 
+    def unhashable(self, row: dict[str, Any], error: CanonicalizationError) -> Quarantine:
+        """The quarantine of the row yielded last, which has no canonical JSON (``error`` says why)."""
+        return Quarantine(_json_safe(row), str(error), error.violation, self.current_location())
+
     def check_typed(self, row: dict[str, Any]) -> None:
         """Schema check for already-typed values (JSON, Parquet): presence, extras, types."""
         if self.schema_mode in ("observed", "parse") or not self.fields:
@@ -147,6 +154,7 @@ class CsvSource(_Source):
         super().__init__(path, schema_mode, fields)
         self.delimiter, self.quotechar, self.encoding = delimiter, quotechar, encoding
         self.header: list[str] = []
+        self._current_fields: list[str] = []
 
     def check_readable(self) -> None:
         """Fail before the run starts if the file cannot be opened or its header line is unusable."""
@@ -182,7 +190,7 @@ class CsvSource(_Source):
             row = dict(zip(header, fields, strict=True))
             problem = _parse_text_fields(row, parsers)
             if problem is None:
-                self._current = line
+                self._current, self._current_fields = line, fields
                 yield row
             else:
                 yield Quarantine(dict(zip(header, fields, strict=True)), str(problem), problem.violation,
@@ -191,6 +199,11 @@ class CsvSource(_Source):
     def count_records(self) -> int:
         """How many records ``records()`` yields (rows and quarantines), found by splitting only."""
         return sum(1 for _ in self._split())
+
+    def unhashable(self, row: dict[str, Any], error: CanonicalizationError) -> Quarantine:
+        """The quarantine of the row yielded last, holding its fields as the text read (``1e400``, not inf)."""
+        raw = dict(zip(self.header, self._current_fields, strict=True))
+        return Quarantine(raw, str(error), error.violation, self.current_location())
 
     def _split(self) -> Iterator[tuple[int, list[str] | Quarantine]]:
         """(line number, fields) per non-blank record after the header; encoding and CSV errors as Quarantine."""
@@ -292,6 +305,8 @@ class JsonlSource(_Source):
     def __init__(self, path: Path, schema_mode: str, fields: Sequence[FieldRule], *, encoding: str = "utf-8") -> None:
         super().__init__(path, schema_mode, fields)
         self.encoding = encoding
+        self._utf8 = encoding.lower().replace("-", "").replace("_", "") == "utf8"
+        self._current_raw = b""
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any] | Quarantine]:
         """Rows and quarantines of records ``start <= index < stop`` (one per non-blank line)."""
@@ -300,8 +315,13 @@ class JsonlSource(_Source):
                 continue
             if stop is not None and index >= stop:
                 return
-            self._current = number
+            self._current, self._current_raw = number, raw
             yield self._parse(raw, number)
+
+    def unhashable(self, row: dict[str, Any], error: CanonicalizationError) -> Quarantine:
+        """The quarantine of the row yielded last, holding its line as read."""
+        return Quarantine({"line": self._text(self._current_raw)}, str(error), error.violation,
+                          self.current_location())
 
     def count_records(self) -> int:
         return sum(1 for _ in self._lines())
@@ -313,30 +333,38 @@ class JsonlSource(_Source):
                     yield number, raw
 
     def _parse(self, raw: bytes, number: int) -> dict[str, Any] | Quarantine:
-        where = self.location(number)
+        """One line as a row, or the quarantine saying what is wrong with it (decoded only then)."""
         try:
-            text = raw.decode(self.encoding).rstrip("\r\n")
-        except UnicodeDecodeError:  # as for CSV: an `encoding` violation, the bad bytes kept as \x escapes
-            text = raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")
-            return Quarantine({"line": text}, f"bytes that are not valid {self.encoding}", "encoding", where)
-        try:
-            value = orjson.loads(raw) if self.encoding.lower().replace("-", "") == "utf8" else json.loads(text)
-        except (orjson.JSONDecodeError, ValueError) as exc:
-            return self._diagnose(text, where, exc)
-        if not isinstance(value, dict):
-            return Quarantine({"line": text}, f"expected a JSON object, got {type(value).__name__}", "malformed_row",
-                              where)
+            # orjson also refuses bytes that are not UTF-8, NaN and Infinity
+            value = orjson.loads(raw) if self._utf8 else json.loads(raw.decode(self.encoding))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return self._diagnose(raw, self.location(number), exc)
+        if type(value) is not dict:
+            return Quarantine({"line": self._text(raw)}, f"expected a JSON object, got {type(value).__name__}",
+                              "malformed_row", self.location(number))
         try:
             self.check_typed(value)
         except SchemaViolation as problem:
-            return Quarantine(value, str(problem), problem.violation, where, problem.field, problem.expected,
-                              problem.actual)
+            kept = value if _canonical(value) else {"line": self._text(raw)}
+            return Quarantine(kept, str(problem), problem.violation, self.location(number), problem.field,
+                              problem.expected, problem.actual)
         return value
 
-    @staticmethod
-    def _diagnose(text: str, where: str, exc: Exception) -> Quarantine:
+    def _text(self, raw: bytes) -> str:
+        """A line as text for the trail, bytes that are not valid in the encoding kept as ``\\x`` escapes."""
+        return raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")
+
+    def _diagnose(self, raw: bytes, where: str, exc: Exception) -> Quarantine:
+        """What is wrong with a line the parser refused: its encoding, its nesting, NaN/Infinity, or its syntax."""
+        text = self._text(raw)
+        try:
+            raw.decode(self.encoding)
+        except UnicodeDecodeError:  # as for CSV: an `encoding` violation, the bad bytes kept as \x escapes
+            return Quarantine({"line": text}, f"bytes that are not valid {self.encoding}", "encoding", where)
         try:  # the stdlib parser accepts NaN/Infinity: tell the user that is what is wrong
             json.loads(text)
+        except RecursionError:
+            return Quarantine({"line": text}, f"JSON nested too deeply to read ({exc})", "too_deep", where)
         except ValueError:
             return Quarantine({"line": text}, f"invalid JSON: {exc}", "malformed_row", where)
         return Quarantine({"line": text}, "NaN or Infinity is not allowed in audited data (use null)", "non_finite",
@@ -391,5 +419,23 @@ class ParquetSource(_Source):
         return f"{self.path.name}#row{line}"
 
 
+def _canonical(value: Any) -> bool:
+    """Whether ``value`` has a canonical JSON form (so it can be stored as it is)."""
+    try:
+        canonical_bytes(value)
+    except CanonicalizationError:
+        return False
+    return True
+
+
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v if isinstance(v, str | int | bool | type(None)) else repr(v) for k, v in row.items()}
+    """``row`` with each value that has no canonical JSON form (NaN, 2**62, too deep) replaced by its repr."""
+    return {k: v if _canonical(v) else _repr(v) for k, v in row.items()}
+
+
+def _repr(value: Any) -> str:
+    """``repr(value)``, or a stand-in when the value is nested too deeply to print."""
+    try:
+        return repr(value)
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply to show>"
