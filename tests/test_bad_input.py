@@ -590,6 +590,18 @@ case("jsonl-utf8-bom", _run(b'\xef\xbb\xbf{"id": 1, "amount": 1.5, "note": "ok"}
 case("jsonl-empty-file", _run(b"", jsonl=True), Completes(good=0))
 OBSERVED = (("      mode: fixed", "      mode: observed"),
             ('      fields: ["id: int", "amount: float", "note: str"]', ""))
+_BIG_INTS = (b'{"id": 99999999999999999999, "amount": 1.5, "note": "a"}\n'  # orjson alone reads 1e+20
+             b'{"id": -9223372036854775809, "amount": 1.5, "note": "b"}\n'  # 19 digits, below -2**63: a float too
+             b'{"id": 9007199254740993, "amount": 1.5, "note": "c"}\n'  # 2**53 + 1
+             b'{"id": 4, "amount": 1.5, "note": "ok"}\n')
+_BIG_INTS_QUARANTINED = Quarantines(("in.jsonl:1", "integer_range", _RANGE.format("99999999999999999999")),
+                                    ("in.jsonl:2", "integer_range", _RANGE.format("-9223372036854775809")),
+                                    ("in.jsonl:3", "integer_range", _RANGE.format("9007199254740993")), good=1)
+_BIG_INTS_STORED = _stored_raw(*[{"line": line} for line in _BIG_INTS.decode().splitlines()[:3]])
+case("jsonl-integer-beyond-2**53-observed-schema", _run(_BIG_INTS, *OBSERVED, jsonl=True), _BIG_INTS_QUARANTINED,
+     then=_BIG_INTS_STORED)
+case("jsonl-integer-beyond-2**53-fixed-schema", _run(_BIG_INTS, jsonl=True), _BIG_INTS_QUARANTINED,
+     then=_BIG_INTS_STORED)
 case("jsonl-schema-violation-with-a-value-that-cannot-be-hashed",
      _run(b'{"id": "1", "amount": 9007199254740993, "note": "a"}\n{"id": 2, "amount": 1.5, "note": "ok"}\n',
           jsonl=True),
@@ -604,14 +616,16 @@ def _nested_line(levels: int, key: str = "x", more: str = "") -> bytes:
 
 _TOO_DEEP = (_nested_line(400)  # read, but deeper than canonical JSON goes
              + _nested_line(1100)  # deeper than the JSON parsers go
+             + _nested_line(1010, more=', "big": 12345678901234567890')  # read exactly by the stdlib: too deep
              + _nested_line(253)  # the deepest a row can be
              + b'{"id": 5, "amount": 1.5, "note": "ok"}\n')
 case("jsonl-nested-too-deep",
      _run(_TOO_DEEP, *OBSERVED, jsonl=True),
      Quarantines(("in.jsonl:1", "too_deep", r"^\$\.x\[0\]\[0\].*: nested more than 254 levels deep"),
                  ("in.jsonl:2", "too_deep", r"^JSON nested too deeply to read \(depth limit exceeded"),
+                 ("in.jsonl:3", "too_deep", r"^JSON nested too deeply to read \(maximum recursion depth"),
                  good=2),
-     then=_stored_raw(*[{"line": line} for line in _TOO_DEEP.decode().splitlines()[:2]]))
+     then=_stored_raw(*[{"line": line} for line in _TOO_DEEP.decode().splitlines()[:3]]))
 
 
 def _parquet(table: pa.Table) -> bytes:

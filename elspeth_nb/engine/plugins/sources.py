@@ -297,8 +297,13 @@ def _decoded_lines(handle: Any, encoding: str, bad_lines: set[int]) -> Iterator[
             yield raw.decode(encoding, "surrogateescape")
 
 
+# orjson reads integers outside [-2**63, 2**64) as floats, silently rounded; all of them have 19+ digits
+_DIGITS_AS_NINES = bytes(0x39 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
+_LONG_DIGIT_RUN = b"9" * 19
+
+
 class JsonlSource(_Source):
-    """One JSON object per line; values keep their JSON types."""
+    """One JSON object per line; values keep their JSON types, integers exactly."""
 
     plugin = "jsonl"
 
@@ -335,8 +340,12 @@ class JsonlSource(_Source):
     def _parse(self, raw: bytes, number: int) -> dict[str, Any] | Quarantine:
         """One line as a row, or the quarantine saying what is wrong with it (decoded only then)."""
         try:
-            # orjson also refuses bytes that are not UTF-8, NaN and Infinity
-            value = orjson.loads(raw) if self._utf8 else json.loads(raw.decode(self.encoding))
+            if not self._utf8:
+                value = json.loads(raw.decode(self.encoding))
+            else:
+                value = orjson.loads(raw)  # also refuses bytes that are not UTF-8, NaN and Infinity
+                if _LONG_DIGIT_RUN in raw.translate(_DIGITS_AS_NINES):
+                    value = json.loads(raw)  # read again by the stdlib, which keeps every integer exact
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return self._diagnose(raw, self.location(number), exc)
         if type(value) is not dict:
