@@ -524,7 +524,7 @@ case("csv-too-many-fields", _run(HEADER + b"1,1.5,ok\n2,2.5,x,y\n"),
      Quarantines(("in.csv:3", "malformed_row", r"^record has 4 fields, the header has 3$"), good=1))
 case("csv-unterminated-quote", _run(HEADER + b'1,1.5,ok\n2,2.5,"open\n3,3.5,ok\n'),
      Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record \(it runs to line 4\): unexpected end of data"),
-                 good=1),)
+                 good=1), then=_stored_raw({"line": 3, "text": '2,2.5,"open\n3,3.5,ok\n'}))
 case("csv-text-after-closing-quote", _run(HEADER + b'1,1.5,"ab"c\n2,2.5,ok\n'),
      Quarantines(("in.csv:2", "malformed_row", r"""^malformed CSV record: ',' expected after '"'$"""), good=1))
 case("csv-invalid-utf8", _run(HEADER + b"1,1.5,ok\n2,2.5,caf\xe9\n3,3.5,ok\n"),
@@ -548,8 +548,9 @@ case("csv-type-mismatch", _run(HEADER + b"1,abc,not a number\n2,2.5,ok\n"),
 case("csv-empty-required-value", _run(HEADER + b"1,,empty\n2,2.5,ok\n"),
      Quarantines(("in.csv:2", "missing_field", r"^required field 'amount' is empty$"), good=1))
 case("csv-huge-field-over-16MiB", _run(HEADER + b"1,1.5,ok\n2,2.5," + b"x" * (LIMIT + 1) + b"\n3,3.5,ok\n"),
-     Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record: field larger than field limit \(16777216\)$"),
-                 good=2))
+     Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record: field larger than field limit \(16777216\); "
+                  r"only its first 65536 of 16777224 characters are kept$"), good=2),
+     then=_stored_raw({"line": 3, "text": "2,2.5," + "x" * (65536 - 6), "text_chars": LIMIT + 8}))
 case("csv-huge-field-just-under-16MiB", _run(HEADER + b"1,1.5,ok\n2,2.5," + b"x" * (LIMIT - 1) + b"\n"),
      Completes(good=2), then=_payload_at_least(LIMIT - 1))
 _NON_FINITE_TEXT = ("nan", "inf", "-inf", "NaN", "Infinity", "-Infinity", "1e400", "-1e400")
@@ -566,6 +567,10 @@ case("csv-integer-beyond-2**53", _run(HEADER + b"99999999999999999999999999,1.5,
                  ("in.csv:3", "integer_range", _RANGE.format("9007199254740993")), good=1),
      then=_stored_raw({"id": "99999999999999999999999999", "amount": "1.5", "note": "a"},
                       {"id": "9007199254740993", "amount": "2.5", "note": "b"}))
+case("csv-multi-line-records-located-at-their-first-line",
+     _run(HEADER + b'1,1.5,ok\n2,abc,"three\nline\nnote"\n3,3.5,"caf\xe9\nlatte"\n4,4.5,"two\nlines"\n'),
+     Quarantines(("in.csv:3", "type_mismatch", r"^field 'amount' should be float, got 'abc'$"),
+                 ("in.csv:6", "encoding", r"^bytes that are not valid utf-8$"), good=2))
 _NON_FINITE_JSON = r"^NaN or Infinity is not allowed in audited data \(use null\)$"
 case("jsonl-nan-and-infinities", _run(b'{"id": 1, "amount": NaN, "note": "a"}\n{"id": 2, "amount": Infinity, '
                                       b'"note": "b"}\n{"id": 3, "amount": -Infinity, "note": "c"}\n'

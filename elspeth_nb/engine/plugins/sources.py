@@ -23,6 +23,7 @@ from elspeth_nb.audit.hashing import canonical_bytes
 from elspeth_nb.errors import CanonicalizationError, InputError
 
 MAX_FIELD_BYTES = 16 * 1024 * 1024
+RAW_TEXT_CAP = 64 * 1024  # characters of a malformed CSV record's raw text kept in the trail
 
 
 @dataclass(frozen=True)
@@ -206,36 +207,48 @@ class CsvSource(_Source):
         return Quarantine(raw, str(error), error.violation, self.current_location())
 
     def _split(self) -> Iterator[tuple[int, list[str] | Quarantine]]:
-        """(line number, fields) per non-blank record after the header; encoding and CSV errors as Quarantine."""
+        """(first line, fields) per non-blank record after the header; encoding and CSV errors as Quarantine."""
         bad_lines: set[int] = set()
+        consumed: list[str] = []  # the lines read for the current record: a malformed one keeps its text
         previous_limit = csv.field_size_limit(MAX_FIELD_BYTES)
         try:
             with self.path.open("rb") as handle:
-                reader = self._reader(_decoded_lines(handle, self.encoding, bad_lines))
+                reader = self._reader(_decoded_lines(handle, self.encoding, bad_lines, consumed))
                 self._read_header(reader, bad_lines)
                 last_line = reader.line_num
+                consumed.clear()
                 while True:
+                    first = last_line + 1
                     try:
                         fields = next(reader)
                     except StopIteration:
                         return
                     except csv.Error as exc:
-                        first, last_line = last_line + 1, reader.line_num
-                        span = f" (it runs to line {last_line})" if last_line > first else ""
-                        yield last_line, Quarantine({"line": first}, f"malformed CSV record{span}: {exc}",
-                                                    "malformed_row", self.location(first))
+                        last_line = reader.line_num
+                        yield first, self._malformed(first, last_line, "".join(consumed), exc)
+                        consumed.clear()
                         continue
+                    consumed.clear()
                     line = reader.line_num
-                    if bad_lines and any(n in bad_lines for n in range(last_line + 1, line + 1)):
-                        raw = [f.encode("utf-8", "surrogateescape").decode(self.encoding, "backslashreplace")
-                               for f in fields]
-                        yield line, Quarantine({"fields": raw}, f"bytes that are not valid {self.encoding}",
-                                               "encoding", self.location(line))
+                    if bad_lines and any(n in bad_lines for n in range(first, line + 1)):
+                        raw = [_escaped(f, self.encoding) for f in fields]
+                        yield first, Quarantine({"fields": raw}, f"bytes that are not valid {self.encoding}",
+                                                "encoding", self.location(first))
                     elif fields:
-                        yield line, fields
+                        yield first, fields
                     last_line = line
         finally:
             csv.field_size_limit(previous_limit)
+
+    def _malformed(self, first: int, last: int, text: str, exc: csv.Error) -> Quarantine:
+        """A record the CSV reader refused: its raw text is kept, up to RAW_TEXT_CAP characters."""
+        span = f" (it runs to line {last})" if last > first else ""
+        raw: dict[str, Any] = {"line": first, "text": _escaped(text[:RAW_TEXT_CAP], self.encoding)}
+        kept = ""
+        if len(text) > RAW_TEXT_CAP:
+            raw["text_chars"] = len(text)
+            kept = f"; only its first {RAW_TEXT_CAP} of {len(text)} characters are kept"
+        return Quarantine(raw, f"malformed CSV record{span}: {exc}{kept}", "malformed_row", self.location(first))
 
     def _read_header(self, reader: Any, bad_lines: set[int]) -> list[str]:
         try:
@@ -287,14 +300,27 @@ def _without_bom(lines: Iterator[bytes], encoding: str) -> Iterator[bytes]:
         yield raw[len(codecs.BOM_UTF8):] if number == 1 and utf8 and raw.startswith(codecs.BOM_UTF8) else raw
 
 
-def _decoded_lines(handle: Any, encoding: str, bad_lines: set[int]) -> Iterator[str]:
-    """Decode line by line so one bad byte quarantines one record instead of ending the run."""
+def _decoded_lines(handle: Any, encoding: str, bad_lines: set[int], consumed: list[str] | None = None
+                   ) -> Iterator[str]:
+    """Decode line by line so one bad byte quarantines one record instead of ending the run.
+
+    Each line is also appended to ``consumed`` (when given), which the caller clears after each record.
+    """
+    keep = consumed.append if consumed is not None else None
     for number, raw in enumerate(_without_bom(handle, encoding), start=1):
         try:
-            yield raw.decode(encoding)
+            line = raw.decode(encoding)
         except UnicodeDecodeError:
             bad_lines.add(number)
-            yield raw.decode(encoding, "surrogateescape")
+            line = raw.decode(encoding, "surrogateescape")
+        if keep is not None:
+            keep(line)
+        yield line
+
+
+def _escaped(text: str, encoding: str) -> str:
+    """Text decoded with ``surrogateescape``, its undecodable bytes shown as ``\\xNN`` (storable JSON)."""
+    return text.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace")
 
 
 # orjson reads integers outside [-2**63, 2**64) as floats, silently rounded; all of them have 19+ digits
