@@ -323,9 +323,10 @@ def _escaped(text: str, encoding: str) -> str:
     return text.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace")
 
 
-# orjson reads integers outside [-2**63, 2**64) as floats, silently rounded; all of them have 19+ digits
-_DIGITS_AS_NINES = bytes(0x39 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
-_LONG_DIGIT_RUN = b"9" * 19
+# orjson reads integers outside [-2**63, 2**64) as floats, silently rounded: each has 20+ digits, or is
+# negative with 19. A line's shape (digits as 9, minus signs kept, the rest as dots) finds them cheaply.
+_SHAPE = bytes(0x39 if 0x30 <= b <= 0x39 else b if b == 0x2D else 0x2E for b in range(256))
+_NINETEEN_DIGITS, _TWENTY_DIGITS, _MINUS_NINETEEN_DIGITS = b"9" * 19, b"9" * 20, b"-" + b"9" * 19
 
 
 class JsonlSource(_Source):
@@ -370,7 +371,8 @@ class JsonlSource(_Source):
                 value = json.loads(raw.decode(self.encoding))
             else:
                 value = orjson.loads(raw)  # also refuses bytes that are not UTF-8, NaN and Infinity
-                if _LONG_DIGIT_RUN in raw.translate(_DIGITS_AS_NINES):
+                shape = raw.translate(_SHAPE)
+                if _NINETEEN_DIGITS in shape and (_TWENTY_DIGITS in shape or _MINUS_NINETEEN_DIGITS in shape):
                     value = json.loads(raw)  # read again by the stdlib, which keeps every integer exact
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return self._diagnose(raw, self.location(number), exc)
