@@ -25,7 +25,18 @@ class ConfigError(Error, ValueError):
 
 
 class CanonicalizationError(Error, ValueError):
-    """A value cannot be hashed canonically (NaN, Infinity, an unsupported type)."""
+    """A value cannot be hashed canonically; ``violation`` names why, for the audit trail.
+
+    ``non_finite`` (NaN, Infinity), ``integer_range`` (beyond +/-2**53-1), ``too_deep`` (nesting, a value
+    containing itself) or ``not_json`` (a type or key JSON cannot hold).
+    """
+
+    def __init__(self, message: str, violation: str = "not_json") -> None:
+        super().__init__(message, violation)
+        self.violation = violation
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class InputError(Error, OSError):

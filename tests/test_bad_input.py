@@ -6,7 +6,8 @@
 - ``Fails``: an error of exactly one elspeth_nb class, whose message names what is wrong and where (file and
   line, path in the settings, segment file, id); for a config error, the exact list of problems;
 - ``Quarantines``: the run goes on; each bad record has a ``validation_errors`` row with its violation type,
-  source location and message, a ``quarantined`` outcome, and is kept in the quarantine sink;
+  source location and message, a ``quarantined`` outcome, and is kept in the quarantine sink; the trail passes
+  ``check()``;
 - ``Completes``: an input that looks odd but is valid (a BOM, a header only, a field just under the limit);
 - ``Pending``: the run completes on Parquet while audit.duckdb cannot be updated, and says so;
 - ``Returns``: a result to inspect (a verify finding, an explorer page, an empty filter).
@@ -220,7 +221,8 @@ class Quarantines:
             found = audit.sql("SELECT source_location, violation_type, error, destination FROM validation_errors "
                               "WHERE run_id = $run", {"run": result.run_id}).rows()
             outcomes = dict(audit.outcomes(result.run_id).select("outcome", "count").rows())
-        found.sort(key=lambda r: int(r[0].rsplit(":", 1)[1]))
+            assert audit.check(result.run_id).ok
+        found.sort(key=lambda r: int(re.split(r":|#row", r[0])[-1]))  # in.csv:12, in.parquet#row12
         assert [(loc, kind) for loc, kind, _, _ in found] == [(loc, kind) for loc, kind, _ in self.rows]
         for (_, _, message, destination), (_, _, pattern) in zip(found, self.rows, strict=True):
             assert re.search(pattern, message), f"{message!r} !~ {pattern!r}"
@@ -541,13 +543,25 @@ def _kept_raw(needle: str) -> Callable[[Ctx, Any], None]:
     return then
 
 
+def _stored_raw(*expected: dict[str, Any]) -> Callable[[Ctx, Any], None]:
+    """The quarantined records are stored exactly as ``expected`` (in source order): the text as read."""
+    def then(ctx: Ctx, result: RunResult) -> None:
+        with open_audit(ctx.store) as audit:
+            stored = audit.sql("SELECT source_location, row_data_json FROM validation_errors WHERE run_id = $run",
+                               {"run": result.run_id}).rows()
+        stored.sort(key=lambda r: int(re.split(r":|#row", r[0])[-1]))
+        assert [json.loads(raw) for _, raw in stored] == list(expected)
+
+    return then
+
+
 case("csv-too-few-fields", _run(HEADER + b"1,1.5,ok\n2,2.5\n3,3.5,ok\n"),
      Quarantines(("in.csv:3", "malformed_row", r"^record has 2 fields, the header has 3$"), good=2))
 case("csv-too-many-fields", _run(HEADER + b"1,1.5,ok\n2,2.5,x,y\n"),
      Quarantines(("in.csv:3", "malformed_row", r"^record has 4 fields, the header has 3$"), good=1))
 case("csv-unterminated-quote", _run(HEADER + b'1,1.5,ok\n2,2.5,"open\n3,3.5,ok\n'),
      Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record \(it runs to line 4\): unexpected end of data"),
-                 good=1))
+                 good=1), then=_stored_raw({"line": 3, "text": '2,2.5,"open\n3,3.5,ok\n'}))
 case("csv-text-after-closing-quote", _run(HEADER + b'1,1.5,"ab"c\n2,2.5,ok\n'),
      Quarantines(("in.csv:2", "malformed_row", r"""^malformed CSV record: ',' expected after '"'$"""), good=1))
 case("csv-invalid-utf8", _run(HEADER + b"1,1.5,ok\n2,2.5,caf\xe9\n3,3.5,ok\n"),
@@ -571,15 +585,29 @@ case("csv-type-mismatch", _run(HEADER + b"1,abc,not a number\n2,2.5,ok\n"),
 case("csv-empty-required-value", _run(HEADER + b"1,,empty\n2,2.5,ok\n"),
      Quarantines(("in.csv:2", "missing_field", r"^required field 'amount' is empty$"), good=1))
 case("csv-huge-field-over-16MiB", _run(HEADER + b"1,1.5,ok\n2,2.5," + b"x" * (LIMIT + 1) + b"\n3,3.5,ok\n"),
-     Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record: field larger than field limit \(16777216\)$"),
-                 good=2))
+     Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record: field larger than field limit \(16777216\); "
+                  r"only its first 65536 of 16777224 characters are kept$"), good=2),
+     then=_stored_raw({"line": 3, "text": "2,2.5," + "x" * (65536 - 6), "text_chars": LIMIT + 8}))
 case("csv-huge-field-just-under-16MiB", _run(HEADER + b"1,1.5,ok\n2,2.5," + b"x" * (LIMIT - 1) + b"\n"),
      Completes(good=2), then=_payload_at_least(LIMIT - 1))
-case("csv-nan-and-infinities", _run(HEADER + b"1,nan,a\n2,inf,b\n3,-inf,c\n4,NaN,d\n5,Infinity,e\n"
-                                    b"6,-Infinity,f\n7,1.5,ok\n"),
+_NON_FINITE_TEXT = ("nan", "inf", "-inf", "NaN", "Infinity", "-Infinity", "1e400", "-1e400")
+case("csv-nan-and-infinities", _run(HEADER + b"".join(b"%d,%s,n\n" % (i, t.encode()) for i, t in
+                                                      enumerate(_NON_FINITE_TEXT, start=1)) + b"9,1.5,ok\n"),
      Quarantines(*[(f"in.csv:{line}", "non_finite", rf"^\$\.amount: {text} is not a finite number; NaN and Infinity "
                     "cannot be hashed") for line, text in ((2, "nan"), (3, "inf"), (4, "-inf"), (5, "nan"),
-                                                         (6, "inf"), (7, "-inf"))], good=1))
+                                                         (6, "inf"), (7, "-inf"), (8, "inf"), (9, "-inf"))], good=1),
+     then=_stored_raw(*[{"id": str(i), "amount": t, "note": "n"} for i, t in enumerate(_NON_FINITE_TEXT, start=1)]))
+_RANGE = r"^\$\.id: integer {} is outside the range RFC 8785 can represent exactly \(\+/-2\*\*53-1\)"
+case("csv-integer-beyond-2**53", _run(HEADER + b"99999999999999999999999999,1.5,a\n9007199254740993,2.5,b\n"
+                                      b"-9007199254740991,3.5,ok\n"),
+     Quarantines(("in.csv:2", "integer_range", _RANGE.format("99999999999999999999999999")),
+                 ("in.csv:3", "integer_range", _RANGE.format("9007199254740993")), good=1),
+     then=_stored_raw({"id": "99999999999999999999999999", "amount": "1.5", "note": "a"},
+                      {"id": "9007199254740993", "amount": "2.5", "note": "b"}))
+case("csv-multi-line-records-located-at-their-first-line",
+     _run(HEADER + b'1,1.5,ok\n2,abc,"three\nline\nnote"\n3,3.5,"caf\xe9\nlatte"\n4,4.5,"two\nlines"\n'),
+     Quarantines(("in.csv:3", "type_mismatch", r"^field 'amount' should be float, got 'abc'$"),
+                 ("in.csv:6", "encoding", r"^bytes that are not valid utf-8$"), good=2))
 _NON_FINITE_JSON = r"^NaN or Infinity is not allowed in audited data \(use null\)$"
 case("jsonl-nan-and-infinities", _run(b'{"id": 1, "amount": NaN, "note": "a"}\n{"id": 2, "amount": Infinity, '
                                       b'"note": "b"}\n{"id": 3, "amount": -Infinity, "note": "c"}\n'
@@ -602,6 +630,58 @@ case("jsonl-invalid-utf8", _run(b'{"id": 1, "amount": 1.5, "note": "caf\xe9"}\n{
      Quarantines(("in.jsonl:1", "encoding", r"^bytes that are not valid utf-8$"), good=1), then=_kept_raw("caf\\\\xe9"))
 case("jsonl-utf8-bom", _run(b'\xef\xbb\xbf{"id": 1, "amount": 1.5, "note": "ok"}\n', jsonl=True), Completes(good=1))
 case("jsonl-empty-file", _run(b"", jsonl=True), Completes(good=0))
+OBSERVED = (("      mode: fixed", "      mode: observed"),
+            ('      fields: ["id: int", "amount: float", "note: str"]', ""))
+_BIG_INTS = (b'{"id": 99999999999999999999, "amount": 1.5, "note": "a"}\n'  # orjson alone reads 1e+20
+             b'{"id": -9223372036854775809, "amount": 1.5, "note": "b"}\n'  # 19 digits, below -2**63: a float too
+             b'{"id": 9007199254740993, "amount": 1.5, "note": "c"}\n'  # 2**53 + 1
+             b'{"id": 4, "amount": 1.5, "note": "ok"}\n')
+_BIG_INTS_QUARANTINED = Quarantines(("in.jsonl:1", "integer_range", _RANGE.format("99999999999999999999")),
+                                    ("in.jsonl:2", "integer_range", _RANGE.format("-9223372036854775809")),
+                                    ("in.jsonl:3", "integer_range", _RANGE.format("9007199254740993")), good=1)
+_BIG_INTS_STORED = _stored_raw(*[{"line": line} for line in _BIG_INTS.decode().splitlines()[:3]])
+case("jsonl-integer-beyond-2**53-observed-schema", _run(_BIG_INTS, *OBSERVED, jsonl=True), _BIG_INTS_QUARANTINED,
+     then=_BIG_INTS_STORED)
+case("jsonl-integer-beyond-2**53-fixed-schema", _run(_BIG_INTS, jsonl=True), _BIG_INTS_QUARANTINED,
+     then=_BIG_INTS_STORED)
+case("jsonl-schema-violation-with-a-value-that-cannot-be-hashed",
+     _run(b'{"id": "1", "amount": 9007199254740993, "note": "a"}\n{"id": 2, "amount": 1.5, "note": "ok"}\n',
+          jsonl=True),
+     Quarantines(("in.jsonl:1", "type_mismatch", r"^field 'id' should be int, got str '1'$"), good=1),
+     then=_stored_raw({"line": '{"id": "1", "amount": 9007199254740993, "note": "a"}'}))
+
+
+def _nested_line(levels: int, key: str = "x", more: str = "") -> bytes:
+    """A JSON object whose ``key`` holds lists nested ``levels`` deep (the object itself is one level more)."""
+    return f'{{"id": 1, "amount": 1.5, "note": "a"{more}, "{key}": {"[" * levels}{"]" * levels}}}\n'.encode()
+
+
+_TOO_DEEP = (_nested_line(400)  # read, but deeper than canonical JSON goes
+             + _nested_line(1100)  # deeper than the JSON parsers go
+             + _nested_line(1010, more=', "big": 12345678901234567890')  # read exactly by the stdlib: too deep
+             + _nested_line(253)  # the deepest a row can be
+             + b'{"id": 5, "amount": 1.5, "note": "ok"}\n')
+case("jsonl-nested-too-deep",
+     _run(_TOO_DEEP, *OBSERVED, jsonl=True),
+     Quarantines(("in.jsonl:1", "too_deep", r"^\$\.x\[0\]\[0\].*: nested more than 254 levels deep"),
+                 ("in.jsonl:2", "too_deep", r"^JSON nested too deeply to read \(depth limit exceeded"),
+                 ("in.jsonl:3", "too_deep", r"^JSON nested too deeply to read \(maximum recursion depth"),
+                 good=2),
+     then=_stored_raw(*[{"line": line} for line in _TOO_DEEP.decode().splitlines()[:3]]))
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return bytes(sink.getvalue())
+
+
+PARQUET = (("  plugin: csv", "  plugin: parquet"), ("    path: in.csv", "    path: in.parquet"))
+case("parquet-integer-beyond-2**53",
+     _run(_parquet(pa.table({"id": [1, 2**62, 3], "amount": [1.5, 2.5, 3.5], "note": ["a", "b", "c"]})), *PARQUET,
+          name="in.parquet"),
+     Quarantines(("in.parquet#row2", "integer_range", _RANGE.format(2**62)), good=2),
+     then=_stored_raw({"id": str(2**62), "amount": 2.5, "note": "b"}))
 
 
 def _chmod_stops_reading() -> bool:
@@ -752,6 +832,44 @@ case("transform-raises-on-one-row",
      Completes(good=2, outcomes={"routed": 1}), then=_recorded_transform_error)
 case("transform-exits-the-process", _python_transform("def explode(row):\n    raise SystemExit(3)\n"),
      Fails(RunFailedError, r"^run \w+ failed: SystemExit: 3$", adds_run=True), then=_recorded_failed_run)
+
+def _branch_transform(body: str) -> Act:
+    """PIPELINE with branch b's transform replaced by the python function ``explode`` (on_error: bad)."""
+    def act(ctx: Ctx) -> Any:
+        (ctx.work / "plugin.py").write_text(body)
+        return run_pipeline(ctx.settings(
+            ("    plugin: truncate", "    plugin: python\n    on_error: bad"),
+            ('    options: {fields: {note: 8}, suffix: ".."}', "    options: {function: 'plugin.py:explode'}"),
+            inputs={"in.csv": HEADER + b"1,1.5,a\n2,2.5,b\n3,3.5,c\n"}))
+
+    return act
+
+
+def _branch_error(reason: str) -> Returns:
+    """Row 2's branch b fails like any transform error: recorded, routed to bad, its coalesce fails, check() ok."""
+    def check(ctx: Ctx, result: RunResult) -> None:
+        assert result.status == "completed"
+        assert dict(result.outcomes) == {"forked": 3, "coalesced": 4, "completed": 2, "routed": 1, "failed": 1}
+        with open_audit(ctx.store) as audit:
+            assert audit.check(result.run_id).ok
+            [(destination, details)] = audit.sql("SELECT destination, error_details_json FROM transform_errors "
+                                                 "WHERE run_id = $run", {"run": result.run_id}).rows()
+        assert destination == "bad" and json.loads(details)["reason"] == "non_canonical_output"
+        assert re.search(reason, json.loads(details)["error"]), details
+        assert [row["id"] for row in _lines(ctx.work / "bad.jsonl")] == [2]
+        assert [row["id"] for row in _lines(ctx.work / "out.jsonl")] == [1, 3]
+
+    return Returns(check, adds_run=True)
+
+
+case("transform-in-a-branch-returns-a-row-that-contains-itself",
+     _branch_transform("def explode(row):\n    if row['id'] == 2:\n        row['me'] = row\n    return row\n"),
+     _branch_error(r"^\$\.me\.me\..*nested more than 254 levels deep \(or a value that contains itself\)"))
+case("transform-in-a-branch-returns-nan",
+     _branch_transform("def explode(row):\n    row['score'] = float('nan') if row['id'] == 2 else 0.5\n"
+                       "    return row\n"),
+     _branch_error(r"^\$\.score: nan is not a finite number"))
+
 
 # == a sink that breaks as a whole: the run fails, naming it, and the trail keeps everything recorded ==========
 

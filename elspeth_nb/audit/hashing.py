@@ -5,7 +5,9 @@ ELSPETH normalises a few Python types (datetime -> UTC ISO 8601, Decimal -> str,
 but serialise through orjson: for the common case (str/int/bool/None, nested dicts and lists)
 orjson with sorted keys *is* RFC 8785, and floats are pre-formatted with the ECMAScript number
 rules RFC 8785 requires. Keys outside the Basic Multilingual Plane (where UTF-16 and code point
-order differ) go through the reference ``rfc8785`` encoder. NaN and +/-Infinity are rejected.
+order differ) go through the reference ``rfc8785`` encoder. NaN and +/-Infinity, integers beyond
++/-2**53-1 and values nested deeper than ``MAX_DEPTH`` (a value containing itself included) are
+rejected with a :class:`CanonicalizationError`, never a ``RecursionError``.
 
 >>> stable_hash({"b": 1, "a": [1.0, "x"]}) == stable_hash({"a": [1, "x"], "b": 1})
 True
@@ -31,6 +33,7 @@ _SORT = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
 _dumps = orjson.dumps
 _sha256 = hashlib.sha256
 _MAX_SAFE_INT = 2**53 - 1
+MAX_DEPTH = 254  # nested containers orjson serialises; deeper (or self-containing) values are rejected
 _Fragment = orjson.Fragment
 _FLAT_TYPES = frozenset({str, int, bool, type(None)})
 
@@ -45,8 +48,12 @@ def canonical_bytes(obj: Any) -> bytes:
         if type(obj) is dict and _FLAT_TYPES.issuperset(map(type, obj.values())) and all(map(str.isascii, obj)):
             return _dumps(obj, option=_SORT)
         return _dumps(_prepare(obj), option=_SORT)
-    except (_NeedsReference, TypeError, orjson.JSONEncodeError, CanonicalizationError):
-        return _dumps(_normalise(obj, "$"))
+    except (_NeedsReference, TypeError, orjson.JSONEncodeError, CanonicalizationError, RecursionError):
+        pass  # the careful path below explains what is wrong, or serialises what only it can
+    try:
+        return _dumps(_normalise(obj, "$", 0))
+    except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in a string
+        raise CanonicalizationError(f"$: {exc}") from exc
 
 
 def canonical_json(obj: Any) -> str:
@@ -102,32 +109,39 @@ def _prepare(obj: Any) -> Any:
     raise _NeedsReference
 
 
-def _normalise(obj: Any, path: str) -> Any:
-    """Turn ``obj`` into something orjson serialises canonically *without* OPT_SORT_KEYS."""
+def _normalise(obj: Any, path: str, depth: int) -> Any:
+    """Turn ``obj`` into something orjson serialises canonically *without* OPT_SORT_KEYS.
+
+    ``depth`` counts the containers around ``obj``; past ``MAX_DEPTH`` the value is rejected.
+    """
     if obj is None or isinstance(obj, str | bool):
         return obj
     if isinstance(obj, int):
         if not -_MAX_SAFE_INT <= obj <= _MAX_SAFE_INT:
             raise CanonicalizationError(
                 f"{path}: integer {obj} is outside the range RFC 8785 can represent exactly (+/-2**53-1); "
-                "store it as a string"
-            )
+                "store it as a string", "integer_range")
         return int(obj)
     if isinstance(obj, float):
         return _Fragment(format_number(obj, path).encode("ascii"))
     if isinstance(obj, _Fragment):
         return obj
+    if isinstance(obj, Mapping | list | tuple) and depth >= MAX_DEPTH:
+        shown = path if len(path) <= 60 else f"{path[:60]}..."
+        raise CanonicalizationError(
+            f"{shown}: nested more than {MAX_DEPTH} levels deep (or a value that contains itself); "
+            "canonical JSON cannot be written for it", "too_deep")
     if isinstance(obj, Mapping):
         items = []
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise CanonicalizationError(f"{path}: key {k!r} is a {type(k).__name__}; JSON keys must be strings")
-            items.append((k, _normalise(v, f"{path}.{k}")))
+            items.append((k, _normalise(v, f"{path}.{k}", depth + 1)))
         items.sort(key=lambda kv: kv[0].encode("utf-16-be"))
         return dict(items)
     if isinstance(obj, list | tuple):
-        return [_normalise(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-    return _normalise(_normalise_scalar(obj, path), path)
+        return [_normalise(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj)]
+    return _normalise(_normalise_scalar(obj, path), path, depth)
 
 
 def _normalise_scalar(obj: Any, path: str) -> Any:
@@ -142,7 +156,7 @@ def _normalise_scalar(obj: Any, path: str) -> Any:
     if isinstance(obj, Decimal):
         if not obj.is_finite():
             raise CanonicalizationError(
-                f"{path}: non-finite Decimal {obj} cannot be hashed; use None for missing values")
+                f"{path}: non-finite Decimal {obj} cannot be hashed; use None for missing values", "non_finite")
         return str(obj)
     if isinstance(obj, frozenset | set):
         raise CanonicalizationError(f"{path}: sets have no canonical order; use a sorted list")
@@ -163,8 +177,8 @@ def format_number(value: float, path: str = "$") -> str:
     """
     if math.isnan(value) or math.isinf(value):
         raise CanonicalizationError(
-            f"{path}: {value} is not a finite number; NaN and Infinity cannot be hashed (use None for missing values)"
-        )
+            f"{path}: {value} is not a finite number; NaN and Infinity cannot be hashed (use None for missing values)",
+            "non_finite")
     if value == 0:
         return "0"
     text = repr(value)
@@ -196,6 +210,6 @@ def format_number(value: float, path: str = "$") -> str:
 
 
 __all__ = [
-    "canonical_bytes", "canonical_json", "canonical_json_prepared", "error_hash", "format_number", "hash_bytes",
-    "json_number", "stable_hash",
+    "MAX_DEPTH", "canonical_bytes", "canonical_json", "canonical_json_prepared", "error_hash", "format_number",
+    "hash_bytes", "json_number", "stable_hash",
 ]

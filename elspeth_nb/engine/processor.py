@@ -144,9 +144,8 @@ class RowProcessor:
             return
         try:
             data, row_hash = hash_row(record)
-        except CanonicalizationError as exc:
-            location = self.source.current_location()
-            self._quarantine(rc, Quarantine(_safe_raw(record), str(exc), "non_finite", location), now)
+        except CanonicalizationError as exc:  # NaN, an integer beyond +/-2**53-1, too deep: quarantined, as read
+            self._quarantine(rc, self.source.unhashable(record, exc), now)
             return
         ref = None
         if ctx.store_boundary_payloads:
@@ -258,9 +257,3 @@ class RowProcessor:
         if isinstance(executor, CoalesceExecutor):
             return executor.receive, destination.coalesce_branch
         return executor.receive, None
-
-
-def _safe_raw(record: dict[str, Any]) -> dict[str, Any]:
-    """A JSON-safe stand-in for a row that cannot be hashed (non-finite floats become strings)."""
-    return {k: (repr(v) if isinstance(v, float) else v) if not isinstance(v, dict | list) else repr(v)
-            for k, v in record.items()}

@@ -13,7 +13,7 @@ import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elspeth_nb.audit.hashing import canonical_bytes, error_hash, format_number, stable_hash
+from elspeth_nb.audit.hashing import MAX_DEPTH, canonical_bytes, error_hash, format_number, stable_hash
 from elspeth_nb.errors import CanonicalizationError
 
 SAFE_INT = 2**53 - 1
@@ -62,6 +62,40 @@ def test_unsafe_integers_and_sets_are_rejected() -> None:
         canonical_bytes({"s": {1, 2}})
 
 
+def test_rejections_name_their_violation() -> None:
+    for value, violation in (({"big": -(2**53)}, "integer_range"), ({"x": [math.inf]}, "non_finite"),
+                             ({"s": {1}}, "not_json"), ({"s": "\ud800"}, "not_json")):
+        with pytest.raises(CanonicalizationError) as caught:
+            canonical_bytes(value)
+        assert caught.value.violation == violation, value
+
+
+def _nested(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH, MAX_DEPTH + 1, 900, 5000])
+def test_nesting_past_max_depth_is_a_canonicalization_error_not_a_recursion_error(levels: int) -> None:
+    row = {"x": _nested(levels - 1)}  # the row itself is the first level
+    if levels <= MAX_DEPTH:
+        assert canonical_bytes(row) == rfc8785.dumps(row)
+        return
+    with pytest.raises(CanonicalizationError, match=rf"^\$\.x\[0\].*: nested more than {MAX_DEPTH} levels") as caught:
+        canonical_bytes(row)
+    assert caught.value.violation == "too_deep"
+
+
+def test_a_value_that_contains_itself_is_rejected() -> None:
+    row: dict[str, object] = {"id": 1}
+    row["me"] = row
+    with pytest.raises(CanonicalizationError, match=r"contains itself") as caught:
+        canonical_bytes({"id": 1, "row": row})
+    assert caught.value.violation == "too_deep"
+
+
 def test_elspeth_normalisation_of_python_types() -> None:
     moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2)))
     naive = datetime(2026, 1, 2, 3, 4, 5)
@@ -83,3 +117,13 @@ def test_error_hash_matches_elspeth_grouping_keys() -> None:
     assert error_hash("late_arrival_after_merge") == "6eb4c47f6e339fa9"
     assert error_hash("incomplete_branches") == "c320d0eeacce4a06"
     assert error_hash("quorum_not_met") == "d766cd0a95cc4e5f"
+
+
+def test_the_violation_survives_pickling() -> None:
+    """Sharded runs send errors between processes: the reason must arrive with the message."""
+    import pickle
+
+    from elspeth_nb.errors import CanonicalizationError
+
+    error = pickle.loads(pickle.dumps(CanonicalizationError("$.x: too deep", "too_deep")))
+    assert (str(error), error.violation) == ("$.x: too deep", "too_deep")

@@ -1,8 +1,10 @@
 """Sources: read rows from CSV, JSON Lines or Parquet and check them against the schema.
 
 ``records()`` yields either a row (a plain ``dict``) or a :class:`Quarantine` describing a
-record that could not become a row (a malformed line, a wrong type, bad encoding). The engine
-quarantines those and goes on; only an unreadable file stops a run, before it starts.
+record that could not become a row (a malformed line, a wrong type, bad encoding). A row the
+engine then cannot hash (NaN, an integer beyond +/-2**53-1, too deep) becomes the quarantine
+``unhashable()`` gives, with the raw text where the source has it. The engine quarantines those
+and goes on; only an unreadable file stops a run, before it starts.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 
 import orjson
 
-from elspeth_nb.errors import InputError
+from elspeth_nb.audit.hashing import canonical_bytes
+from elspeth_nb.errors import CanonicalizationError, InputError
 
 MAX_FIELD_BYTES = 16 * 1024 * 1024
+RAW_TEXT_CAP = 64 * 1024  # characters of a malformed CSV record's raw text kept in the trail
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,10 @@ class _Source:
         """Where the record yielded last came from (for problems found after parsing, like NaN)."""
         return self.location(self._current)
 
+    def unhashable(self, row: dict[str, Any], error: CanonicalizationError) -> Quarantine:
+        """The quarantine of the row yielded last, which has no canonical JSON (``error`` says why)."""
+        return Quarantine(_json_safe(row), str(error), error.violation, self.current_location())
+
     def check_typed(self, row: dict[str, Any]) -> None:
         """Schema check for already-typed values (JSON, Parquet): presence, extras, types."""
         if self.schema_mode in ("observed", "parse") or not self.fields:
@@ -147,6 +155,7 @@ class CsvSource(_Source):
         super().__init__(path, schema_mode, fields)
         self.delimiter, self.quotechar, self.encoding = delimiter, quotechar, encoding
         self.header: list[str] = []
+        self._current_fields: list[str] = []
 
     def check_readable(self) -> None:
         """Fail before the run starts if the file cannot be opened or its header line is unusable."""
@@ -182,7 +191,7 @@ class CsvSource(_Source):
             row = dict(zip(header, fields, strict=True))
             problem = _parse_text_fields(row, parsers)
             if problem is None:
-                self._current = line
+                self._current, self._current_fields = line, fields
                 yield row
             else:
                 yield Quarantine(dict(zip(header, fields, strict=True)), str(problem), problem.violation,
@@ -192,37 +201,54 @@ class CsvSource(_Source):
         """How many records ``records()`` yields (rows and quarantines), found by splitting only."""
         return sum(1 for _ in self._split())
 
+    def unhashable(self, row: dict[str, Any], error: CanonicalizationError) -> Quarantine:
+        """The quarantine of the row yielded last, holding its fields as the text read (``1e400``, not inf)."""
+        raw = dict(zip(self.header, self._current_fields, strict=True))
+        return Quarantine(raw, str(error), error.violation, self.current_location())
+
     def _split(self) -> Iterator[tuple[int, list[str] | Quarantine]]:
-        """(line number, fields) per non-blank record after the header; encoding and CSV errors as Quarantine."""
+        """(first line, fields) per non-blank record after the header; encoding and CSV errors as Quarantine."""
         bad_lines: set[int] = set()
+        consumed: list[str] = []  # the lines read for the current record: a malformed one keeps its text
         previous_limit = csv.field_size_limit(MAX_FIELD_BYTES)
         try:
             with self.path.open("rb") as handle:
-                reader = self._reader(_decoded_lines(handle, self.encoding, bad_lines))
+                reader = self._reader(_decoded_lines(handle, self.encoding, bad_lines, consumed))
                 self._read_header(reader, bad_lines)
                 last_line = reader.line_num
+                consumed.clear()
                 while True:
+                    first = last_line + 1
                     try:
                         fields = next(reader)
                     except StopIteration:
                         return
                     except csv.Error as exc:
-                        first, last_line = last_line + 1, reader.line_num
-                        span = f" (it runs to line {last_line})" if last_line > first else ""
-                        yield last_line, Quarantine({"line": first}, f"malformed CSV record{span}: {exc}",
-                                                    "malformed_row", self.location(first))
+                        last_line = reader.line_num
+                        yield first, self._malformed(first, last_line, "".join(consumed), exc)
+                        consumed.clear()
                         continue
+                    consumed.clear()
                     line = reader.line_num
-                    if bad_lines and any(n in bad_lines for n in range(last_line + 1, line + 1)):
-                        raw = [f.encode("utf-8", "surrogateescape").decode(self.encoding, "backslashreplace")
-                               for f in fields]
-                        yield line, Quarantine({"fields": raw}, f"bytes that are not valid {self.encoding}",
-                                               "encoding", self.location(line))
+                    if bad_lines and any(n in bad_lines for n in range(first, line + 1)):
+                        raw = [_escaped(f, self.encoding) for f in fields]
+                        yield first, Quarantine({"fields": raw}, f"bytes that are not valid {self.encoding}",
+                                                "encoding", self.location(first))
                     elif fields:
-                        yield line, fields
+                        yield first, fields
                     last_line = line
         finally:
             csv.field_size_limit(previous_limit)
+
+    def _malformed(self, first: int, last: int, text: str, exc: csv.Error) -> Quarantine:
+        """A record the CSV reader refused: its raw text is kept, up to RAW_TEXT_CAP characters."""
+        span = f" (it runs to line {last})" if last > first else ""
+        raw: dict[str, Any] = {"line": first, "text": _escaped(text[:RAW_TEXT_CAP], self.encoding)}
+        kept = ""
+        if len(text) > RAW_TEXT_CAP:
+            raw["text_chars"] = len(text)
+            kept = f"; only its first {RAW_TEXT_CAP} of {len(text)} characters are kept"
+        return Quarantine(raw, f"malformed CSV record{span}: {exc}{kept}", "malformed_row", self.location(first))
 
     def _read_header(self, reader: Any, bad_lines: set[int]) -> list[str]:
         try:
@@ -274,24 +300,45 @@ def _without_bom(lines: Iterator[bytes], encoding: str) -> Iterator[bytes]:
         yield raw[len(codecs.BOM_UTF8):] if number == 1 and utf8 and raw.startswith(codecs.BOM_UTF8) else raw
 
 
-def _decoded_lines(handle: Any, encoding: str, bad_lines: set[int]) -> Iterator[str]:
-    """Decode line by line so one bad byte quarantines one record instead of ending the run."""
+def _decoded_lines(handle: Any, encoding: str, bad_lines: set[int], consumed: list[str] | None = None
+                   ) -> Iterator[str]:
+    """Decode line by line so one bad byte quarantines one record instead of ending the run.
+
+    Each line is also appended to ``consumed`` (when given), which the caller clears after each record.
+    """
+    keep = consumed.append if consumed is not None else None
     for number, raw in enumerate(_without_bom(handle, encoding), start=1):
         try:
-            yield raw.decode(encoding)
+            line = raw.decode(encoding)
         except UnicodeDecodeError:
             bad_lines.add(number)
-            yield raw.decode(encoding, "surrogateescape")
+            line = raw.decode(encoding, "surrogateescape")
+        if keep is not None:
+            keep(line)
+        yield line
+
+
+def _escaped(text: str, encoding: str) -> str:
+    """Text decoded with ``surrogateescape``, its undecodable bytes shown as ``\\xNN`` (storable JSON)."""
+    return text.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace")
+
+
+# orjson reads integers outside [-2**63, 2**64) as floats, silently rounded: each has 20+ digits, or is
+# negative with 19. A line's shape (digits as 9, minus signs kept, the rest as dots) finds them cheaply.
+_SHAPE = bytes(0x39 if 0x30 <= b <= 0x39 else b if b == 0x2D else 0x2E for b in range(256))
+_NINETEEN_DIGITS, _TWENTY_DIGITS, _MINUS_NINETEEN_DIGITS = b"9" * 19, b"9" * 20, b"-" + b"9" * 19
 
 
 class JsonlSource(_Source):
-    """One JSON object per line; values keep their JSON types."""
+    """One JSON object per line; values keep their JSON types, integers exactly."""
 
     plugin = "jsonl"
 
     def __init__(self, path: Path, schema_mode: str, fields: Sequence[FieldRule], *, encoding: str = "utf-8") -> None:
         super().__init__(path, schema_mode, fields)
         self.encoding = encoding
+        self._utf8 = encoding.lower().replace("-", "").replace("_", "") == "utf8"
+        self._current_raw = b""
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any] | Quarantine]:
         """Rows and quarantines of records ``start <= index < stop`` (one per non-blank line)."""
@@ -300,8 +347,13 @@ class JsonlSource(_Source):
                 continue
             if stop is not None and index >= stop:
                 return
-            self._current = number
+            self._current, self._current_raw = number, raw
             yield self._parse(raw, number)
+
+    def unhashable(self, row: dict[str, Any], error: CanonicalizationError) -> Quarantine:
+        """The quarantine of the row yielded last, holding its line as read."""
+        return Quarantine({"line": self._text(self._current_raw)}, str(error), error.violation,
+                          self.current_location())
 
     def count_records(self) -> int:
         return sum(1 for _ in self._lines())
@@ -313,30 +365,43 @@ class JsonlSource(_Source):
                     yield number, raw
 
     def _parse(self, raw: bytes, number: int) -> dict[str, Any] | Quarantine:
-        where = self.location(number)
+        """One line as a row, or the quarantine saying what is wrong with it (decoded only then)."""
         try:
-            text = raw.decode(self.encoding).rstrip("\r\n")
-        except UnicodeDecodeError:  # as for CSV: an `encoding` violation, the bad bytes kept as \x escapes
-            text = raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")
-            return Quarantine({"line": text}, f"bytes that are not valid {self.encoding}", "encoding", where)
-        try:
-            value = orjson.loads(raw) if self.encoding.lower().replace("-", "") == "utf8" else json.loads(text)
-        except (orjson.JSONDecodeError, ValueError) as exc:
-            return self._diagnose(text, where, exc)
-        if not isinstance(value, dict):
-            return Quarantine({"line": text}, f"expected a JSON object, got {type(value).__name__}", "malformed_row",
-                              where)
+            if not self._utf8:
+                value = json.loads(raw.decode(self.encoding))
+            else:
+                value = orjson.loads(raw)  # also refuses bytes that are not UTF-8, NaN and Infinity
+                shape = raw.translate(_SHAPE)
+                if _NINETEEN_DIGITS in shape and (_TWENTY_DIGITS in shape or _MINUS_NINETEEN_DIGITS in shape):
+                    value = json.loads(raw)  # read again by the stdlib, which keeps every integer exact
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return self._diagnose(raw, self.location(number), exc)
+        if type(value) is not dict:
+            return Quarantine({"line": self._text(raw)}, f"expected a JSON object, got {type(value).__name__}",
+                              "malformed_row", self.location(number))
         try:
             self.check_typed(value)
         except SchemaViolation as problem:
-            return Quarantine(value, str(problem), problem.violation, where, problem.field, problem.expected,
-                              problem.actual)
+            kept = value if _canonical(value) else {"line": self._text(raw)}
+            return Quarantine(kept, str(problem), problem.violation, self.location(number), problem.field,
+                              problem.expected, problem.actual)
         return value
 
-    @staticmethod
-    def _diagnose(text: str, where: str, exc: Exception) -> Quarantine:
+    def _text(self, raw: bytes) -> str:
+        """A line as text for the trail, bytes that are not valid in the encoding kept as ``\\x`` escapes."""
+        return raw.decode(self.encoding, "backslashreplace").rstrip("\r\n")
+
+    def _diagnose(self, raw: bytes, where: str, exc: Exception) -> Quarantine:
+        """What is wrong with a line the parser refused: its encoding, its nesting, NaN/Infinity, or its syntax."""
+        text = self._text(raw)
+        try:
+            raw.decode(self.encoding)
+        except UnicodeDecodeError:  # as for CSV: an `encoding` violation, the bad bytes kept as \x escapes
+            return Quarantine({"line": text}, f"bytes that are not valid {self.encoding}", "encoding", where)
         try:  # the stdlib parser accepts NaN/Infinity: tell the user that is what is wrong
             json.loads(text)
+        except RecursionError:
+            return Quarantine({"line": text}, f"JSON nested too deeply to read ({exc})", "too_deep", where)
         except ValueError:
             return Quarantine({"line": text}, f"invalid JSON: {exc}", "malformed_row", where)
         return Quarantine({"line": text}, "NaN or Infinity is not allowed in audited data (use null)", "non_finite",
@@ -391,5 +456,23 @@ class ParquetSource(_Source):
         return f"{self.path.name}#row{line}"
 
 
+def _canonical(value: Any) -> bool:
+    """Whether ``value`` has a canonical JSON form (so it can be stored as it is)."""
+    try:
+        canonical_bytes(value)
+    except CanonicalizationError:
+        return False
+    return True
+
+
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v if isinstance(v, str | int | bool | type(None)) else repr(v) for k, v in row.items()}
+    """``row`` with each value that has no canonical JSON form (NaN, 2**62, too deep) replaced by its repr."""
+    return {k: v if _canonical(v) else _repr(v) for k, v in row.items()}
+
+
+def _repr(value: Any) -> str:
+    """``repr(value)``, or a stand-in when the value is nested too deeply to print."""
+    try:
+        return repr(value)
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply to show>"
