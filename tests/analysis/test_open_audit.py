@@ -18,7 +18,7 @@ from elspeth_nb.analysis import Audit, ReadOnlyError, open_audit
 from elspeth_nb.audit.schema import RUNS, TABLES
 from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.writer import ParquetSegmentWriter
-from elspeth_nb.errors import AuditStoreError, NotFoundError, RunNotFoundError, SchemaVersionError
+from elspeth_nb.errors import AuditClosedError, AuditStoreError, NotFoundError, RunNotFoundError, SchemaVersionError
 from tests.analysis import raw
 from tests.analysis.conftest import CASES, HASHES_ONLY, JITTER, Matrix
 
@@ -228,8 +228,36 @@ def test_repr_and_html_list_the_runs(audit: Audit, matrix: Matrix) -> None:
 def test_context_manager_closes_the_connection(simple_store: Path) -> None:
     with open_audit(simple_store) as audit:
         assert audit.runs().height == 1
+        con = audit.con
     with pytest.raises(duckdb.ConnectionException):
+        con.execute("SELECT 1")
+    with pytest.raises(AuditClosedError, match="closed"):
         audit.con.execute("SELECT 1")
+
+
+CLOSED_CALLS = {
+    "runs": lambda a: a.runs(), "run_summary": lambda a: a.run_summary(), "outcomes": lambda a: a.outcomes(),
+    "lineage": lambda a: a.lineage(row_index=0), "coalesce_events": lambda a: a.coalesce_events(),
+    "merge_timings": lambda a: a.merge_timings(), "merge_timing_summary": lambda a: a.merge_timing_summary(),
+    "policy_outcomes": lambda a: a.policy_outcomes(), "check": lambda a: a.check(), "verify": lambda a: a.verify(),
+    "diff_runs": lambda a: a.diff_runs("latest", "latest"), "sql": lambda a: a.sql("SELECT 1"),
+    "refresh": lambda a: a.refresh(), "con": lambda a: a.con,
+}
+
+
+def test_a_closed_audit_says_so_and_every_helper_refuses_clearly(simple_store: Path) -> None:
+    audit = open_audit(simple_store)
+    audit.close()
+    audit.close()  # closing twice is harmless
+    assert audit.closed
+    assert repr(audit) == f"Audit (store) {simple_store.resolve()}: closed"
+    assert "closed" in audit._repr_html_() and audit.kind == "store"
+    for name, call in CLOSED_CALLS.items():
+        with pytest.raises(AuditClosedError) as caught:
+            call(audit)
+        assert str(caught.value) == (f"this Audit of {simple_store.resolve()} is closed; "
+                                     f"open_audit('{simple_store.resolve()}') again to read it"), name
+        assert isinstance(caught.value, ValueError)
 
 
 def test_cases_cover_every_policy_and_merge_strategy() -> None:
