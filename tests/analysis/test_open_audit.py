@@ -154,6 +154,36 @@ def test_sql_runs_reads_and_refuses_writes(audit: Audit, matrix: Matrix) -> None
     assert audit.sql("SELECT count(*) AS n FROM runs")["n"][0] == len(matrix.runs)
 
 
+PIVOT_OUTCOMES = "PIVOT (SELECT * FROM token_outcomes WHERE is_terminal = 1) ON outcome USING count(*) GROUP BY run_id"
+
+
+def test_sql_runs_pivot_unpivot_and_the_describing_statements(any_audit: Audit, matrix: Matrix) -> None:
+    run = matrix.runs[JITTER]
+    pivoted = any_audit.sql(PIVOT_OUTCOMES + ";").filter(pl.col("run_id") == run).row(0, named=True)
+    assert {k: v for k, v in pivoted.items() if k != "run_id" and v} == dict(any_audit.outcomes(run)
+                                                                           .select("outcome", "count").rows())
+    assert any_audit.sql(f"SELECT count(*) AS n FROM ({PIVOT_OUTCOMES})")["n"][0] == len(matrix.runs)
+    assert any_audit.sql("UNPIVOT (SELECT 1 AS a, 2 AS b) ON a, b").rows() == [("a", 1), ("b", 2)]
+    assert any_audit.sql("DESCRIBE runs")["column_name"].to_list() == RUNS.columns
+    assert "tokens" in any_audit.sql("SHOW TABLES")["name"].to_list()
+    assert any_audit.sql("SUMMARIZE runs")["column_name"].to_list() == RUNS.columns
+    assert any_audit.sql("SELECT count(*) AS n FROM duckdb_types() WHERE type_name LIKE '__pivot%'")["n"][0] == 0
+
+
+@pytest.mark.parametrize("statement", [
+    f"CREATE TABLE t AS {PIVOT_OUTCOMES}",
+    f"INSERT INTO runs SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM ({PIVOT_OUTCOMES}))",
+    f"DELETE FROM tokens WHERE run_id IN (SELECT run_id FROM ({PIVOT_OUTCOMES}))",
+    f"COPY ({PIVOT_OUTCOMES}) TO 'x.csv'",
+    f"{PIVOT_OUTCOMES}; DROP VIEW runs",
+    "CALL pragma_version()",
+])
+def test_sql_refuses_writes_that_carry_a_pivot(any_audit: Audit, matrix: Matrix, statement: str) -> None:
+    with pytest.raises(ReadOnlyError, match="read-only"):
+        any_audit.sql(statement)
+    assert any_audit.sql("SELECT count(*) AS n FROM runs")["n"][0] == len(matrix.runs)
+
+
 def test_the_connection_cannot_touch_files_outside_the_store(audit: Audit, tmp_path: Path) -> None:
     target = tmp_path / "leak.csv"
     with pytest.raises(duckdb.PermissionException):
