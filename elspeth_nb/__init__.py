@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from elspeth_nb._version import __version__
 from elspeth_nb.errors import (
+    AuditClosedError,
     AuditStoreError,
     ConfigError,
     Error,
@@ -55,6 +56,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Audit",
+    "AuditClosedError",
     "AuditStoreError",
     "ConfigError",
     "Error",

@@ -2,7 +2,8 @@
 
 Each function takes the polars frame (or result object) an ``Audit`` helper returns, reduces it in
 polars to bins, quantiles or counts (a few hundred points whatever the run size) and returns an
-Altair chart. ``to_svg`` renders any of them offline for static HTML.
+Altair chart. ``to_svg`` renders any of them offline for static HTML. ``coalesce=`` keeps one
+coalesce; a name the timings do not hold raises NotFoundError, as the ``Audit`` helpers do.
 
 >>> import polars as pl
 >>> timings = pl.DataFrame({"event_id": ["e1", "e2"], "coalesce": ["merge", "merge"],
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
+
+from elspeth_nb.errors import NotFoundError
 
 if TYPE_CHECKING:
     import altair as alt
@@ -132,6 +135,9 @@ def policy_outcomes_chart(policy_outcomes: Any) -> alt.Chart:
 def outcome_funnel(outcomes: Any) -> alt.Chart:
     """Tokens per terminal outcome (or per node, sink or branch), in lifecycle order.
 
+    A bar of a node, sink or branch is split by outcome, so only its failed and quarantined
+    tokens are coloured as failures.
+
     >>> outcome_funnel(audit.outcomes("latest")).data.sort("order")["category"][0]
     'forked'
     """
@@ -141,17 +147,17 @@ def outcome_funnel(outcomes: Any) -> alt.Chart:
     if category is None or count is None:
         raise ValueError(f"outcome_funnel needs a category column ({', '.join(_CATEGORIES)}) and a count column "
                          f"({', '.join(_COUNTS)}); got {', '.join(frame.columns)}")
-    failure = pl.col("is_failure").any() if "is_failure" in frame.columns else pl.lit(False)
-    totals = frame.group_by(pl.col(category).cast(pl.String).fill_null("(none)").alias("category")).agg(
-        pl.col(count).sum().alias("count"), failure.alias("is_failure")).pipe(_lifecycle_order)
+    segments = _outcome_segments(frame, category, count)
     import altair as alt
 
-    chart: alt.Chart = alt.Chart(totals, title=f"Tokens by {_TITLES.get(category, category)}").mark_bar().encode(
+    tooltip = ["category:N", *(["outcome:N"] if "outcome" in segments.columns else []), "count:Q", "is_failure:N"]
+    chart: alt.Chart = alt.Chart(segments, title=f"Tokens by {_TITLES.get(category, category)}").mark_bar().encode(
         x=alt.X("count:Q", title="tokens"),
-        y=alt.Y("category:N", title=None, sort=alt.SortField("order")),
+        y=alt.Y("category:N", title=None, sort=alt.EncodingSortField("order", op="min")),
         color=alt.Color("is_failure:N", title="failure",
                         scale=alt.Scale(domain=[False, True], range=["#4c78a8", "#e45756"])),
-        tooltip=["category:N", "count:Q", "is_failure:N"],
+        order=alt.Order("is_failure:O"),
+        tooltip=tooltip,
     ).properties(width=WIDTH)
     return chart
 
@@ -184,9 +190,19 @@ def _coalesce_rows(timings: Any, coalesce: str | None, value: str) -> pl.DataFra
         frame = frame.rename({"coalesce_name": "coalesce"})
     _require(frame, ("coalesce", value), "merge timings")
     if coalesce is not None:
+        _check_coalesce(frame, coalesce)
         frame = frame.filter(pl.col("coalesce") == coalesce)
     frame = frame.with_columns(pl.col(value).cast(pl.Float64))
     return frame.filter(pl.col(value).is_not_null() & pl.col(value).is_not_nan())
+
+
+def _check_coalesce(frame: pl.DataFrame, coalesce: str) -> None:
+    """NotFoundError naming the coalesces the timings hold, as the helpers do (an empty frame tells nothing)."""
+    if not isinstance(coalesce, str):
+        raise TypeError(f"coalesce must be a coalesce name (str) or None, not {type(coalesce).__name__}")
+    known = sorted(frame.get_column("coalesce").drop_nulls().unique().cast(pl.String).to_list())
+    if frame.height and coalesce not in known:
+        raise NotFoundError("Coalesce", coalesce, known, hint="these timings hold decisions of those coalesces only")
 
 
 def _with_late_offsets(frame: pl.DataFrame) -> pl.DataFrame:
@@ -234,6 +250,18 @@ def _arrival_quantiles(frame: pl.DataFrame) -> pl.DataFrame:
     several = stats.get_column("coalesce").n_unique() > 1
     label = pl.concat_str("coalesce", pl.lit(" · "), "branch") if several else pl.col("branch")
     return stats.with_columns(series=label).sort("coalesce", "branch", "status")
+
+
+def _outcome_segments(frame: pl.DataFrame, category: str, count: str) -> pl.DataFrame:
+    """Counts per (category, outcome, is_failure), each row with its category's place in the lifecycle order."""
+    keys = [pl.col(category).cast(pl.String).fill_null("(none)").alias("category")]
+    if "outcome" in frame.columns and category != "outcome":
+        keys.append(pl.col("outcome").cast(pl.String))
+    failure = pl.col("is_failure").fill_null(False) if "is_failure" in frame.columns else pl.lit(False)
+    keys.append(failure.alias("is_failure"))
+    segments = frame.group_by(keys).agg(pl.col(count).sum().alias("count"))
+    order = _lifecycle_order(segments.group_by("category").agg(pl.col("count").sum())).select("category", "order")
+    return segments.join(order, on="category").sort("order", "is_failure", *keys[1:-1])
 
 
 def _lifecycle_order(totals: pl.DataFrame) -> pl.DataFrame:

@@ -83,11 +83,16 @@ class RunNotFoundError(NotFoundError):
     """A run id is not in the audit store."""
 
 
+class AuditClosedError(Error, ValueError):
+    """An ``Audit`` was used after ``close()``; like a closed file, it must be opened again."""
+
+
 class IntegrityError(Error, AssertionError):
     """Audit data violates an invariant or no longer matches its hashes."""
 
 
 __all__ = [
+    "AuditClosedError",
     "AuditStoreError",
     "CanonicalizationError",
     "ConfigError",

@@ -128,6 +128,8 @@ class Database:
         self.native_answers = 0
         #: run id -> metadata of a finished run (payload_mode, nodes, edges), which no longer changes
         self.finished_runs: dict[str, dict[str, Any]] = {}
+        #: set by :meth:`close`; the Audit facade refuses every query from then on
+        self.closed = False
         self.con = duckdb.connect(":memory:")
         self._configure(self.con)
         self.con.execute(f"CREATE SCHEMA {INTERNAL}")
@@ -610,6 +612,10 @@ class Database:
         raise RunNotFoundError("Run", run_id, matches or runs, hint=f"runs in {self.path} are listed; {hint}")
 
     def close(self) -> None:
+        """Close every connection (once; later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.native is not None:
             self.native.close()
         if self._pool is not None:

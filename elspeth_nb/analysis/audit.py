@@ -28,6 +28,7 @@ from elspeth_nb.analysis import runs as _runs
 from elspeth_nb.analysis import verify as _verify
 from elspeth_nb.analysis._connection import Database
 from elspeth_nb.analysis.results import html_block, html_table, text_table
+from elspeth_nb.errors import AuditClosedError
 
 if TYPE_CHECKING:
     import duckdb
@@ -43,18 +44,31 @@ class Audit:
     """
 
     def __init__(self, db: Database) -> None:
-        self._db = db
+        self._database = db
+
+    @property
+    def _db(self) -> Database:
+        """The open database every helper reads; AuditClosedError once :meth:`close` was called."""
+        if self._database.closed:
+            raise AuditClosedError(f"this Audit of {self.path} is closed; open_audit({str(self.path)!r}) again "
+                                   f"to read it")
+        return self._database
 
     # -- where the data comes from ------------------------------------------------------------------
     @property
     def path(self) -> Path:
         """The store folder or database file this audit reads."""
-        return self._db.path
+        return self._database.path
 
     @property
     def kind(self) -> str:
         """``store`` (Parquet folder), ``duckdb`` (audit.duckdb) or ``elspeth`` (Landscape SQLite)."""
-        return self._db.kind
+        return self._database.kind
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`: every helper then raises AuditClosedError."""
+        return self._database.closed
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -64,14 +78,15 @@ class Audit:
     @property
     def import_problems(self) -> list[str]:
         """Non-fatal findings of the ELSPETH importer (empty for our own stores)."""
-        return list(self._db.import_problems)
+        return list(self._database.import_problems)
 
     def refresh(self) -> None:
         """Re-create the views and re-read run liveness: picks up new runs, tables and columns."""
         self._db.refresh()
 
     def close(self) -> None:
-        self._db.close()
+        """Release the connections; closing twice is harmless."""
+        self._database.close()
 
     def __enter__(self) -> Audit:
         return self
@@ -108,11 +123,18 @@ class Audit:
                                   "late_arrivals")
         return f"Audit ({self.kind}) {self.path}: {runs.height} run(s)", runs
 
+    def _closed_title(self) -> str:
+        return f"Audit ({self.kind}) {self.path}: closed"
+
     def __repr__(self) -> str:
+        if self.closed:
+            return self._closed_title()
         title, runs = self._listing()
         return f"{title}\n{text_table(runs, indent='  ')}" if runs.height else title
 
     def to_html(self) -> str:
+        if self.closed:
+            return html_block(self._closed_title())
         title, runs = self._listing()
         return html_block(title, html_table(runs))
 

@@ -9,20 +9,26 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
+from elspeth_nb.audit.store import quote_ident
 from elspeth_nb.errors import Error
 
 if TYPE_CHECKING:
     from elspeth_nb.analysis.audit import Audit
 
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?:\(.*?\)\s*)?(?:ANALY[SZ]E\s+)?", re.IGNORECASE | re.DOTALL)
-ALLOWED = "a single SELECT / WITH / FROM / VALUES / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN statement"
+_TRAILING = re.compile(r"[\s;]+$")
+ALLOWED = ("a single SELECT / WITH / FROM / VALUES / PIVOT / UNPIVOT / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN "
+           "statement")
+#: DuckDB's name prefix for the enum types a PIVOT without an ``IN`` list creates before its SELECT.
+_PIVOT_ENUM = "__pivot_enum_"
 
 
 class ReadOnlyError(Error, PermissionError):
     """A statement that could change something was passed to ``Audit.sql``."""
 
 
-def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """The statement to run for ``query`` once proven to be one read; ReadOnlyError for anything else."""
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
@@ -31,25 +37,58 @@ def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
         raise ReadOnlyError(f"the audit is read-only: Audit.sql runs {ALLOWED}; got {len(statements)} statements")
     kind = statements[0].type
     if kind == duckdb.StatementType.EXPLAIN:
-        inner = _EXPLAIN.sub("", query, count=1)
-        _check_read_only(con, inner)
-        return
+        _check_read_only(con, _EXPLAIN.sub("", query, count=1))
+        return query
+    if kind == duckdb.StatementType.MULTI:
+        return _as_subquery(con, query)
     if kind != duckdb.StatementType.SELECT:
         raise ReadOnlyError(f"the audit is read-only: Audit.sql runs {ALLOWED}, not {kind.name}")
+    return query
+
+
+def _as_subquery(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """``SELECT * FROM (query)`` if ``query`` parses as a subquery (a PIVOT without ``IN``, which DuckDB reports
+    as MULTI: enum types, then a SELECT); a write wrapped in a PIVOT does not parse there and is refused."""
+    wrapped = f"SELECT * FROM (\n{_TRAILING.sub('', query)}\n)"  # noqa: S608 - parsed, never run unless a query
+    try:
+        parsed = con.extract_statements(wrapped)
+    except duckdb.Error:
+        parsed = []
+    if len(parsed) != 1:
+        raise ReadOnlyError(f"the audit is read-only: Audit.sql runs {ALLOWED}; this MULTI statement is not a "
+                            f"query (a write, or a PIVOT inside one)")
+    return wrapped
+
+
+def _pivot_types(con: duckdb.DuckDBPyConnection) -> set[str]:
+    found = con.execute("SELECT type_name FROM duckdb_types() WHERE starts_with(type_name, $prefix)",
+                        {"prefix": _PIVOT_ENUM}).fetchall()
+    return {r[0] for r in found}
+
+
+def _drop_pivot_types(con: duckdb.DuckDBPyConnection, before: set[str]) -> None:
+    """Drop the enum types a PIVOT left behind, so a read leaves the catalog as it found it."""
+    for name in sorted(_pivot_types(con) - before):
+        con.execute(f"DROP TYPE IF EXISTS {quote_ident(name)}")
 
 
 def sql(self: Audit, query: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> pl.DataFrame:
     """Run one read-only query over the audit tables; values go in ``params`` (``$name`` or ``?``).
 
     Every audit table is a view of the same name (``runs`` holds the latest revision of each run,
-    ``run_revisions`` all of them). Anything but a single read statement is refused.
+    ``run_revisions`` all of them). Anything but a single read statement is refused; PIVOT,
+    UNPIVOT, DESCRIBE, SHOW and SUMMARIZE are reads.
 
     >>> audit.sql("SELECT count(*) AS n FROM runs WHERE run_id = $run", {"run": "no-such-run"})["n"].to_list()
     [0]
     """
     con = self._db.con
-    _check_read_only(con, query)
+    statement = _check_read_only(con, query)
+    before = _pivot_types(con) if statement != query else None
     try:
-        return self._db.frame(query, params)
+        return self._db.frame(statement, params)
     except duckdb.PermissionException as exc:  # read_csv('/etc/passwd') and the like: outside the audit
         raise ReadOnlyError(f"the audit reads only its own tables: {str(exc).splitlines()[0]}") from exc
+    finally:
+        if before is not None:
+            _drop_pivot_types(con, before)

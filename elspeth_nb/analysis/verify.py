@@ -23,6 +23,7 @@ import polars as pl
 
 from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table, verdict_html
 from elspeth_nb.audit.hashing import stable_hash
+from elspeth_nb.audit.schema import RunStatus
 from elspeth_nb.audit.verification import verify_run
 from elspeth_nb.errors import CanonicalizationError
 
@@ -68,14 +69,21 @@ WHERE run_id = $run AND node_id = $node AND status = 'completed' AND output_hash
 """
 
 
+#: ``VerifyResult.merkle`` of a run that has no Merkle root because it is not finished, by run status.
+UNSEALED = {RunStatus.RUNNING: "not sealed: run still being written",
+            RunStatus.INTERRUPTED: "not sealed: run interrupted"}
+
+
 @dataclass(frozen=True)
 class VerifyResult(Displayable):
-    """Hash mismatches of one run; ``ok`` when every recomputed hash agrees with the trail.
+    """Hash mismatches of one run; ``ok`` when every recomputed hash agrees with a sealed trail.
 
     ``merkle`` says what became of the run's Merkle root: ``verified`` (recomputed from the
     segment files, equal to the stored root and to ``expected_root`` when one was given),
-    ``mismatch``, ``not recorded`` (a run written before tamper evidence) or ``unavailable``
-    (an audit.duckdb outside its store, or an ELSPETH Landscape: no segment files to hash).
+    ``mismatch``, ``not recorded`` (a finished run written before tamper evidence),
+    ``unavailable`` (an audit.duckdb outside its store, or an ELSPETH Landscape: no segment files
+    to hash), or ``not sealed: run still being written`` / ``not sealed: run interrupted``: the
+    run has no root yet, so nothing proves its trail complete and ``ok`` is False.
     """
 
     run_id: str
@@ -85,8 +93,13 @@ class VerifyResult(Displayable):
     merkle_root: str | None = None
 
     @property
+    def sealed(self) -> bool:
+        """False for a run still being written or interrupted: it has no Merkle root to verify."""
+        return self.merkle not in UNSEALED.values()
+
+    @property
     def ok(self) -> bool:
-        return self.mismatches.height == 0
+        return self.mismatches.height == 0 and self.sealed
 
     def to_polars(self) -> pl.DataFrame:
         return self.mismatches
@@ -94,18 +107,21 @@ class VerifyResult(Displayable):
     def _verdict(self) -> str:
         counted = ", ".join(f"{v} {k}" for k, v in self.checked.items())
         root = f"; Merkle root {self.merkle}" + (f" {self.merkle_root}" if self.merkle_root else "")
+        if not self.sealed:
+            return (f"Verify run {self.run_id}: INCOMPLETE, {self.merkle}; {self.mismatches.height} mismatch(es) "
+                    f"in what could be checked so far ({counted})")
         if self.ok:
             return f"Verify run {self.run_id}: OK ({counted}){root}"
         return f"Verify run {self.run_id}: {self.mismatches.height} mismatch(es) ({counted}){root}"
 
     def __repr__(self) -> str:
-        if self.ok:
+        if not self.mismatches.height:
             return self._verdict()
         return self._verdict() + "\n" + text_table(self.mismatches, max_rows=50, indent="  ")
 
     def to_html(self) -> str:
         parts = [verdict_html(self.ok, self._verdict())]
-        if not self.ok:
+        if self.mismatches.height:
             parts.append(html_table(self.mismatches, "Mismatches", 200))
         return html_block(f"Verification of run {self.run_id}", *parts)
 
@@ -217,6 +233,12 @@ def _merkle(self: Audit, run: str, expected_root: str | None) -> tuple[list[dict
     return found, "verified" if result.ok else "mismatch", result.computed_root
 
 
+def _status(self: Audit, run: str) -> str:
+    """The run's status now (``interrupted`` when its writer is gone)."""
+    self._db.update_liveness()
+    return str(self._db.rows("SELECT status FROM runs WHERE run_id = $run", {"run": run})[0][0])
+
+
 def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = None) -> VerifyResult:
     """Recompute hashes: payloads, source rows, every sink file in ``artifacts``, and the Merkle root.
 
@@ -230,6 +252,7 @@ def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = N
     """
     db = self._db
     run = db.resolve_run(run_id)
+    status = _status(self, run)  # first: a run that finishes while it is verified still reads as unsealed
     params = {"run": run}
     found = [*db.frame(_PAYLOAD_SQL, params).iter_rows(named=True),
              *db.frame(_SOURCE_SQL, params).iter_rows(named=True)]
@@ -244,5 +267,6 @@ def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = N
         _verify_artifact(self, run, artifact, base, found, checked)
     merkle_found, merkle, root = _merkle(self, run, expected_root)
     found += merkle_found
+    merkle = UNSEALED.get(status, merkle)
     mismatches = pl.DataFrame(found, schema=_MISMATCH_SCHEMA) if found else pl.DataFrame(schema=_MISMATCH_SCHEMA)
     return VerifyResult(run, mismatches, MappingProxyType(dict(checked)), merkle, root)

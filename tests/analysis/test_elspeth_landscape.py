@@ -76,14 +76,24 @@ def test_lineage_of_an_elspeth_row(landscape: Audit) -> None:
     tree = landscape.lineage(row_index=3)
     assert tree.tokens.height == 5 and tree.source_row is not None and tree.source_row["id"] == 4
     text = repr(tree)
+    assert tree.title().endswith("payloads: source")  # ELSPETH keeps source rows only, not every boundary
+    stored = dict(tree.data.select("kind", "stored").unique().group_by("kind").agg(pl.col("stored").all()).rows())
+    assert stored["source"] is True and stored["sink_output"] is False  # what "source" promises
     assert "merge3: merged — policy quorum (2 of 3), timeout 5 s, merge nested, trigger quorum_met" in text
     assert "late: path_c arrived" in text
+
+
+def test_payload_mode_says_what_elspeth_kept(landscape: Audit, tmp_path: Path) -> None:
+    assert landscape.runs()["payload_mode"].to_list() == ["source"]
+    assert landscape.run_summary().header["payload_mode"] == "source"
+    assert open_audit(LOSSY / "audit.db").runs()["payload_mode"].to_list() == ["hashes"]
+    assert open_audit(LOSSY / "audit.db", payloads=tmp_path / "gone").runs()["payload_mode"].to_list() == ["hashes"]
 
 
 def test_without_the_payload_folder_only_hashes_are_shown(tmp_path: Path) -> None:
     audit = open_audit(LOSSY / "audit.db")
     tree = audit.lineage(row_index=0)
-    assert tree.source_row is None and "(hashes only)" in repr(tree)
+    assert tree.source_row is None and "(hashes only)" in repr(tree) and tree.title().endswith("payloads: hashes")
     verified = audit.verify()
     assert verified.ok and verified.checked["source_rows"] == 0
     assert verified.checked["source_rows_without_payload"] == 100

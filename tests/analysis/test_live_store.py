@@ -65,6 +65,26 @@ def test_segments_show_up_as_they_land_and_a_dead_writer_reads_interrupted(tmp_p
     assert marked.runs()["status"].to_list() == ["interrupted"]
 
 
+def test_verify_of_an_unfinished_run_is_no_clean_pass(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path / "audit")
+    with store.writing(RUN):
+        rec = Recorder(RUN, ParquetSegmentWriter(store.parquet_root, fsync=False), time_offset=FakeClock.EPOCH,
+                       background=False)
+        _start(rec)
+        _row(rec, 0)
+        rec.flush()
+        audit = open_audit(store.root)
+        running = audit.verify(RUN)
+        assert running.merkle == "not sealed: run still being written"
+        assert running.mismatches.height == 0 and not running.sealed and not running.ok
+        assert repr(running) == (f"Verify run {RUN}: INCOMPLETE, not sealed: run still being written; 0 mismatch(es) "
+                                 f"in what could be checked so far (0 payloads, 0 source_rows, 0 artifacts, 0 lines)")
+        assert "OK" not in running._repr_html_()
+    interrupted = audit.verify(RUN)
+    assert (interrupted.merkle, interrupted.ok) == ("not sealed: run interrupted", False)
+    assert "INCOMPLETE, not sealed: run interrupted" in repr(interrupted)
+
+
 def test_a_real_run_is_visible_while_it_runs(tmp_path: Path) -> None:
     rows = [{"id": i, "category": "books", "amount": i, "note": f"n{i}"} for i in range(16)]
     pipeline = fork_pipeline(write_csv(tmp_path / "input.csv", rows), slow={"b": 60})  # about 1 s of calls

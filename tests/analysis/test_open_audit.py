@@ -18,7 +18,7 @@ from elspeth_nb.analysis import Audit, ReadOnlyError, open_audit
 from elspeth_nb.audit.schema import RUNS, TABLES
 from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.writer import ParquetSegmentWriter
-from elspeth_nb.errors import AuditStoreError, NotFoundError, RunNotFoundError, SchemaVersionError
+from elspeth_nb.errors import AuditClosedError, AuditStoreError, NotFoundError, RunNotFoundError, SchemaVersionError
 from tests.analysis import raw
 from tests.analysis.conftest import CASES, HASHES_ONLY, JITTER, Matrix
 
@@ -154,6 +154,36 @@ def test_sql_runs_reads_and_refuses_writes(audit: Audit, matrix: Matrix) -> None
     assert audit.sql("SELECT count(*) AS n FROM runs")["n"][0] == len(matrix.runs)
 
 
+PIVOT_OUTCOMES = "PIVOT (SELECT * FROM token_outcomes WHERE is_terminal = 1) ON outcome USING count(*) GROUP BY run_id"
+
+
+def test_sql_runs_pivot_unpivot_and_the_describing_statements(any_audit: Audit, matrix: Matrix) -> None:
+    run = matrix.runs[JITTER]
+    pivoted = any_audit.sql(PIVOT_OUTCOMES + ";").filter(pl.col("run_id") == run).row(0, named=True)
+    assert {k: v for k, v in pivoted.items() if k != "run_id" and v} == dict(any_audit.outcomes(run)
+                                                                           .select("outcome", "count").rows())
+    assert any_audit.sql(f"SELECT count(*) AS n FROM ({PIVOT_OUTCOMES})")["n"][0] == len(matrix.runs)
+    assert any_audit.sql("UNPIVOT (SELECT 1 AS a, 2 AS b) ON a, b").rows() == [("a", 1), ("b", 2)]
+    assert any_audit.sql("DESCRIBE runs")["column_name"].to_list() == RUNS.columns
+    assert "tokens" in any_audit.sql("SHOW TABLES")["name"].to_list()
+    assert any_audit.sql("SUMMARIZE runs")["column_name"].to_list() == RUNS.columns
+    assert any_audit.sql("SELECT count(*) AS n FROM duckdb_types() WHERE type_name LIKE '__pivot%'")["n"][0] == 0
+
+
+@pytest.mark.parametrize("statement", [
+    f"CREATE TABLE t AS {PIVOT_OUTCOMES}",
+    f"INSERT INTO runs SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM ({PIVOT_OUTCOMES}))",
+    f"DELETE FROM tokens WHERE run_id IN (SELECT run_id FROM ({PIVOT_OUTCOMES}))",
+    f"COPY ({PIVOT_OUTCOMES}) TO 'x.csv'",
+    f"{PIVOT_OUTCOMES}; DROP VIEW runs",
+    "CALL pragma_version()",
+])
+def test_sql_refuses_writes_that_carry_a_pivot(any_audit: Audit, matrix: Matrix, statement: str) -> None:
+    with pytest.raises(ReadOnlyError, match="read-only"):
+        any_audit.sql(statement)
+    assert any_audit.sql("SELECT count(*) AS n FROM runs")["n"][0] == len(matrix.runs)
+
+
 def test_the_connection_cannot_touch_files_outside_the_store(audit: Audit, tmp_path: Path) -> None:
     target = tmp_path / "leak.csv"
     with pytest.raises(duckdb.PermissionException):
@@ -228,8 +258,36 @@ def test_repr_and_html_list_the_runs(audit: Audit, matrix: Matrix) -> None:
 def test_context_manager_closes_the_connection(simple_store: Path) -> None:
     with open_audit(simple_store) as audit:
         assert audit.runs().height == 1
+        con = audit.con
     with pytest.raises(duckdb.ConnectionException):
+        con.execute("SELECT 1")
+    with pytest.raises(AuditClosedError, match="closed"):
         audit.con.execute("SELECT 1")
+
+
+CLOSED_CALLS = {
+    "runs": lambda a: a.runs(), "run_summary": lambda a: a.run_summary(), "outcomes": lambda a: a.outcomes(),
+    "lineage": lambda a: a.lineage(row_index=0), "coalesce_events": lambda a: a.coalesce_events(),
+    "merge_timings": lambda a: a.merge_timings(), "merge_timing_summary": lambda a: a.merge_timing_summary(),
+    "policy_outcomes": lambda a: a.policy_outcomes(), "check": lambda a: a.check(), "verify": lambda a: a.verify(),
+    "diff_runs": lambda a: a.diff_runs("latest", "latest"), "sql": lambda a: a.sql("SELECT 1"),
+    "refresh": lambda a: a.refresh(), "con": lambda a: a.con,
+}
+
+
+def test_a_closed_audit_says_so_and_every_helper_refuses_clearly(simple_store: Path) -> None:
+    audit = open_audit(simple_store)
+    audit.close()
+    audit.close()  # closing twice is harmless
+    assert audit.closed
+    assert repr(audit) == f"Audit (store) {simple_store.resolve()}: closed"
+    assert "closed" in audit._repr_html_() and audit.kind == "store"
+    for name, call in CLOSED_CALLS.items():
+        with pytest.raises(AuditClosedError) as caught:
+            call(audit)
+        assert str(caught.value) == (f"this Audit of {simple_store.resolve()} is closed; "
+                                     f"open_audit('{simple_store.resolve()}') again to read it"), name
+        assert isinstance(caught.value, ValueError)
 
 
 def test_cases_cover_every_policy_and_merge_strategy() -> None:

@@ -127,7 +127,7 @@ def test_runs_nodes_and_timestamps(sample: Path, imports: dict[str, LandscapeImp
     started, status, config_hash = sql(db, "SELECT started_at, status, config_hash FROM runs")[0]
     assert run["started_at"] == ts(started) and run["started_at"].utcoffset() == timedelta(0)
     assert (run["status"], run["config_hash"], run["revision"]) == (status, config_hash, 0)
-    assert run["producer"] == "elspeth (imported from audit.db)" and run["payload_mode"] == "all"
+    assert run["producer"] == "elspeth (imported from audit.db)" and run["payload_mode"] == "source"
     counts = json.loads(run["counts_json"])
     assert counts["rows"] == 100 and counts["records"]["node_states"] == imported.tables["node_states"].num_rows
     steps = dict(sql(db, "SELECT node_id, min(step_index) FROM node_states GROUP BY node_id"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -49,25 +50,44 @@ class Result:
 
 
 class FakeAudit:
-    """Only the Audit methods the widgets and report use; ``calls`` records them."""
+    """Only the Audit methods the widgets and report use; ``calls`` records them.
 
-    def __init__(self) -> None:
+    ``listed`` is the run list, newest first, as (run id, status); tests add runs to it, and bump
+    ``snapshot`` to stand for a run whose trail grew (the summary title shows it).
+    """
+
+    def __init__(self, listed: Sequence[tuple[str, str]] = tuple(zip(RUNS, ("completed", "failed"), strict=True))
+                 ) -> None:
+        self.listed = list(listed)
         self.calls: list[str] = []
+        self.snapshot = 0
+        self.refreshed = 0
 
     def _run(self, run_id: str) -> str:
         self.calls.append(run_id)
-        run = RUNS[0] if run_id == "latest" else run_id
-        if run not in RUNS:
-            raise RunNotFoundError("Run", run_id, RUNS)
+        ids = [run for run, _ in self.listed]
+        if not ids:
+            raise RunNotFoundError("Run", run_id, [], hint="there are no runs yet")
+        run = ids[0] if run_id == "latest" else run_id
+        if run not in ids:
+            raise RunNotFoundError("Run", run_id, ids)
         return run
 
+    def refresh(self) -> None:
+        self.refreshed += 1
+
     def runs(self) -> pl.DataFrame:
-        return pl.DataFrame({"run_id": list(RUNS), "status": ["completed", "failed"],
-                             "started_at": [datetime(2025, 1, 2), datetime(2025, 1, 1)], "rows": [2, 1]})
+        n = len(self.listed)
+        return pl.DataFrame({"run_id": [run for run, _ in self.listed], "status": [status for _, status in self.listed],
+                             "started_at": [datetime(2025, 1, n - i) for i in range(n)],
+                             "rows": [n - i for i in range(n)]},
+                            schema={"run_id": pl.String, "status": pl.String, "started_at": pl.Datetime,
+                                    "rows": pl.Int64})
 
     def run_summary(self, run_id: str = "latest") -> Result:
         run = self._run(run_id)
-        return Result(f"Run {run}", pl.DataFrame({"node_name": ["screen", "decision"]}), run)
+        return Result(f"Run {run} (snapshot {self.snapshot})", pl.DataFrame({"node_name": ["screen", "decision"]}),
+                      run)
 
     def outcomes(self, run_id: str = "latest", by: str = "outcome") -> pl.DataFrame:
         self._run(run_id)

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from elspeth_nb import charts
+from elspeth_nb.errors import NotFoundError
 from tests.display.fakes import timings
 
 
@@ -87,6 +88,31 @@ def test_outcome_funnel_orders_the_lifecycle_and_flags_failures() -> None:
     rows = sorted(data(charts.outcome_funnel(outcomes)), key=lambda r: r["order"])
     assert [r["category"] for r in rows] == ["forked", "coalesced", "routed", "failed", "mystery"]
     assert [r["is_failure"] for r in rows] == [False, False, False, True, False]
+
+
+@pytest.mark.parametrize("make", [charts.wait_time_histogram, charts.wait_time_ecdf, charts.arrival_offsets])
+def test_an_unknown_coalesce_is_named_with_the_ones_that_exist(make: Any) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        make(timings(), coalesce="nope")
+    assert str(caught.value).startswith("Coalesce `nope` not found. Available: `decision`, `vote`.")
+    assert isinstance(caught.value, KeyError)
+    assert data(make(timings().head(0), coalesce="vote")) == []  # an empty frame cannot tell: nothing to draw
+
+
+def test_outcome_funnel_by_branch_colours_only_the_failed_part_of_a_bar() -> None:
+    by_branch = pl.DataFrame({"branch": [None, None, None, "a", "a"],
+                              "outcome": ["forked", "completed", "quarantined", "coalesced", "failed"],
+                              "is_failure": [False, False, True, False, True], "count": [4, 5926, 5, 3, 1]})
+    chart = charts.outcome_funnel(by_branch)
+    rows = data(chart)
+    assert chart.to_dict()["encoding"]["y"]["sort"] == {"field": "order", "op": "min"}  # not summed over segments
+    segments = {(r["category"], r["outcome"]): (r["count"], r["is_failure"]) for r in rows}
+    assert segments == {("(none)", "forked"): (4, False), ("(none)", "completed"): (5926, False),
+                        ("(none)", "quarantined"): (5, True),
+                        ("a", "coalesced"): (3, False), ("a", "failed"): (1, True)}
+    assert sum(r["count"] for r in rows if r["is_failure"]) == 6  # not the 5,935 + 4 tokens of both whole bars
+    order = {r["category"]: r["order"] for r in rows}
+    assert order["(none)"] < order["a"]  # one place per bar, biggest total first
 
 
 def test_outcome_funnel_by_sink_groups_on_the_sink() -> None:

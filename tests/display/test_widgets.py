@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from elspeth_nb.analysis import open_audit
+from elspeth_nb.audit.store import AuditStore
+from elspeth_nb.engine.clock import FakeClock
+from elspeth_nb.engine.runner import run_pipeline
 from elspeth_nb.widgets import AuditExplorer
+from tests.cases import fork_pipeline, write_csv
 from tests.display.fakes import RUNS, FakeAudit
 
 
@@ -81,6 +87,68 @@ def test_display_without_a_kernel_is_the_static_snapshot(explorer: AuditExplorer
 def test_unknown_run_is_a_clear_error() -> None:
     with pytest.raises(KeyError, match="run-old"):
         AuditExplorer(FakeAudit(), run_id="nope")
+
+
+def test_an_audit_without_runs_shows_a_no_runs_page_until_refresh() -> None:
+    audit = FakeAudit(listed=())
+    explorer = AuditExplorer(audit)
+    assert explorer.run_id is None and explorer.run_picker.options == ()
+    assert "No runs in this audit yet" in explorer.panes[0].value
+    assert "No runs in this audit yet" in explorer.to_html() and "No runs" in explorer.search(0)
+    assert repr(explorer) == "AuditExplorer(run=None, runs=0, tab='Summary')"
+    explorer.tabs.selected_index = 2
+    assert "No runs in this audit yet" in explorer.panes[2].value
+    audit.listed.insert(0, ("run-1", "running"))
+    explorer.refresh()
+    assert audit.refreshed == 1 and explorer.run_id == "run-1" and "running" in explorer.run_picker.label
+    assert "no coalesce decisions" in explorer.panes[2].value and explorer.panes[0].value == ""
+    assert "Lineage of run-1-r0" in explorer.search(0)
+
+
+def test_an_explicit_run_id_of_an_empty_audit_is_still_an_error() -> None:
+    with pytest.raises(KeyError, match="no runs yet"):
+        AuditExplorer(FakeAudit(listed=()), run_id="run-1")
+
+
+def test_the_refresh_button_lists_new_runs_and_keeps_the_shown_one(explorer: AuditExplorer) -> None:
+    audit = explorer.audit
+    audit.listed.insert(0, ("run-newer", "running"))
+    assert [value for _, value in explorer.run_picker.options] == list(RUNS)  # nothing reloads by itself
+    explorer.refresh_button.click()
+    assert [value for _, value in explorer.run_picker.options] == ["run-newer", *RUNS]
+    assert explorer.run_id == "run-new" and "Run run-new" in explorer.panes[0].value
+    assert audit.refreshed == 1
+
+
+def test_pages_of_a_finished_run_are_cached_until_refresh(explorer: AuditExplorer) -> None:
+    explorer.audit.snapshot = 1
+    explorer.tabs.selected_index = 1
+    explorer.tabs.selected_index = 0
+    assert "(snapshot 0)" in explorer.panes[0].value  # a completed run does not change
+    explorer.refresh()
+    assert "(snapshot 1)" in explorer.panes[0].value
+
+
+def test_pages_of_a_running_run_are_never_cached() -> None:
+    audit = FakeAudit(listed=[("run-live", "running"), ("run-old", "completed")])
+    explorer = AuditExplorer(audit)
+    assert "Run run-live (snapshot 0)" in explorer.panes[0].value
+    audit.snapshot = 1
+    explorer.tabs.selected_index = 1
+    explorer.tabs.selected_index = 0
+    assert "Run run-live (snapshot 1)" in explorer.panes[0].value
+    assert "Run run-live (snapshot 1)" in explorer.to_html()
+
+
+def test_explorer_on_a_real_empty_store_then_its_first_run(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path / "audit")
+    with open_audit(store.root) as audit:
+        explorer = AuditExplorer(audit)
+        assert explorer.run_id is None and "No runs in this audit yet" in explorer.panes[0].value
+        result = run_pipeline(fork_pipeline(write_csv(tmp_path / "in.csv")), audit=store.root, clock=FakeClock())
+        explorer.refresh()
+        assert explorer.run_id == result.run_id and "completed" in explorer.run_picker.label
+        assert f"Run {result.run_id}" in explorer.panes[0].value
 
 
 def test_explorer_on_a_real_run(demo_audit: Any, demo_run: Any) -> None:

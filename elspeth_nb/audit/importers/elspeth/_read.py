@@ -17,6 +17,13 @@ from elspeth_nb.audit.importers.elspeth._payloads import payload_table, read_ref
 from elspeth_nb.audit.schema import TABLES
 from elspeth_nb.errors import AuditStoreError
 
+#: ``runs.payload_mode`` of a run imported with its payload folder. ELSPETH keeps the source row only
+#: (transform, coalesce and sink rows are hashes), which is neither our ``all`` (every node boundary)
+#: nor ``boundaries`` (source, coalesce and sink rows).
+SOURCE_PAYLOADS = "source"
+#: ``runs.payload_mode`` of a run imported without its payload folder.
+HASHES_ONLY = "hashes"
+
 
 def read_landscape(
     db_path: str | Path,
@@ -55,7 +62,7 @@ def read_landscape(
 def _derive_with_payloads(db: Path, raw: dict[str, pa.Table],
                           payload_dir: Path | None) -> tuple[dict[str, pa.Table], list[str], dict[str, str]]:
     """Derive our tables while a second thread loads and verifies the payload files (DuckDB frees the GIL)."""
-    mode = "all" if payload_dir is not None else "hashes"
+    mode = SOURCE_PAYLOADS if payload_dir is not None else HASHES_ONLY
     with ThreadPoolExecutor(max_workers=1) as pool:
         loading = pool.submit(read_refs, payload_dir, used_refs(raw)) if payload_dir is not None else None
         tables, problems, pairs = _derive_all(db, raw, mode)
