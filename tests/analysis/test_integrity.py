@@ -20,6 +20,7 @@ from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.writer import ParquetSegmentWriter
 from elspeth_nb.engine.clock import FakeClock
 from elspeth_nb.engine.runner import run_pipeline
+from elspeth_nb.errors import AuditStoreError
 from tests.analysis import raw
 from tests.analysis.conftest import JITTER, Matrix
 from tests.cases import fork_pipeline, write_csv
@@ -215,6 +216,37 @@ def test_a_run_still_being_written_reports_what_no_later_record_can_fix(run: Run
                               ("fork_child_accounted", "t-sinkless"), ("sink_output_hash", "s-unhashed")}
     assert result.partial and not result.ok
     assert repr(result).startswith(f"Check of run {run.run_id} (running): 3 violation(s) so far; the run is still")
+
+
+def _damage_last_row_group(path: Path) -> None:
+    """Invert the data pages of the segment's last row group, footer intact: DuckDB fails mid-read, naming no file."""
+    group = pq.read_metadata(path).row_group(pq.read_metadata(path).num_row_groups - 1)
+    data = bytearray(path.read_bytes())
+    for chunk in map(group.column, range(group.num_columns)):
+        start = chunk.dictionary_page_offset or chunk.data_page_offset
+        for i in range(start, start + chunk.total_compressed_size):
+            data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_data_page_is_named_by_check_and_reported_by_verify(run: Run) -> None:
+    states = run.raw("node_states")
+    run.append("node_states", [{**s, "state_id": f"{s['state_id']}-{i}"} for i in range(5000 // len(states) + 1)
+                               for s in states])  # several row groups
+    [segment] = sorted((run.store / "parquet" / "node_states" / f"run_id={run.run_id}").glob("part-*.parquet"))[-1:]
+    assert pq.read_metadata(segment).num_row_groups > 1
+    _damage_last_row_group(segment)
+    audit = open_audit(run.store)
+    with pytest.raises(AuditStoreError, match=f"^{run.store}: a segment of the audit store cannot be read: "
+                                              f"{segment}: ") as caught:
+        audit.check(run.run_id)
+    assert list(caught.value.segments) == [segment]
+    verified = audit.verify(run.run_id)
+    assert verified.merkle == "mismatch"
+    rows = verified.mismatches.select("check", "table", "record_id", "detail").rows()
+    assert rows[0][:3] == ("segment_unreadable", "node_states", segment.name)
+    assert rows[0][3].startswith(f"{segment} cannot be read (") and "; not verified: sink file " in rows[0][3]
+    assert ("merkle_segment_added", "node_states", segment.name) in [r[:3] for r in rows]
 
 
 def test_verify_recomputes_payload_and_source_hashes(run: Run) -> None:
