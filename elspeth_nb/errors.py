@@ -6,7 +6,8 @@ builtin (``KeyError``, ``ValueError``, ``FileNotFoundError``...) they would expe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 
 class Error(Exception):
@@ -48,7 +49,16 @@ class PluginError(Error, RuntimeError):
 
 
 class AuditStoreError(Error, OSError):
-    """The audit store cannot be opened, written or read."""
+    """The audit store cannot be opened, written or read; ``segments`` maps each segment file found unreadable
+    to what reading it said (empty when no segment is to blame)."""
+
+    def __init__(self, *args: object, segments: Mapping[Path, str] | None = None) -> None:
+        super().__init__(*args)
+        self.segments: dict[Path, str] = dict(segments or {})
+
+
+class AuditStoreWarning(UserWarning):
+    """Part of the audit store cannot be read and is left out; the rest is read as usual."""
 
 
 class SchemaVersionError(AuditStoreError):
@@ -94,6 +104,7 @@ class IntegrityError(Error, AssertionError):
 __all__ = [
     "AuditClosedError",
     "AuditStoreError",
+    "AuditStoreWarning",
     "CanonicalizationError",
     "ConfigError",
     "Error",

@@ -49,6 +49,7 @@ from elspeth_nb.engine.plugins.sinks import JsonlSink, ParquetSink
 from elspeth_nb.engine.runner import RunFailedError, RunResult, run_pipeline
 from elspeth_nb.errors import (
     AuditStoreError,
+    AuditStoreWarning,
     ConfigError,
     InputError,
     NotFoundError,
@@ -1068,6 +1069,64 @@ def _open_then(damage: Callable[[Ctx], None]) -> Callable[[Ctx], None]:
     return arrange
 
 
+def _damage_page(table: str) -> Callable[[Ctx], None]:
+    """Every data page of the run's first segment of ``table`` inverted, its footer intact (DuckDB then fails
+    mid-query, "Out of buffer" or a thrift error, and names no file)."""
+    def arrange(ctx: Ctx) -> None:
+        path = _segment(ctx, table)
+        data = bytearray(path.read_bytes())
+        group = pq.read_metadata(path).row_group(0)
+        first = min(c.dictionary_page_offset or c.data_page_offset for c in map(group.column, range(group.num_columns)))
+        for i in range(first, len(data) - 8 - int.from_bytes(data[-8:-4], "little")):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    return arrange
+
+
+def _open_warned(ctx: Ctx) -> tuple[Audit, list[str]]:
+    """open_audit on a store with an unreadable segment: the audit and the warnings it gave."""
+    with pytest.warns(AuditStoreWarning) as warned:
+        audit = ctx.audit()
+    return audit, [str(w.message) for w in warned]
+
+
+def _left_out(table: str) -> Callable[[Ctx, Any], None]:
+    """The store opened, with one warning naming the unreadable segment and it in ``problems``; the run's helpers
+    refuse it with an AuditStoreError naming it; verify reports it (and the Merkle root no longer matches)."""
+    def check(ctx: Ctx, result: tuple[Audit, list[str]]) -> None:
+        audit, warned = result
+        file = _segment(ctx, table)
+        says = ctx.sub(rf"^<store>: a segment of the audit store cannot be read: {re.escape(str(file))}: ")
+        assert len(warned) == 1 and re.match(says + r".*\. Left out of every table: helpers refuse", warned[0])
+        assert [p.split(": ")[0] for p in audit.problems] == [str(file)] and str(file) in repr(audit)
+        assert audit.runs()["run_id"].to_list() == [ctx.run]
+        for helper in (audit.run_summary, audit.check, audit.merge_timings, lambda r: audit.lineage(r, row_index=0)):
+            refusal = ctx.sub(r"^<store>: run <run> cannot be read in full: ")
+            with pytest.raises(AuditStoreError, match=refusal) as refused:
+                helper(ctx.run)
+            assert list(refused.value.segments) == [file]
+        verified = audit.verify(ctx.run)
+        assert not verified.ok and verified.merkle == "mismatch"
+        found = verified.mismatches.select("check", "table", "record_id").rows()
+        assert found[0] == ("segment_unreadable", table, file.name), found
+
+    return check
+
+
+def _page_unreadable(table: str) -> Callable[[Ctx, Any], None]:
+    """verify names the segment, the checks it kept from being done, and the Merkle mismatch it makes."""
+    def check(ctx: Ctx, result: Any) -> None:
+        assert not result.ok and result.merkle == "mismatch"
+        rows = result.mismatches.select("check", "table", "record_id", "detail").rows()
+        assert [r[:3] for r in rows] == [("segment_unreadable", table, "part-000000.parquet"),
+                                         ("merkle_segment_unreadable", table, "part-000000.parquet")]
+        assert rows[0][3].startswith(f"{_segment(ctx, table)} cannot be read (")
+        assert re.search(r"; not verified: sink file file://\S+\.jsonl$", rows[0][3]), rows[0][3]
+
+    return check
+
+
 def _names_unreadable(table: str) -> Callable[[Ctx, Any], None]:
     def check(ctx: Ctx, result: Any) -> None:
         findings = [(f.table, f.part_file, f.kind) for f in result.findings]
@@ -1090,11 +1149,9 @@ SEGMENT = r"<store>/parquet/{table}/run_id=<run>/part-000000\.parquet"
 for _table in ("tokens", "runs", "segment_digests"):
     _file = SEGMENT.format(table=_table)
     _zero, _garble = _zero_footer(_table), _garble_footer(_table)
-    case(f"corrupt-{_table}-footer-open_audit", lambda ctx: ctx.audit(),
-         Fails(AuditStoreError, rf"^<store>: a segment of the audit store cannot be read: .*'{_file}'"),
+    case(f"corrupt-{_table}-footer-open_audit", _open_warned, Returns(_left_out(_table)),
          arrange=_zero, damage="parquet")
-    case(f"garbled-{_table}-footer-open_audit", lambda ctx: ctx.audit(),
-         Fails(AuditStoreError, rf"^<store>: a segment of the audit store cannot be read: {_file}: "),
+    case(f"garbled-{_table}-footer-open_audit", _open_warned, Returns(_left_out(_table)),
          arrange=_garble, damage="parquet")
     if _table == "tokens":  # the runs and digests tables are still readable: verify_run names the file
         case("corrupt-tokens-footer-verify_run", lambda ctx: verify_run(AuditStore(ctx.store), ctx.run),
@@ -1110,6 +1167,13 @@ for _table in ("tokens", "runs", "segment_digests"):
         case(f"corrupt-{_table}-footer-verify_run", lambda ctx: verify_run(AuditStore(ctx.store), ctx.run),
              Fails(AuditStoreError, rf"^segment {_file} of the audit store cannot be read: .*magic bytes"),
              arrange=_zero, damage="parquet")
+_PAGE = rf"^<store>: a segment of the audit store cannot be read: {SEGMENT.format(table='node_states')}: "
+case("damaged-node_states-page-check", lambda ctx: ctx.audit().check(ctx.run), Fails(AuditStoreError, _PAGE),
+     arrange=_damage_page("node_states"), damage="parquet")
+case("damaged-node_states-page-lineage", lambda ctx: ctx.audit().lineage(ctx.run, row_index=0),
+     Fails(AuditStoreError, _PAGE), arrange=_damage_page("node_states"), damage="parquet")
+case("damaged-node_states-page-verify", lambda ctx: ctx.audit().verify(ctx.run),
+     Returns(_page_unreadable("node_states")), arrange=_damage_page("node_states"), damage="parquet")
 case("corrupt-runs-footer-run_pipeline", lambda ctx: run_pipeline(_config_path(ctx)),
      Fails(AuditStoreError, rf"^segment {SEGMENT.format(table='runs')} of the audit store cannot be read: "),
      arrange=_zero_footer("runs"), damage="parquet", then=_nothing_written)

@@ -10,6 +10,12 @@ reads as NULL). ``runs`` keeps the latest revision of each run and says ``interr
 whose latest revision says ``running`` while no process holds its lock. Once the views exist the
 connection is locked: no file outside the store can be read or written and the configuration
 cannot be changed back.
+
+A segment that cannot be read is found only when a query fails (the healthy path reads no file
+more than the query does). Found while opening (or refreshing), it is left out: the views of its
+table then read the list of the other segments, listed again before each query so a run in
+progress is still followed, and helpers refuse its run (``verify`` reports it). Found by a later
+query, it is named in an AuditStoreError.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import re
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -32,7 +40,7 @@ from elspeth_nb.analysis._native import NativeCopy
 from elspeth_nb.analysis._segments import Segment, SegmentIndex
 from elspeth_nb.audit.schema import PARTITION_COLUMN, SCHEMA_VERSION, TABLES, RunStatus, Table
 from elspeth_nb.audit.store import DUCKDB_NAME, MANIFEST_NAME, AuditStore, duckdb_type, mark_interrupted, quote_ident
-from elspeth_nb.errors import AuditStoreError, RunNotFoundError, SchemaVersionError
+from elspeth_nb.errors import AuditStoreError, AuditStoreWarning, RunNotFoundError, SchemaVersionError
 
 STORE, DUCKDB, ELSPETH, MEMORY = "store", "duckdb", "elspeth", "memory"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -88,17 +96,58 @@ def detect_kind(path: Path) -> str:
     raise AuditStoreError(f"{path} is neither a DuckDB nor an SQLite database (unrecognised file header); {EXPECTED}")
 
 
-def _damaged_segment(store: AuditStore) -> Path | None:
-    """The first segment of ``store`` whose footer cannot be read, if any."""
-    import pyarrow as pa
+def _unreadable_footers(paths: Iterable[Path]) -> dict[Path, str]:
+    """The segments among ``paths`` whose footer cannot be read, with what reading it said."""
     import pyarrow.parquet as pq
 
-    for path in sorted(store.parquet_root.glob("*/run_id=*/part-*.parquet")):
+    found = {}
+    for path in paths:
         try:
             pq.read_metadata(path)
-        except (OSError, pa.ArrowException):
-            return path
-    return None
+        except (OSError, pa.ArrowException) as exc:
+            found[path] = str(exc).splitlines()[0]
+    return found
+
+
+def _unreadable_data(con: duckdb.DuckDBPyConnection, paths: Iterable[Path]) -> dict[Path, str]:
+    """The segments among ``paths`` that DuckDB cannot read to the end (a damaged data page), with its error."""
+    found = {}
+    for path in paths:
+        try:
+            reader = con.sql("SELECT * FROM read_parquet($path)", params={"path": str(path)}).to_arrow_reader()
+            for _ in reader or ():
+                pass
+        except (duckdb.Error, OSError, pa.ArrowException) as exc:  # raised by the query, or by a later batch
+            found[path] = str(exc).splitlines()[0]
+    return found
+
+
+def _tables_read_by(sql: str | None) -> list[str]:
+    """The audit tables a query names (every table when it names none, or is unknown)."""
+    words = set(re.findall(r"[a-z_]+", (sql or "").lower()))
+    named = [t for t in TABLES if t in words or (t == "runs" and RUN_REVISIONS in words)]
+    return named or list(TABLES)
+
+
+def _runs_read_by(params: Mapping[str, Any] | Sequence[Any] | None) -> list[str] | None:
+    """The runs a query's ``$run``/``$runs`` parameters restrict it to; None when it is not restricted so."""
+    if not isinstance(params, Mapping):
+        return None
+    listed = params.get("runs")
+    runs = [params.get("run"), *(listed if isinstance(listed, list) else [])]
+    return [r for r in runs if isinstance(r, str)] or None
+
+
+def _files_given(params: Mapping[str, Any] | Sequence[Any] | None) -> set[str]:
+    """Every text in the list parameters of a query: the segment files of a point lookup among them."""
+    lists = [v for v in params.values() if isinstance(v, list)] if isinstance(params, Mapping) else []
+    return {item for value in lists for item in value if isinstance(item, str)}
+
+
+def _is_reading_error(exc: duckdb.Error) -> bool:
+    """True when ``exc`` may come from a file that cannot be read rather than from a mistake in the query."""
+    return type(exc) is duckdb.Error or isinstance(exc, duckdb.IOException | duckdb.InvalidInputException |
+                                                       duckdb.InternalException)
 
 
 class Database:
@@ -115,7 +164,14 @@ class Database:
         self._scratch: duckdb.DuckDBPyConnection | None = None
         #: run id -> (payload segments keyed so far; their payloads' keys, sorted: see ``payload_rows``)
         self._payload_keys: dict[str, tuple[list[Segment], pl.DataFrame]] = {}
-        self._variables: dict[str, str] = {}
+        self._variables: dict[str, str | list[str]] = {}
+        #: segments found unreadable while opening or refreshing -> what reading them said; left out of the views
+        self.unreadable: dict[Path, str] = {}
+        self._warned: set[Path] = set()
+        #: table -> the segment files its view reads, for the tables whose view leaves an unreadable segment out
+        self._listed: dict[str, list[str]] = {}
+        #: True while :meth:`parallel` jobs read the views (which must not change under them)
+        self._in_parallel = False
         self._workers: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
         self._worker_cons: list[duckdb.DuckDBPyConnection] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -174,8 +230,10 @@ class Database:
             db._start_workers()
             db._lock()
         except duckdb.Error as exc:  # a damaged file of the store: say which, not where DuckDB noticed
-            db.close()
-            db._raise_unreadable(exc)
+            try:
+                db._raise_unreadable(exc, search=False)  # _load searched already
+            finally:
+                db.close()
             raise AuditStoreError(f"cannot read {db.path}: {str(exc).splitlines()[0]}") from exc
         except BaseException:
             db.close()
@@ -234,22 +292,39 @@ class Database:
 
     # -- views --------------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-create the views (new columns, new tables), re-read run order and writer liveness."""
+        """Re-create the views (new columns, new tables), re-read run order and writer liveness; segments left out
+        as unreadable are tried again."""
         self._run_ids = None
         self.finished_runs.clear()
+        self.unreadable.clear()
+        self._listed.clear()
         try:
             self._load()
         except duckdb.Error as exc:
-            self._raise_unreadable(exc)
+            self._raise_unreadable(exc, search=False)  # _load searched already
             raise
 
     def _load(self) -> None:
+        """Create the views; segments that make that fail are left out (and warned about once), not fatal."""
         if self.kind == ELSPETH:
             self._import_landscape()
+        while True:
+            try:
+                self._create_views()
+                break
+            except duckdb.Error as exc:
+                if not self._leave_out_unreadable(exc):
+                    raise
+        self._warn_unreadable()
+
+    def _create_view(self, table: Table) -> None:
+        source = self._source(table)
+        name = RUN_REVISIONS if table.name == "runs" else table.name
+        self.con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS {self._projection(table, source)}")
+
+    def _create_views(self) -> None:
         for table in TABLES.values():
-            source = self._source(table)
-            name = RUN_REVISIONS if table.name == "runs" else table.name
-            self.con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS {self._projection(table, source)}")
+            self._create_view(table)
         self.con.execute(
             f"CREATE OR REPLACE VIEW runs AS SELECT * REPLACE (CASE WHEN status = 'running' AND run_id IN "  # noqa: S608
             f"(SELECT run_id FROM {INTERNAL}.dead_runs) THEN 'interrupted' ELSE status END AS status) "
@@ -261,13 +336,15 @@ class Database:
         self.update_liveness()
 
     def _source(self, table: Table) -> str:
-        """The relation a view reads ``table`` from (identifiers and variable names only)."""
+        """The relation a view reads ``table`` from (identifiers and variable names only): every segment of the
+        table, or the list of those that are not left out as unreadable."""
         if self.kind == STORE:
             assert self.store is not None
             variable = f"enb_glob_{table.name}"
-            glob = str(self.store.parquet_root / table.name / "run_id=*" / "part-*.parquet")
-            self.con.execute(f"SET VARIABLE {variable} = $glob", {"glob": glob})
-            self._variables[variable] = glob
+            files: str | list[str] = str(self.store.parquet_root / table.name / "run_id=*" / "part-*.parquet")
+            if any(path.parts[-3] == table.name for path in self.unreadable):
+                files = self._listed[table.name] = self._readable_segments(table.name)
+            self._set_variable(variable, files)
             return f"read_parquet(getvariable('{variable}'), {PARQUET_OPTIONS})"
         if self.kind == DUCKDB:
             return f"src.main.{quote_ident(table.name)}"
@@ -286,13 +363,81 @@ class Database:
         return f"SELECT {columns} FROM {source}"  # noqa: S608
 
     def _present_columns(self, table: Table, source: str) -> set[str]:
-        if self.kind == STORE and self.store is not None and not any(
-                self.store.parquet_root.glob(f"{table.name}/run_id=*/part-*.parquet")):
+        if self.kind == STORE and not self._has_segments(table.name):
             return set()  # no segment of this table at all (a store older than the table)
         try:  # a segment that cannot be read is an error, never an empty table
             return {r[0] for r in self.con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}  # noqa: S608
         except (duckdb.CatalogException, duckdb.BinderException):
             return set()  # an audit.duckdb older than the table
+
+    def _has_segments(self, table: str) -> bool:
+        if table in self._listed:
+            return bool(self._listed[table])
+        assert self.store is not None
+        return any(self.store.parquet_root.glob(f"{table}/run_id=*/part-*.parquet"))
+
+    def _set_variable(self, name: str, value: str | list[str]) -> None:
+        """Set a variable the views read, on the audit's connection and on every worker connection."""
+        self._variables[name] = value
+        for con in [self.con, *self._worker_cons]:
+            con.execute(f"SET VARIABLE {name} = $value", {"value": value})
+
+    # -- unreadable segments ------------------------------------------------------------------------
+    def _segments(self, table: str = "*") -> list[Path]:
+        """The segment files of ``table`` (of every table by default) now, but those left out as unreadable."""
+        assert self.store is not None
+        found = sorted(self.store.parquet_root.glob(f"{table}/run_id=*/part-*.parquet"))
+        return [p for p in found if p not in self.unreadable]
+
+    def _readable_segments(self, table: str) -> list[str]:
+        return [str(p) for p in self._segments(table)]
+
+    def _leave_out_unreadable(self, exc: duckdb.Error) -> bool:
+        """Leave out the segments that made creating the views fail: those whose footer does not read, else the
+        ``runs`` segments whose data does not (the only data read then). False when no segment is to blame."""
+        if self.kind != STORE or not _is_reading_error(exc):
+            return False
+        found = _unreadable_footers(self._segments()) or _unreadable_data(self.con, self._segments("runs"))
+        self.unreadable.update(found)
+        return bool(found)
+
+    def _warn_unreadable(self) -> None:
+        """One AuditStoreWarning naming the segments newly left out as unreadable."""
+        new = {path: reason for path, reason in self.unreadable.items() if path not in self._warned}
+        if new:
+            self._warned.update(new)
+            warnings.warn(f"{self.path}: {_cannot_be_read(new)}. Left out of every table: helpers refuse the "
+                          f"runs concerned and verify(run) reports the damage.", AuditStoreWarning, stacklevel=4)
+
+    def unreadable_segments(self, run_id: str) -> dict[Path, str]:
+        """The run's segments left out as unreadable, with what reading them said."""
+        return {p: r for p, r in self.unreadable.items() if p.parent.name == f"{PARTITION_COLUMN}={run_id}"}
+
+    def _follow_segments(self) -> None:
+        """Point each view that leaves an unreadable segment out at its table's segments as they are now (a run in
+        progress adds some). Not while parallel jobs run: they use the views."""
+        if not self._listed or self._in_parallel:
+            return
+        for table, listed in list(self._listed.items()):
+            if self._readable_segments(table) != listed:
+                self._create_view(TABLES[table])
+
+    def _find_unreadable(self, con: duckdb.DuckDBPyConnection, sql: str | None,
+                         params: Mapping[str, Any] | Sequence[Any] | None) -> dict[Path, str]:
+        """Segments a failed query read that cannot be read: the files it was given, else the segments of the
+        tables it names, footers first, then the data of the runs it is restricted to."""
+        segments = self._segments()
+        given = [p for p in segments if str(p) in _files_given(params)]
+        if given:
+            return _unreadable_data(con, given)
+        tables = _tables_read_by(sql)
+        read = [p for p in segments if p.parts[-3] in tables]
+        found = _unreadable_footers(read)
+        if found:
+            return found
+        runs = _runs_read_by(params)
+        partitions = None if runs is None else {f"{PARTITION_COLUMN}={r}" for r in runs}
+        return _unreadable_data(con, [p for p in read if partitions is None or p.parent.name in partitions])
 
     def _import_landscape(self) -> None:
         from elspeth_nb.audit.importers.elspeth import read_landscape
@@ -441,6 +586,7 @@ class Database:
 
     def parallel(self, jobs: Sequence[Callable[[duckdb.DuckDBPyConnection], _T]]) -> list[_T]:
         """Run ``jobs`` side by side, each on a connection of its own; their results in order."""
+        self._follow_segments()
         if len(jobs) <= 1 or not self._worker_cons:
             return [job(self.con) for job in jobs]
         if self._pool is None:
@@ -453,7 +599,11 @@ class Database:
             finally:
                 self._workers.put(con)
 
-        return [f.result() for f in [self._pool.submit(run, job) for job in jobs]]
+        self._in_parallel = True
+        try:
+            return [f.result() for f in [self._pool.submit(run, job) for job in jobs]]
+        finally:
+            self._in_parallel = False
 
     @contextmanager
     def scratch(self, tables: Mapping[str, pa.Table]) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -480,10 +630,12 @@ class Database:
     def arrow(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None, *,
               con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
         """Run a parameterised query (on ``con``, by default the audit's connection) and return an Arrow table."""
+        if con is None or con is self.con:
+            self._follow_segments()
         try:
             return (con or self.con).sql(sql, params=params).to_arrow_table()
         except duckdb.Error as exc:
-            self._raise_unreadable(exc)
+            self._raise_unreadable(exc, sql, params, con or self.con)
             raise
 
     def frame(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> pl.DataFrame:
@@ -541,25 +693,32 @@ class Database:
         return {run: self._run_states.get(run, (None, "")) for run in runs}
 
     def rows(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        self._follow_segments()
         try:
             return self.con.execute(sql, params if params is not None else {}).fetchall()
         except duckdb.Error as exc:
-            self._raise_unreadable(exc)
+            self._raise_unreadable(exc, sql, params)
             raise
 
-    def _raise_unreadable(self, exc: duckdb.Error) -> None:
-        """An AuditStoreError naming the file when ``exc`` comes from a segment of the store that cannot be read."""
-        reading = type(exc) is duckdb.Error or isinstance(exc, duckdb.IOException | duckdb.InvalidInputException |
-                                                                 duckdb.InternalException)
-        if self.store is None or not reading:
-            return  # a mistake in a query, not a damaged file
+    def _raise_unreadable(self, exc: duckdb.Error, sql: str | None = None,
+                          params: Mapping[str, Any] | Sequence[Any] | None = None,
+                          con: duckdb.DuckDBPyConnection | None = None, *, search: bool = True) -> None:
+        """An AuditStoreError naming the files when ``exc`` comes from segments of the store that cannot be read.
+
+        DuckDB names the file of a missing footer, not always that of a damaged footer ("invalid TType")
+        or data page ("Out of buffer"): unless ``search`` is off, those are found by reading what the
+        query read (see :meth:`_find_unreadable`), only now that it failed.
+        """
+        if self.kind != STORE or self.store is None or not _is_reading_error(exc):
+            return  # a mistake in a query, not a damaged segment
         text = str(exc).splitlines()[0]
-        if str(self.store.parquet_root) not in text:  # DuckDB does not always say which file ("invalid TType")
-            damaged = _damaged_segment(self.store)
-            if damaged is None:
-                return
-            text = f"{damaged}: {text}"
-        raise AuditStoreError(f"{self.path}: a segment of the audit store cannot be read: {text}") from exc
+        if str(self.store.parquet_root) in text:
+            named = {Path(p): text for p in re.findall(r"'([^']+\.parquet)'", text)}
+            raise AuditStoreError(f"{self.path}: a segment of the audit store cannot be read: {text}",
+                                  segments=named) from exc
+        found = self._find_unreadable(con or self.con, sql, params) if search else {}
+        if found:
+            raise AuditStoreError(f"{self.path}: {_cannot_be_read(found)}", segments=found) from exc
 
     def run_ids(self) -> list[str]:
         """Every run id, newest first (read again only when a segment of ``runs`` came or went)."""
@@ -591,8 +750,21 @@ class Database:
                 continue
         return tuple(sorted(found))
 
-    def resolve_run(self, run_id: str = "latest") -> str:
-        """``latest``, a run id, or a unique prefix of one -> the run id; RunNotFoundError otherwise."""
+    def resolve_run(self, run_id: str = "latest", *, unreadable: bool = False) -> str:
+        """``latest``, a run id, or a unique prefix of one -> the run id; RunNotFoundError otherwise.
+
+        A run with segments left out as unreadable is refused with an AuditStoreError naming them, unless
+        ``unreadable`` (a helper that reports the damage itself).
+        """
+        run = self._resolve(run_id)
+        left_out = self.unreadable_segments(run)
+        if left_out and not unreadable:
+            raise AuditStoreError(f"{self.path}: run {run} cannot be read in full: {_cannot_be_read(left_out)}. "
+                                  f"verify({run!r}) reports the damage; the other runs read as usual.",
+                                  segments=left_out)
+        return run
+
+    def _resolve(self, run_id: str) -> str:
         if not isinstance(run_id, str):
             raise TypeError(f"run_id must be a string such as 'latest', not {type(run_id).__name__}")
         runs = self.run_ids()
@@ -623,6 +795,14 @@ class Database:
         for con in [*self._worker_cons, *([self._scratch] if self._scratch is not None else [])]:
             con.close()
         self.con.close()
+
+
+def _cannot_be_read(segments: Mapping[Path, str]) -> str:
+    """``a segment ... cannot be read: <file>: <why>`` for one segment, every one of them for several."""
+    listed = "; ".join(f"{path}: {reason.rstrip('.')}" for path, reason in segments.items())
+    if len(segments) == 1:
+        return f"a segment of the audit store cannot be read: {listed}"
+    return f"{len(segments)} segments of the audit store cannot be read: {listed}"
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:

@@ -19,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+import polars as pl
+
 from elspeth_nb.analysis import coalesce as _coalesce
 from elspeth_nb.analysis import diff as _diff
 from elspeth_nb.analysis import integrity as _integrity
@@ -32,7 +34,6 @@ from elspeth_nb.errors import AuditClosedError
 
 if TYPE_CHECKING:
     import duckdb
-    import polars as pl
     import pyarrow as pa
 
 
@@ -74,6 +75,12 @@ class Audit:
     def con(self) -> duckdb.DuckDBPyConnection:
         """The DuckDB connection; every audit table is a view of the same name (use it, not a cursor of it)."""
         return self._db.con
+
+    @property
+    def problems(self) -> list[str]:
+        """Segments of the store that cannot be read, ``<file>: <why>``; left out of every table, their runs refused
+        by the helpers (``verify`` reports them). Empty for a sound store."""
+        return [f"{path}: {reason}" for path, reason in self._db.unreadable.items()]
 
     @property
     def import_problems(self) -> list[str]:
@@ -126,17 +133,24 @@ class Audit:
     def _closed_title(self) -> str:
         return f"Audit ({self.kind}) {self.path}: closed"
 
+    def _problems_note(self) -> str:
+        return f"{len(self.problems)} segment(s) cannot be read and are left out:" if self.problems else ""
+
     def __repr__(self) -> str:
         if self.closed:
             return self._closed_title()
         title, runs = self._listing()
-        return f"{title}\n{text_table(runs, indent='  ')}" if runs.height else title
+        lines = [title, text_table(runs, indent="  ")] if runs.height else [title]
+        if self.problems:
+            lines += [self._problems_note(), *(f"  {problem}" for problem in self.problems)]
+        return "\n".join(lines)
 
     def to_html(self) -> str:
         if self.closed:
             return html_block(self._closed_title())
         title, runs = self._listing()
-        return html_block(title, html_table(runs))
+        problems = html_table(pl.DataFrame({"problem": self.problems}), self._problems_note()) if self.problems else ""
+        return html_block(title, html_table(runs), problems)
 
     def _repr_html_(self) -> str:
         return self.to_html()

@@ -5,6 +5,10 @@ Payload and source-row hashes are recomputed in DuckDB (``sha256``); every sink 
 with the sink states' output hashes. For a store, the run's Merkle root is recomputed from its
 segment files by :func:`elspeth_nb.audit.verification.verify_run`, which names the first record
 that no longer matches.
+
+A segment that cannot be read is a finding too (``segment_unreadable``): one left out when the
+audit was opened, or one a check could not read (the checks that needed it are named); its bytes
+no longer match its digest, so the Merkle verification names it as well.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -25,7 +30,7 @@ from elspeth_nb.analysis.results import Displayable, html_block, html_table, tex
 from elspeth_nb.audit.hashing import stable_hash
 from elspeth_nb.audit.schema import RunStatus
 from elspeth_nb.audit.verification import verify_run
-from elspeth_nb.errors import CanonicalizationError
+from elspeth_nb.errors import AuditStoreError, CanonicalizationError
 
 if TYPE_CHECKING:
     from elspeth_nb.analysis.audit import Audit
@@ -80,10 +85,11 @@ class VerifyResult(Displayable):
 
     ``merkle`` says what became of the run's Merkle root: ``verified`` (recomputed from the
     segment files, equal to the stored root and to ``expected_root`` when one was given),
-    ``mismatch``, ``not recorded`` (a finished run written before tamper evidence),
-    ``unavailable`` (an audit.duckdb outside its store, or an ELSPETH Landscape: no segment files
-    to hash), or ``not sealed: run still being written`` / ``not sealed: run interrupted``: the
-    run has no root yet, so nothing proves its trail complete and ``ok`` is False.
+    ``mismatch`` (also when the run's segments or digests no longer read), ``not recorded`` (a finished
+    run written before tamper evidence), ``unavailable`` (an audit.duckdb outside its store, or an
+    ELSPETH Landscape: no segment files to hash), or ``not sealed: run still being written`` /
+    ``not sealed: run interrupted``: the run has no root yet, so nothing proves its trail complete
+    and ``ok`` is False.
     """
 
     run_id: str
@@ -220,7 +226,11 @@ def _merkle(self: Audit, run: str, expected_root: str | None) -> tuple[list[dict
         return [{"check": "merkle_root", "table": "runs", "record_id": run, "expected": expected_root,
                  "actual": None, "detail": f"{self._db.path} has no segment files to recompute a Merkle root from"}
                 ], "unavailable", None
-    result = verify_run(store, run, expected_root)
+    try:
+        result = verify_run(store, run, expected_root)
+    except AuditStoreError as exc:  # the run's ``runs`` or ``segment_digests`` segments no longer read
+        return [{"check": "merkle_root", "table": None, "record_id": run, "expected": expected_root, "actual": None,
+                 "detail": f"the Merkle root cannot be recomputed: {exc}"}], "mismatch", None
     if result.stored_root is None and result.segments == 0 and expected_root is None:
         return [], "not recorded", None
     found = [{"check": f"merkle_{f.kind}", "table": f.table, "record_id": f.record or f.part_file or run,
@@ -234,9 +244,40 @@ def _merkle(self: Audit, run: str, expected_root: str | None) -> tuple[list[dict
 
 
 def _status(self: Audit, run: str) -> str:
-    """The run's status now (``interrupted`` when its writer is gone)."""
+    """The run's status now (``interrupted`` when its writer is gone; ``unknown`` if its runs rows do not read)."""
     self._db.update_liveness()
-    return str(self._db.rows("SELECT status FROM runs WHERE run_id = $run", {"run": run})[0][0])
+    found = self._db.rows("SELECT status FROM runs WHERE run_id = $run", {"run": run})
+    return str(found[0][0]) if found else "unknown"
+
+
+#: unreadable segment -> (what reading it said, the checks it kept from being done)
+_Damaged = dict[Path, tuple[str, list[str]]]
+
+
+def _unless_unreadable(step: Callable[[], None], what: str, damaged: _Damaged) -> None:
+    """Run one check; a segment of the store it cannot read goes into ``damaged`` (``what`` was not verified)."""
+    try:
+        step()
+    except AuditStoreError as exc:
+        if not exc.segments:
+            raise
+        for path, reason in exc.segments.items():
+            damaged.setdefault(path, (reason, []))[1].append(what)
+
+
+def _damage_found(damaged: _Damaged, left_out: Mapping[Path, str]) -> list[dict[str, Any]]:
+    """One ``segment_unreadable`` mismatch per unreadable segment: which file, why, and what it kept from being
+    verified."""
+    found = []
+    for path, (reason, skipped) in damaged.items():
+        detail = f"{path} cannot be read ({reason.rstrip('.')})"
+        if path in left_out:
+            detail += "; it was left out of every table when the audit was opened"
+        if skipped:
+            detail += f"; not verified: {', '.join(skipped)}"
+        found.append({"check": "segment_unreadable", "table": path.parent.parent.name, "record_id": path.name,
+                      "expected": None, "actual": None, "detail": detail})
+    return found
 
 
 def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = None) -> VerifyResult:
@@ -251,20 +292,34 @@ def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = N
     (True, 'verified', ['artifacts', 'lines', 'payloads', 'source_rows'])
     """
     db = self._db
-    run = db.resolve_run(run_id)
+    run = db.resolve_run(run_id, unreadable=True)
     status = _status(self, run)  # first: a run that finishes while it is verified still reads as unsealed
     params = {"run": run}
-    found = [*db.frame(_PAYLOAD_SQL, params).iter_rows(named=True),
-             *db.frame(_SOURCE_SQL, params).iter_rows(named=True)]
+    left_out = db.unreadable_segments(run)
+    damaged: _Damaged = {path: (reason, []) for path, reason in left_out.items()}
+    found: list[dict[str, Any]] = []
     checked: Counter[str] = Counter()
-    checked["payloads"] = db.rows("SELECT count(*) FROM payloads WHERE run_id = $run", params)[0][0]
-    checked["source_rows"], unverifiable = db.rows(_SOURCE_COUNTS_SQL, params)[0]
-    if unverifiable:
-        checked["source_rows_without_payload"] = unverifiable
-    checked["artifacts"] = checked["lines"] = 0
-    base = self._db.path.parent
-    for artifact in db.frame(_ARTIFACTS_SQL, params).iter_rows(named=True):
-        _verify_artifact(self, run, artifact, base, found, checked)
+
+    def payloads() -> None:
+        found.extend(db.frame(_PAYLOAD_SQL, params).iter_rows(named=True))
+        checked["payloads"] = db.rows("SELECT count(*) FROM payloads WHERE run_id = $run", params)[0][0]
+
+    def source_rows() -> None:
+        found.extend(db.frame(_SOURCE_SQL, params).iter_rows(named=True))
+        checked["source_rows"], unverifiable = db.rows(_SOURCE_COUNTS_SQL, params)[0]
+        if unverifiable:
+            checked["source_rows_without_payload"] = unverifiable
+
+    def artifacts() -> None:
+        checked["artifacts"] = checked["lines"] = 0
+        for artifact in db.frame(_ARTIFACTS_SQL, params).iter_rows(named=True):
+            _unless_unreadable(partial(_verify_artifact, self, run, artifact, db.path.parent, found, checked),
+                               f"sink file {artifact['path_or_uri']}", damaged)
+
+    _unless_unreadable(payloads, "payload hashes", damaged)
+    _unless_unreadable(source_rows, "source row hashes", damaged)
+    _unless_unreadable(artifacts, "sink files", damaged)
+    found += _damage_found(damaged, left_out)
     merkle_found, merkle, root = _merkle(self, run, expected_root)
     found += merkle_found
     merkle = UNSEALED.get(status, merkle)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import pytest
 from elspeth_nb.analysis import Audit, CheckResult, open_audit
 from elspeth_nb.analysis.integrity import INVARIANTS
 from elspeth_nb.audit.schema import TABLES
+from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.writer import ParquetSegmentWriter
 from elspeth_nb.engine.clock import FakeClock
 from elspeth_nb.engine.runner import run_pipeline
+from elspeth_nb.errors import AuditStoreError
 from tests.analysis import raw
 from tests.analysis.conftest import JITTER, Matrix
 from tests.cases import fork_pipeline, write_csv
@@ -146,6 +149,104 @@ def test_merged_token_with_other_parents_breaks_consistency(run: Run) -> None:
     details = result.violations.filter(result.violations["record_id"] == "e-swapped")["detail"].to_list()
     assert any("has parents" in d and "arrival order is" in d for d in details)
     assert "arrival_order in context_json differs from arrived_token_ids" in details
+
+
+def _half_written(run: Run, landed: Collection[str]) -> Run:
+    """A copy of the run as a reader sees it mid-run: its first ``runs`` revision (running) and, of the other
+    tables, only ``landed`` (a writer lands each table's segment when it fills up, not all at once)."""
+    copy = run.folder / "half-written"
+    shutil.copytree(run.store, copy)
+    for part in sorted((copy / "parquet" / "runs" / f"run_id={run.run_id}").glob("part-*.parquet"))[1:]:
+        part.unlink()
+    for table in set(TABLES) - set(landed) - {"runs"}:
+        shutil.rmtree(copy / "parquet" / table / f"run_id={run.run_id}", ignore_errors=True)
+    return Run(copy, run.run_id, run.folder)
+
+
+#: Tables whose segments land last in the half-written copy: parent links, decisions, sink states.
+NOT_YET = ("token_parents", "coalesce_events", "node_states")
+
+
+def test_a_run_still_being_written_reports_no_records_not_yet_written(run: Run) -> None:
+    live = _half_written(run, [t for t in TABLES if t not in NOT_YET])
+    with AuditStore(live.store).writing(run.run_id):
+        result = open_audit(live.store).check(run.run_id)
+        assert result.status == "running"
+        assert result.ok, result.violations
+        assert result.partial
+        scopes = dict(result.invariants.select("invariant", "scope").iter_rows())
+        assert scopes == {"one_terminal_outcome": "full", "token_has_outcome": "skipped",
+                          "parent_links_iff_group": "limited", "parent_exists": "skipped",
+                          "fork_child_accounted": "limited", "coalesce_tokens_consistent": "limited",
+                          "coalesce_state_context": "skipped", "no_open_states": "skipped",
+                          "coalesced_has_join_group": "full", "sink_output_hash": "limited"}
+        left_out = {name for name, scope in scopes.items() if scope != "full"}
+        frame = result.to_polars()
+        assert set(frame["invariant"]) == left_out and frame["record_id"].null_count() == frame.height
+        assert all(d.startswith("not a violation: ") and "still being written" in d for d in frame["detail"])
+        text, html = repr(result), result._repr_html_()
+        assert text.startswith(f"Check of run {run.run_id} (running): no violation so far; the run is still being "
+                               f"written, so this check is partial: 2 invariants checked in full, 4 limited, "
+                               f"4 skipped until it finishes")
+        assert "parent_exists (skipped): a parent's token record may land after the links to it" in text
+        assert "still being written" in html and "Limited or skipped while the run is written" in html
+    # the writer is gone: the run reads interrupted and is checked in full, so the missing records show
+    finished = open_audit(live.store).check(run.run_id)
+    assert finished.status == "interrupted" and not finished.partial
+    assert set(finished.invariants["scope"]) == {"full"} and finished.to_polars() is finished.violations
+    assert {"parent_links_iff_group", "fork_child_accounted", "sink_output_hash"} <= set(
+        finished.violations["invariant"])
+
+
+def test_a_run_still_being_written_reports_what_no_later_record_can_fix(run: Run) -> None:
+    live = _half_written(run, [t for t in TABLES if t not in ("token_parents", "coalesce_events")])
+    tokens = live.raw("tokens")
+    fork_child = next(t for t in tokens if t["fork_group_id"])
+    outcome = next(o for o in live.raw("token_outcomes") if o["token_id"] == fork_child["token_id"])
+    sink = next(n for n in live.raw("nodes") if n["node_type"] == "sink")
+    state = next(s for s in live.raw("node_states") if s["node_id"] == sink["node_id"])
+    live.append("token_outcomes", [{**outcome, "outcome_id": "o-twice", "outcome": "failed"},
+                                   {**outcome, "outcome_id": "o-sinkless", "token_id": "t-sinkless",
+                                    "outcome": "completed", "sink_name": None}])
+    live.append("tokens", [{**fork_child, "token_id": "t-sinkless"}])
+    live.append("node_states", [{**state, "state_id": "s-unhashed", "output_hash": None}])
+    with AuditStore(live.store).writing(run.run_id):
+        result = open_audit(live.store).check(run.run_id)
+    assert _found(result) == {("one_terminal_outcome", fork_child["token_id"]),
+                              ("fork_child_accounted", "t-sinkless"), ("sink_output_hash", "s-unhashed")}
+    assert result.partial and not result.ok
+    assert repr(result).startswith(f"Check of run {run.run_id} (running): 3 violation(s) so far; the run is still")
+
+
+def _damage_last_row_group(path: Path) -> None:
+    """Invert the data pages of the segment's last row group, footer intact: DuckDB fails mid-read, naming no file."""
+    group = pq.read_metadata(path).row_group(pq.read_metadata(path).num_row_groups - 1)
+    data = bytearray(path.read_bytes())
+    for chunk in map(group.column, range(group.num_columns)):
+        start = chunk.dictionary_page_offset or chunk.data_page_offset
+        for i in range(start, start + chunk.total_compressed_size):
+            data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_data_page_is_named_by_check_and_reported_by_verify(run: Run) -> None:
+    states = run.raw("node_states")
+    run.append("node_states", [{**s, "state_id": f"{s['state_id']}-{i}"} for i in range(5000 // len(states) + 1)
+                               for s in states])  # several row groups
+    [segment] = sorted((run.store / "parquet" / "node_states" / f"run_id={run.run_id}").glob("part-*.parquet"))[-1:]
+    assert pq.read_metadata(segment).num_row_groups > 1
+    _damage_last_row_group(segment)
+    audit = open_audit(run.store)
+    with pytest.raises(AuditStoreError, match=f"^{run.store}: a segment of the audit store cannot be read: "
+                                              f"{segment}: ") as caught:
+        audit.check(run.run_id)
+    assert list(caught.value.segments) == [segment]
+    verified = audit.verify(run.run_id)
+    assert verified.merkle == "mismatch"
+    rows = verified.mismatches.select("check", "table", "record_id", "detail").rows()
+    assert rows[0][:3] == ("segment_unreadable", "node_states", segment.name)
+    assert rows[0][3].startswith(f"{segment} cannot be read (") and "; not verified: sink file " in rows[0][3]
+    assert ("merkle_segment_added", "node_states", segment.name) in [r[:3] for r in rows]
 
 
 def test_verify_recomputes_payload_and_source_hashes(run: Run) -> None:

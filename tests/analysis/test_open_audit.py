@@ -18,9 +18,19 @@ from elspeth_nb.analysis import Audit, ReadOnlyError, open_audit
 from elspeth_nb.audit.schema import RUNS, TABLES
 from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.writer import ParquetSegmentWriter
-from elspeth_nb.errors import AuditClosedError, AuditStoreError, NotFoundError, RunNotFoundError, SchemaVersionError
+from elspeth_nb.engine.clock import FakeClock
+from elspeth_nb.engine.runner import run_pipeline
+from elspeth_nb.errors import (
+    AuditClosedError,
+    AuditStoreError,
+    AuditStoreWarning,
+    NotFoundError,
+    RunNotFoundError,
+    SchemaVersionError,
+)
 from tests.analysis import raw
 from tests.analysis.conftest import CASES, HASHES_ONLY, JITTER, Matrix
+from tests.cases import fork_pipeline, write_csv
 
 RUNS_COLUMNS = ["run_id", "status", "started_at", "completed_at", "duration_s", "producer", "pipeline_path",
                 "payload_mode", "rows", "tokens", "merged", "coalesce_failed", "late_arrivals"]
@@ -299,3 +309,52 @@ def test_cases_cover_every_policy_and_merge_strategy() -> None:
 def test_frames_are_polars(audit: Audit) -> None:
     assert isinstance(audit.runs(), pl.DataFrame)
     assert os.fspath(audit.path) == os.fspath(audit.path.resolve())
+
+
+def test_a_truncated_segment_of_one_run_is_left_out_and_the_other_runs_read_as_usual(tmp_path: Path) -> None:
+    store = tmp_path / "audit"
+    old, new = (run_pipeline(fork_pipeline(write_csv(tmp_path / f"input{i}.csv")), audit=store, clock=FakeClock(),
+                             sync_duckdb=False).run_id for i in range(2))
+    shutil.copytree(store, tmp_path / "sound")
+    segment = store / "parquet" / "tokens" / f"run_id={old}" / "part-000000.parquet"
+    whole = segment.read_bytes()
+    segment.write_bytes(whole[: len(whole) // 2])
+
+    with pytest.warns(AuditStoreWarning, match=f"cannot be read: {segment}: ") as warned:
+        audit = open_audit(store)
+    assert len(warned) == 1
+    [problem] = audit.problems
+    assert problem.startswith(f"{segment}: ") and "magic bytes" in problem
+    assert "1 segment(s) cannot be read and are left out:" in repr(audit) and str(segment) in audit.to_html()
+    assert audit.runs()["run_id"].to_list() == [new, old]
+
+    sound = open_audit(tmp_path / "sound")
+    for helper in ("run_summary", "outcomes", "coalesce_events", "merge_timings", "merge_timing_summary"):
+        found, expected = getattr(audit, helper)(new), getattr(sound, helper)(new)
+        assert_frame_equal(found if isinstance(found, pl.DataFrame) else found.to_polars(),
+                           expected if isinstance(expected, pl.DataFrame) else expected.to_polars())
+    assert audit.lineage(new, row_index=2).tokens.height == sound.lineage(new, row_index=2).tokens.height
+    assert audit.check(new).ok and audit.verify(new).ok
+
+    with pytest.raises(AuditStoreError, match=f"^{store}: run {old} cannot be read in full: a segment of the audit "
+                                              f"store cannot be read: {segment}: ") as refused:
+        audit.outcomes(old)
+    assert list(refused.value.segments) == [segment]
+    verified = audit.verify(old)
+    assert verified.merkle == "mismatch"
+    assert verified.mismatches.select("check", "table", "record_id").rows() == [
+        ("segment_unreadable", "tokens", segment.name), ("merkle_segment_unreadable", "tokens", segment.name)]
+
+    # segments that land later are still read, without refresh()
+    count = "SELECT count(*) AS n FROM tokens WHERE run_id = $run"
+    before = audit.sql(count, {"run": new})["n"][0]
+    token = {**raw.rows(store, "tokens", new)[0], "token_id": "landed-later"}
+    ParquetSegmentWriter(store / "parquet", fsync=False).write_segment(
+        TABLES["tokens"], new, pa.Table.from_pylist([token], schema=TABLES["tokens"].file_schema))
+    assert audit.sql(count, {"run": new})["n"][0] == before + 1
+
+    audit.refresh()  # still damaged: no second warning (filterwarnings = error)
+    assert audit.problems == [problem]
+    segment.write_bytes(whole)
+    audit.refresh()
+    assert audit.problems == [] and audit.check(old).ok
