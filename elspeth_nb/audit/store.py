@@ -314,6 +314,7 @@ class AuditStore:
                 self._ensure_tables(con)
                 for run_id in wanted:
                     self._copy_run(con, run_id)
+                self._list_copied_segments_of_older_runs(con)
             finally:
                 con.close()
             for run_id in wanted:  # only once the file is released: no marker means readable now
@@ -429,6 +430,25 @@ class AuditStore:
                         found.add((table, entry.name, info.st_size, info.st_mtime_ns))
         return found
 
+    def _list_copied_segments_of_older_runs(self, con: duckdb.DuckDBPyConnection) -> None:
+        """List the segment files of runs copied before copies were listed, so readers keep using their copy.
+
+        Such a run is listed only when it is trusted as before: not pending and the same latest revision in
+        the file as on disk. Anything else stays unlisted, and is read from its segments until a rebuild.
+        """
+        unlisted = [r for (r,) in con.execute(
+            f"SELECT DISTINCT run_id FROM runs WHERE run_id NOT IN (SELECT run_id FROM {COPIED_SEGMENTS})"  # noqa: S608
+        ).fetchall()]
+        if not unlisted:
+            return
+        on_disk = latest_run_rows(self, unlisted)
+        copied = dict(con.execute("SELECT run_id, max(revision) FROM runs GROUP BY run_id").fetchall())
+        pending = set(self.pending_runs())
+        rows = [(run_id, *f) for run_id in unlisted if run_id not in pending and run_id in on_disk
+                and copied.get(run_id) == on_disk[run_id]["revision"] for f in sorted(self.segment_files(run_id))]
+        if rows:
+            con.executemany(f"INSERT INTO {COPIED_SEGMENTS} VALUES ($1, $2, $3, $4, $5)", rows)  # noqa: S608
+
     def _copy_run(self, con: duckdb.DuckDBPyConnection, run_id: str) -> None:
         """Replace the run's rows in every table, two tables at a time (each on its own cursor).
 
@@ -535,10 +555,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def latest_run_rows(store: AuditStore) -> dict[str, dict[str, object]]:
-    """The latest ``runs`` revision of every run on disk, as Python dicts keyed by run id."""
+def latest_run_rows(store: AuditStore, run_ids: Iterable[str] | None = None) -> dict[str, dict[str, object]]:
+    """The latest ``runs`` revision of every run on disk (or of ``run_ids``), as Python dicts keyed by run id."""
     latest: dict[str, dict[str, object]] = {}
-    for run_id in store.run_ids():
+    for run_id in store.run_ids() if run_ids is None else run_ids:
         directory = partition_dir(store.parquet_root, "runs", run_id)
         files = sorted(directory.glob("part-*.parquet"))
         if not files:

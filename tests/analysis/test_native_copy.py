@@ -123,6 +123,17 @@ def test_a_segment_rewritten_by_hand_sends_reads_to_the_segments(tmp_path: Path)
         assert audit._db.native_answers > 0
 
 
+def test_runs_copied_before_copies_were_listed_are_listed_at_the_next_sync(tmp_path: Path) -> None:
+    store, run, decisions = _store(tmp_path)
+    with duckdb.connect(str(store.duckdb_path)) as con:  # an audit.duckdb written before the list existed
+        con.execute("DROP TABLE enb_copied_segments")
+    with open_audit(store.root) as audit:
+        assert audit.coalesce_events(run).height == decisions and audit._db.native_answers == 0
+    store.sync_duckdb([])  # any later sync (another run's) lists it: same revision, not pending
+    with open_audit(store.root) as audit:
+        assert audit.coalesce_events(run).height == decisions and audit._db.native_answers > 0
+
+
 HOLD_FOR_WRITING = """
 import sys, duckdb
 con = duckdb.connect(sys.argv[1])
