@@ -132,6 +132,13 @@ class VerifyResult(Displayable):
         return html_block(f"Verification of run {self.run_id}", *parts)
 
 
+def _artifact_base(self: Audit, run: str) -> Path:
+    """Where a run's relative sink paths start: its pipeline file's folder (for an imported ELSPETH run, its
+    database's), else the audit's own folder."""
+    found = self._db.rows("SELECT pipeline_path FROM runs WHERE run_id = $run", {"run": run})
+    return Path(found[0][0]).parent if found and found[0][0] else self._db.path.parent
+
+
 def _local_path(uri: str, base: Path) -> Path | None:
     """The local file a ``path_or_uri`` names; relative paths (ELSPETH writes ``file://output.jsonl``)
     are taken relative to ``base``."""
@@ -312,8 +319,9 @@ def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = N
 
     def artifacts() -> None:
         checked["artifacts"] = checked["lines"] = 0
+        base = _artifact_base(self, run)
         for artifact in db.frame(_ARTIFACTS_SQL, params).iter_rows(named=True):
-            _unless_unreadable(partial(_verify_artifact, self, run, artifact, db.path.parent, found, checked),
+            _unless_unreadable(partial(_verify_artifact, self, run, artifact, base, found, checked),
                                f"sink file {artifact['path_or_uri']}", damaged)
 
     _unless_unreadable(payloads, "payload hashes", damaged)

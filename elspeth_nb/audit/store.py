@@ -7,6 +7,7 @@ Layout::
     <store>/parquet/<table>/run_id=__schema__/part-000000.parquet   empty file carrying the schema
     <store>/audit.duckdb                              the same tables, updated at the end of each run
     <store>/.locks/<run_id>.lock                      held (flock) by the process writing that run
+    <store>/.locks/.import.lock                       held (flock) by the import staging and swapping runs
     <store>/.duckdb-pending/<run_id>                  runs whose DuckDB update has not happened yet
 """
 
@@ -253,6 +254,22 @@ class AuditStore:
         finally:
             os.close(fd)
             path.unlink(missing_ok=True)
+
+    @contextmanager
+    def importing(self) -> Iterator[None]:
+        """Hold the store's import lock: one import at a time stages, recovers and swaps partitions.
+
+        Two imports at once deleted or rolled forward each other's staging folders and raced on the same
+        partitions. The second waits here until the first is done; the OS drops the lock if a process dies.
+        """
+        path = self.root / ".locks" / ".import.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def is_live(self, run_id: str) -> bool:
         """True while some process holds the run's lock (the run is really still running)."""

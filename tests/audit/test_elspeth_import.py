@@ -7,6 +7,9 @@ import importlib.util
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -500,6 +503,60 @@ def test_import_into_store_is_idempotent(tmp_path: Path) -> None:
     finally:
         con.close()
     assert not any((audit / ".import-staging").iterdir())
+
+
+IMPORT_IN_A_PROCESS = """
+import sys
+from elspeth_nb.audit.importers.elspeth import import_into_store
+import_into_store(sys.argv[1], sys.argv[2], payloads=sys.argv[3], sync_duckdb=False)
+"""
+
+
+def test_imports_into_one_store_at_once_take_turns(tmp_path: Path) -> None:
+    """Two imports racing on one store used to delete each other's staging and lose partitions."""
+    audit = tmp_path / "audit"
+    alone = {}
+    for sample in (QUORUM, REQUIRE_ALL):
+        (run_id,) = import_into_store(sample / "audit.db", tmp_path / sample.name, payloads=sample / "payloads",
+                                      sync_duckdb=False).run_ids
+        alone[run_id] = _parquet_counts(tmp_path / sample.name, run_id)
+    AuditStore.create(audit)
+    for _ in range(3):
+        processes = [subprocess.Popen([sys.executable, "-c", IMPORT_IN_A_PROCESS, str(sample / "audit.db"),
+                                       str(audit), str(sample / "payloads")]) for sample in (QUORUM, REQUIRE_ALL)]
+        assert [p.wait(timeout=120) for p in processes] == [0, 0]
+        assert {run_id: _parquet_counts(audit, run_id) for run_id in alone} == alone
+    assert not any((audit / ".import-staging").iterdir())
+
+
+def test_an_import_waits_while_another_holds_the_store(tmp_path: Path) -> None:
+    store = AuditStore.create(tmp_path / "audit")
+    done = threading.Event()
+
+    def run() -> None:
+        import_into_store(QUORUM / "audit.db", store.root, payloads=QUORUM / "payloads", sync_duckdb=False)
+        done.set()
+
+    with store.importing():
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert not done.wait(3.0) and store.run_ids() == []  # read, then waiting: nothing staged or swapped
+    worker.join(timeout=120)
+    assert done.is_set() and len(store.run_ids()) == 1
+
+
+def test_verify_finds_the_sink_file_of_an_imported_run(tmp_path: Path) -> None:
+    """ELSPETH's sink path is relative to its database's folder, not to the store it is imported into."""
+    from elspeth_nb.analysis import open_audit
+
+    (run_id,) = import_into_store(REQUIRE_ALL / "audit.db", tmp_path / "elsewhere" / "audit",
+                                  payloads=REQUIRE_ALL / "payloads").run_ids
+    with open_audit(tmp_path / "elsewhere" / "audit") as audit:
+        result = audit.verify(run_id)
+        pipeline_path = audit.runs()["pipeline_path"][0]
+    assert result.ok, result
+    assert result.checked["artifacts"] == 1 and result.checked["lines"] == 100
+    assert pipeline_path == str((REQUIRE_ALL / "audit.db").resolve())
 
 
 def test_import_is_deterministic() -> None:

@@ -94,12 +94,16 @@ def connect(raw: dict[str, pa.Table]) -> duckdb.DuckDBPyConnection:
 
 
 def derive(con: duckdb.DuckDBPyConnection, raw: dict[str, pa.Table], *, producer: str,
-           payload_mode: str) -> tuple[dict[str, pa.Table], list[str]]:
-    """Every table except ``payloads`` in our schema, plus the problems met on the way."""
+           payload_mode: str, pipeline_path: str | None = None) -> tuple[dict[str, pa.Table], list[str]]:
+    """Every table except ``payloads`` in our schema, plus the problems met on the way.
+
+    ``pipeline_path`` is the ELSPETH database the runs come from: ELSPETH's sink paths
+    (``file://output.jsonl``) are relative to its folder, which ``verify`` needs once the runs are imported.
+    """
     problems = _coalesce.build(con)
     tables = {name: conform(_arrow(con, f"SELECT * FROM {source} ORDER BY {SQL_ORDER[name]}"), name)
               for name, source in SQL_SOURCES.items()}
-    tables["runs"] = conform(_runs(raw["runs"], producer, payload_mode), "runs")
+    tables["runs"] = conform(_runs(raw["runs"], producer, payload_mode, pipeline_path), "runs")
     for name in ("edges", "rows", "tokens", "operations", "transform_errors"):
         tables[name] = conform(raw[name], name)
     tables["token_parents"] = conform(_with_run(raw["token_parents"], "token_id", raw["tokens"], "token_id"),
@@ -126,10 +130,10 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     return con.sql(sql).to_arrow_table()
 
 
-def _runs(runs: pa.Table, producer: str, payload_mode: str) -> pa.Table:
-    """ELSPETH's runs plus our columns: revision 0, schema version, producer, payload mode."""
+def _runs(runs: pa.Table, producer: str, payload_mode: str, pipeline_path: str | None) -> pa.Table:
+    """ELSPETH's runs plus our columns: revision 0, schema version, producer, payload mode, source database."""
     values: dict[str, Any] = {"revision": 0, "schema_version": SCHEMA_VERSION, "producer": producer,
-                              "payload_mode": payload_mode}
+                              "payload_mode": payload_mode, "pipeline_path": pipeline_path}
     for f in TABLES["runs"].schema:
         if f.name not in runs.column_names:
             runs = runs.append_column(f, constant(runs, values.get(f.name), f.type))

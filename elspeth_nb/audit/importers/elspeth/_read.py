@@ -75,7 +75,8 @@ def _derive_all(db: Path, raw: dict[str, pa.Table], mode: str) -> tuple[dict[str
     """Our tables, the problems met, and the (run_id, ref) payload pairs, from one DuckDB connection."""
     duck = _derive.connect(raw)
     try:
-        tables, problems = _derive.derive(duck, raw, producer=f"elspeth (imported from {db.name})", payload_mode=mode)
+        tables, problems = _derive.derive(duck, raw, producer=f"elspeth (imported from {db.name})", payload_mode=mode,
+                                         pipeline_path=str(db.resolve()))
         return tables, problems, _derive.payload_refs(duck)
     except duckdb.Error as exc:  # a malformed value deep in the data: say which file, keep the cause
         raise AuditStoreError(f"{db} could not be converted: {exc}") from exc

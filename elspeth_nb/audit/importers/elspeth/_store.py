@@ -52,17 +52,18 @@ def import_into_store(
     started = time.perf_counter()
     imported = read_landscape(db_path, payloads=payloads, run_ids=run_ids)
     store = AuditStore.create(audit_dir)
-    recover_staging(store)
     timings = {k: v for k, v in imported.timings.items() if k != "total_s"}
     writing = time.perf_counter()
-    for run_id in imported.run_ids:
-        store.mark_pending(run_id)  # a re-import: from the swap on, audit.duckdb's rows of the run are stale
-        try:
-            with store.writing(run_id):
-                _replace_run(store, imported, run_id)
-        except BlockingIOError as exc:
-            raise AuditStoreError(f"run {run_id} is being written to {store.root} by another process; "
-                                  "import it again when that process has finished") from exc
+    with store.importing():
+        recover_staging(store)
+        for run_id in imported.run_ids:
+            store.mark_pending(run_id)  # a re-import: from the swap on, audit.duckdb's rows of the run are stale
+            try:
+                with store.writing(run_id):
+                    _replace_run(store, imported, run_id)
+            except BlockingIOError as exc:
+                raise AuditStoreError(f"run {run_id} is being written to {store.root} by another process; "
+                                      "import it again when that process has finished") from exc
     timings["write_parquet_s"] = time.perf_counter() - writing
     update = store.update_duckdb(imported.run_ids, sync_duckdb)
     if sync_duckdb is True:
