@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from elspeth_nb.audit.hashing import canonical_json, canonical_json_prepared, error_hash, json_number, stable_hash
+from elspeth_nb.audit.hashing import (
+    canonical_bytes,
+    canonical_json,
+    canonical_json_prepared,
+    error_hash,
+    json_number,
+    stable_hash,
+)
 from elspeth_nb.audit.schema import CoalesceEventType, Outcome, StateStatus, Trigger
 from elspeth_nb.engine.executors import NodeExecutor, Route
 from elspeth_nb.engine.tokens import Duty, EngineContext, RowContext, Timer, Token, _sha256, hash_row
@@ -118,6 +125,16 @@ def policy_verdict(policy: str, n: int, quorum: int | None, arrived: int, lost: 
     raise EngineInvariantError(f"unknown coalesce policy {policy!r}")
 
 
+_SCALARS = (str, int, bool, type(None))
+
+
+def _differ_as_json(a: Any, b: Any) -> bool:
+    """Whether two values differ as canonical JSON (1 and 1.0 do not; [1] and [true] do)."""
+    if type(a) is type(b) and type(a) in _SCALARS:
+        return bool(a != b)
+    return canonical_bytes(a) != canonical_bytes(b)
+
+
 def merge_union(order: list[str], rows: dict[str, Row]) -> tuple[Row, dict[str, dict[str, Any]]]:
     """Overlay branch rows in configured order (the last configured branch wins a field).
 
@@ -131,8 +148,7 @@ def merge_union(order: list[str], rows: dict[str, Row]) -> tuple[Row, dict[str, 
             continue
         if out:
             for field in out.keys() & row.keys():
-                a, b = out[field], row[field]
-                if type(a) is not type(b) or a != b:
+                if _differ_as_json(out[field], row[field]):
                     differing.add(field)
         out.update(row)
     collisions = {}

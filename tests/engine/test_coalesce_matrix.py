@@ -210,3 +210,19 @@ def assert_one_terminal_outcome_per_token(trail: Trail) -> None:
     counts = Counter(o["token_id"] for o in trail.rows("token_outcomes") if o["is_terminal"] == 1)
     assert set(counts) == tokens
     assert set(counts.values()) == {1}
+
+
+@pytest.mark.parametrize(("a", "b", "collide"), [
+    ([1, 0], [True, False], True),  # equal in Python, different JSON
+    ({"on": 1}, {"on": True}, True),
+    (1, 1.0, False),  # equal JSON (the same hash), different Python types
+    ([1, 2], [1.0, 2], False),
+    ("x", "x", False),
+    (None, 0, True),
+])
+def test_union_collisions_compare_values_as_canonical_json(a: Any, b: Any, collide: bool) -> None:
+    from elspeth_nb.engine.coalesce import merge_union
+
+    merged, collisions = merge_union(["p", "q"], {"p": {"v": a}, "q": {"v": b}})
+    assert merged == {"v": b}
+    assert collisions == ({"v": {"branches": ["p", "q"], "winner": "q"}} if collide else {})
