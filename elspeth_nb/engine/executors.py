@@ -98,7 +98,7 @@ class TransformExecutor(NodeExecutor):
         ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, FAILED, token.hash, None, None, None,
                             (ended - started) * 1000.0, error_json, None, started, ended)
         routing = self.on_error
-        row_json = token.data.decode() if ctx.store_boundary_payloads else None
+        row_json = token.data.decode() if ctx.store_all_payloads else None  # a row inside the pipeline
         ctx.rec.transform_errors(ctx.new_error_id(), token.id, self.node_id, token.hash, row_json, error_json,
                                  routing.label, ended)
         summary = f"{details.get('reason', 'error')}"

@@ -173,7 +173,7 @@ class RowProcessor:
         state_id = ctx.new_state_id()
         ctx.rec.node_states(state_id, token.id, node_id, 0, 0, StateStatus.FAILED, row_hash, None, None, None, 0.0,
                             canonical_json(details), None, now, now)
-        ctx.rec.validation_errors(ctx.new_error_id(), node_id, row_hash, data.decode(), problem.error,
+        ctx.rec.validation_errors(ctx.new_error_id(), node_id, row_hash, data.decode() if ref else None, problem.error,
                                   self.source.schema_mode, self.quarantine_destination, now, problem.violation_type,
                                   problem.field, problem.field, problem.expected_type, problem.actual_type, rc.row_id,
                                   problem.location)
