@@ -183,7 +183,7 @@ class CoalesceExecutor(NodeExecutor):
         """A branch token arrives."""
         now = self.ctx.now()
         rc = token.rc
-        entry = rc.joins.get(self.name)
+        entry = self._after_overdue_timeout(rc, now)
         if isinstance(entry, Decision):
             self._late(token, branch, entry, now)
             return
@@ -204,7 +204,7 @@ class CoalesceExecutor(NodeExecutor):
     def branch_lost(self, rc: RowContext, branch: str, outer: tuple[Duty, ...], reason: dict[str, Any],
                     now: float) -> None:
         """A branch token of ``rc`` ended elsewhere: it will never arrive."""
-        entry = rc.joins.get(self.name)
+        entry = self._after_overdue_timeout(rc, now)
         if isinstance(entry, Decision):
             return
         if entry is None:
@@ -215,12 +215,27 @@ class CoalesceExecutor(NodeExecutor):
         if verdict is not None:
             self._decide(rc, entry, verdict, now)
 
+    def _after_overdue_timeout(self, rc: RowContext, now: float) -> PendingJoin | Decision | None:
+        """The row's join, once a timeout already due by ``now`` has been decided (a busy engine fires timers late).
+
+        Otherwise an arrival processed after the deadline would count as in time, and the trail would show a
+        merge that waited longer than its own timeout.
+        """
+        entry = rc.joins.get(self.name)
+        if isinstance(entry, PendingJoin) and entry.timer is not None and not entry.timer.cancelled \
+                and entry.timer.due <= now:
+            self._on_timeout(rc, entry)
+            entry = rc.joins.get(self.name)
+        return entry
+
     def _on_timeout(self, rc: RowContext, entry: PendingJoin) -> None:
+        """Decide at the deadline itself: a timer fired late still records the time the timeout was due."""
         if rc.joins.get(self.name) is not entry:
             return
         verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost),
                                  Trigger.TIMEOUT)
-        self._decide(rc, entry, verdict, self.ctx.now())  # type: ignore[arg-type]
+        due = entry.timer.due if entry.timer is not None else self.ctx.now()
+        self._decide(rc, entry, verdict, due)  # type: ignore[arg-type]
 
     def flush(self, rc: RowContext) -> None:
         """End of source with this row's join still pending: decide with what there is."""

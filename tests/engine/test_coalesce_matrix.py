@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from elspeth_nb.engine.clock import FakeClock
 from tests.cases import ROWS, SCENARIOS, Trail, fork_pipeline, run_in_memory, scenario_options, write_csv
 
 TOYS = 1  # row index whose branch c is lost in the `lost` scenario
@@ -226,3 +227,29 @@ def test_union_collisions_compare_values_as_canonical_json(a: Any, b: Any, colli
     merged, collisions = merge_union(["p", "q"], {"p": {"v": a}, "q": {"v": b}})
     assert merged == {"v": b}
     assert collisions == ({"v": {"branches": ["p", "q"], "winner": "q"}} if collide else {})
+
+
+class _WakesLate(FakeClock):
+    """A busy machine: every wait overshoots by 200 ms, so timers fire late."""
+
+    def sleep_until(self, t: float) -> None:
+        super().sleep_until(t + 0.2)
+
+
+def test_a_timeout_due_before_a_late_processed_arrival_decides_first(tmp_path: Path) -> None:
+    """Branch c's call is due at 100 ms, the timeout at 150 ms, but the engine only wakes at 300 ms: c was
+    processed after the deadline, so the join times out (at 150 ms) and c is a late arrival, never a merge
+    that waited longer than its own timeout."""
+    from elspeth_nb.audit.writer import MemoryWriter
+    from elspeth_nb.engine.runner import run_pipeline
+
+    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"), policy="best_effort", timeout_seconds=0.15,
+                             slow={"c": 100})
+    writer = MemoryWriter()
+    run_pipeline(pipeline, clock=_WakesLate(), writer=writer, max_in_flight=1)
+    events = writer.table("coalesce_events").to_pylist()
+    decisions = [e for e in events if e["event_type"] != "late_arrival"]
+    late = [e for e in events if e["event_type"] == "late_arrival"]
+    assert decisions and {(e["trigger"], tuple(e["branches_arrived"])) for e in decisions} == {("timeout", ("a", "b"))}
+    assert all(e["wait_duration_ms"] == pytest.approx(150.0) for e in decisions)
+    assert len(late) == len(decisions) and all(e["late_branch"] == "c" and e["late_by_ms"] > 0 for e in late)
