@@ -104,10 +104,11 @@ class SyncResult:
     pending: list[str] = field(default_factory=list)
     message: str = ""
     seconds: float = 0.0
+    failed: bool = False  # audit.duckdb could not be opened or written (damaged): only a rebuild helps
 
     @property
     def ok(self) -> bool:
-        return not self.pending
+        return not self.pending and not self.failed
 
 
 class AuditStore:
@@ -329,22 +330,32 @@ class AuditStore:
             try:
                 _configure(con, self.root / ".duckdb-tmp")
                 self._ensure_tables(con)
+                wanted += self._runs_missing_from(con, wanted)
                 for run_id in wanted:
                     self._copy_run(con, run_id)
                 self._list_copied_segments_of_older_runs(con)
+            except duckdb.Error as exc:  # a damaged file: say so, the segments stay the truth
+                last_error, held = exc, False
+            else:
+                for run_id in wanted:  # only once the file is released: no marker means readable now
+                    (self.pending_dir() / run_id).unlink(missing_ok=True)
+                return SyncResult(synced=wanted, seconds=time.perf_counter() - started)
             finally:
                 con.close()
-            for run_id in wanted:  # only once the file is released: no marker means readable now
-                (self.pending_dir() / run_id).unlink(missing_ok=True)
-            return SyncResult(synced=wanted, seconds=time.perf_counter() - started)
         then = "(or the next run) brings audit.duckdb up to date" if held else "recreates audit.duckdb from them"
         return SyncResult(
             pending=wanted,
             seconds=time.perf_counter() - started,
-            message=(f"{self.duckdb_path} {'is held by another process' if held else 'cannot be opened'} "
-                     f"({last_error}); the Parquet segments are complete and {len(wanted)} run(s) are marked "
-                     f"pending: `elspeth-nb rebuild --audit {self.root}` {then}"),
+            message=(f"{self.duckdb_path} {'is held by another process' if held else 'cannot be opened or written'} "
+                     f"({str(last_error).splitlines()[0]}); the Parquet segments are complete and {len(wanted)} "
+                     f"run(s) are marked pending: `elspeth-nb rebuild --audit {self.root}` {then}"),
+            failed=not held,
         )
+
+    def _runs_missing_from(self, con: duckdb.DuckDBPyConnection, wanted: Sequence[str]) -> list[str]:
+        """Finished runs on disk that audit.duckdb does not hold at all (a deleted or new file), oldest first."""
+        held = {r for (r,) in con.execute("SELECT DISTINCT run_id FROM runs").fetchall()}
+        return [r for r in self.run_ids() if r not in held and r not in wanted and not self.is_live(r)]
 
     def _connect_for_writing(self, attempts: int, wait_s: float
                              ) -> tuple[duckdb.DuckDBPyConnection | None, Exception | None, bool]:

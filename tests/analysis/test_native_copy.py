@@ -134,6 +134,25 @@ def test_runs_copied_before_copies_were_listed_are_listed_at_the_next_sync(tmp_p
         assert audit.coalesce_events(run).height == decisions and audit._db.native_answers > 0
 
 
+def test_a_sync_after_audit_duckdb_was_deleted_copies_every_run_again(tmp_path: Path) -> None:
+    store, run, decisions = _store(tmp_path)
+    store.duckdb_path.unlink()
+    result = store.sync_duckdb([])
+    assert result.ok and result.synced == [run]
+    with open_audit(store.duckdb_path) as audit:
+        assert audit.coalesce_events(run).height == decisions
+
+
+def test_a_sync_into_a_damaged_audit_duckdb_fails_and_says_rebuild(tmp_path: Path) -> None:
+    store, run, _ = _store(tmp_path)
+    store.duckdb_path.write_bytes(b"not a database at all" * 1000)
+    result = store.sync_duckdb([run])
+    assert not result.ok and result.failed and result.pending == [run]
+    assert "cannot be opened or written" in result.message and "elspeth-nb rebuild" in result.message
+    assert store.pending_runs() == [run]
+    assert store.rebuild_duckdb().synced == [run] and store.sync_duckdb([]).ok
+
+
 HOLD_FOR_WRITING = """
 import sys, duckdb
 con = duckdb.connect(sys.argv[1])
