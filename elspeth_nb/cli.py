@@ -43,14 +43,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(audit: str | Path, run_id: str, output: Path) -> Path:
+def _write_report(audit: str | Path, run_id: str, output: str | Path) -> Path:
     from elspeth_nb.report import render_report
 
     return render_report(audit, run_id=run_id, output=output)
 
 
 def _report(args: argparse.Namespace) -> int:
-    path = _write_report(args.audit, args.run, Path(args.output))
+    path = _write_report(args.audit, args.run, args.output)
     print(f"wrote {path}")
     return 0
 

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from elspeth_nb.errors import Error
+from elspeth_nb.errors import Error, InputError
 
 if TYPE_CHECKING:
     from nbformat import NotebookNode
@@ -63,14 +63,30 @@ def render_report(
     >>> render_report("data/demo/audit", output="report.html")  # doctest: +SKIP
     PosixPath('report.html')
     """
+    target = _writable_target(os.fspath(output))
     audit_path, run = _resolve(audit, run_id)
     notebook = inject_parameters(report_notebook(), {"audit_path": str(audit_path), "run_id": run})
     notebook.metadata["title"] = f"elspeth-nb audit report: run {run}"
     with tempfile.TemporaryDirectory(prefix="elspeth-nb-report-") as scratch:
         executed = execute_notebook(notebook, cwd=Path(scratch), timeout=timeout)
-    target = Path(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(to_static_html(executed), encoding="utf-8")
+    return target
+
+
+def _writable_target(output: str) -> Path:
+    """The output file, once its folder exists and it can be written: checked before the seconds of rendering."""
+    target = Path(output)
+    if output.endswith(os.sep) or target.is_dir():
+        raise InputError(f"report output {output} is a folder; give a file name such as {target / 'report.html'}")
+    existed = target.exists()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise InputError(f"report output {output} cannot be written: {exc.strerror or exc}") from exc
+    if not existed:
+        target.unlink()
     return target
 
 

@@ -77,3 +77,16 @@ def test_the_kernel_is_this_interpreter_even_without_kernelspecs(tmp_path: Path,
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys\nprint(sys.executable)")])
     executed = execute_notebook(notebook, cwd=tmp_path, timeout=30)
     assert executed.cells[0].outputs[0].text.strip() == sys.executable
+
+
+@pytest.mark.parametrize("output", ["folder/", "a_folder", "/proc/elspeth-nb/report.html"])
+def test_an_output_that_cannot_be_written_is_refused_before_rendering(tmp_path: Path, output: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from elspeth_nb.errors import InputError
+    from elspeth_nb.report import render_report
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(InputError, match=r"^report output .* (is a folder|cannot be written)"):
+        render_report(tmp_path / "no-store-here", output=output)  # the output is checked before the audit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"]
