@@ -44,6 +44,15 @@ SELECT 'payload_hash' AS "check", 'payloads' AS "table", payload_hash AS record_
 FROM payloads WHERE run_id = $run AND sha256(payload_json) <> payload_hash
 """
 
+#: Payload files of an ELSPETH run whose bytes did not hash to their ref when it was read: left out of
+#: ``payloads`` (so they read like purged ones) but listed in the run's counts, so the tampering stays visible.
+_IMPORT_MISMATCH_SQL = """
+SELECT 'payload_hash' AS "check", 'payloads' AS "table", ref AS record_id, ref AS expected, NULL AS actual,
+       'ELSPETH''s payload file for this ref does not hash to it (tampered or damaged; left out)' AS detail
+FROM (SELECT unnest(CAST(json_extract(counts_json, '$.payload_mismatches') AS VARCHAR[])) AS ref
+      FROM runs WHERE run_id = $run AND json_exists(counts_json, '$.payload_mismatches'))
+"""
+
 #: Source rows whose stored payload does not hash to source_data_hash (a row whose payload is not in
 #: the store, purged or imported without its payload folder, cannot be checked and is only counted).
 _SOURCE_SQL = """
@@ -309,6 +318,7 @@ def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = N
 
     def payloads() -> None:
         found.extend(db.frame(_PAYLOAD_SQL, params).iter_rows(named=True))
+        found.extend(db.frame(_IMPORT_MISMATCH_SQL, params).iter_rows(named=True))
         checked["payloads"] = db.rows("SELECT count(*) FROM payloads WHERE run_id = $run", params)[0][0]
 
     def source_rows() -> None:

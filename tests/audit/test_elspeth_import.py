@@ -559,6 +559,22 @@ def test_verify_finds_the_sink_file_of_an_imported_run(tmp_path: Path) -> None:
     assert pipeline_path == str((REQUIRE_ALL / "audit.db").resolve())
 
 
+def test_a_tampered_payload_file_is_a_verify_finding_not_a_purge(tmp_path: Path) -> None:
+    """Its bytes no longer hash to the ref: left out like a purged payload, but verify must still say so."""
+    from elspeth_nb.analysis import open_audit
+
+    copy = tmp_path / "elspeth"
+    shutil.copytree(REQUIRE_ALL, copy)
+    victim = sorted((copy / "payloads").glob("*/*"))[0]
+    victim.write_bytes(victim.read_bytes().replace(b"a", b"A", 1))
+    (run_id,) = import_into_store(copy / "audit.db", tmp_path / "audit", payloads=copy / "payloads").run_ids
+    for where in (copy / "audit.db", tmp_path / "audit"):
+        with open_audit(where, **({"payloads": copy / "payloads"} if where.suffix == ".db" else {})) as audit:
+            result = audit.verify(run_id)
+        assert not result.ok
+        assert result.mismatches.select("check", "record_id").rows() == [("payload_hash", victim.name)]
+
+
 def test_import_is_deterministic() -> None:
     a = read_landscape(QUORUM / "audit.db", payloads=QUORUM / "payloads")
     b = read_landscape(QUORUM / "audit.db", payloads=QUORUM / "payloads")

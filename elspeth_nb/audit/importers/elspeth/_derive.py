@@ -167,8 +167,9 @@ def _patch_outcomes(outcomes: pa.Table, patch: pa.Table, contexts: pa.Table, aft
     return replace(outcomes, "context_json", pc.coalesce(outcomes.column("context_json"), context))
 
 
-def add_counts(tables: dict[str, pa.Table]) -> None:
-    """Fill ``runs.counts_json``: rows, quarantined, outcomes, coalesce decisions, records per table."""
+def add_counts(tables: dict[str, pa.Table], payload_mismatches: dict[str, list[str]] | None = None) -> None:
+    """Fill ``runs.counts_json``: rows, quarantined, outcomes, coalesce decisions, records per table, and the
+    refs whose payload file did not hash to the ref (left out, so ``verify`` can still report them)."""
     runs = tables["runs"]
     per_run: dict[str, dict[str, Any]] = defaultdict(lambda: {"outcomes": Counter(), "records": {}})
     for name, table in tables.items():
@@ -194,5 +195,6 @@ def add_counts(tables: dict[str, pa.Table]) -> None:
             "coalesce": dict(sorted(coalesce[run_id].items())),
             "records": dict(sorted(info["records"].items())),
             "late_arrivals_reclassified": info["outcomes"].get(Outcome.LATE_ARRIVAL, 0),
+            **({"payload_mismatches": sorted(wrong)} if (wrong := (payload_mismatches or {}).get(run_id)) else {}),
         }).decode())
     tables["runs"] = replace(runs, "counts_json", pa.array(counts, pa.string()))

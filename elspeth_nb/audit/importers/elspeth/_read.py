@@ -12,8 +12,8 @@ import pyarrow as pa
 
 from elspeth_nb.audit.importers.elspeth import _derive, _sqlite
 from elspeth_nb.audit.importers.elspeth._model import LandscapeImport
+from elspeth_nb.audit.importers.elspeth._payloads import MISMATCH, payload_table, read_refs, used_refs
 from elspeth_nb.audit.importers.elspeth._payloads import payload_problems as payload_problems_of
-from elspeth_nb.audit.importers.elspeth._payloads import payload_table, read_refs, used_refs
 from elspeth_nb.audit.schema import TABLES
 from elspeth_nb.errors import AuditStoreError
 
@@ -48,9 +48,9 @@ def read_landscape(
     problems += found
     timings["read_sqlite_s"] = time.perf_counter() - started
     payload_dir, payload_problems = _payload_dir(payloads)
-    tables, derive_problems, issues = _derive_with_payloads(db, raw, payload_dir)
+    tables, derive_problems, issues, pairs = _derive_with_payloads(db, raw, payload_dir)
     timings["derive_and_payloads_s"] = time.perf_counter() - started - timings["read_sqlite_s"]
-    _derive.add_counts(tables)
+    _derive.add_counts(tables, _mismatches_by_run(pairs, issues))
     timings["total_s"] = time.perf_counter() - started
     ordered = {name: tables[name] if name in tables else TABLES[name].schema.empty_table() for name in TABLES}
     if payload_dir is not None:
@@ -59,16 +59,30 @@ def read_landscape(
                            payload_dir, issues, timings)
 
 
-def _derive_with_payloads(db: Path, raw: dict[str, pa.Table],
-                          payload_dir: Path | None) -> tuple[dict[str, pa.Table], list[str], dict[str, str]]:
-    """Derive our tables while a second thread loads and verifies the payload files (DuckDB frees the GIL)."""
+def _derive_with_payloads(db: Path, raw: dict[str, pa.Table], payload_dir: Path | None
+                          ) -> tuple[dict[str, pa.Table], list[str], dict[str, str], pa.Table]:
+    """Derive our tables while a second thread loads and verifies the payload files (DuckDB frees the GIL).
+
+    Also returns the payload issues by ref and the (run_id, ref) pairs the runs use.
+    """
     mode = SOURCE_PAYLOADS if payload_dir is not None else HASHES_ONLY
     with ThreadPoolExecutor(max_workers=1) as pool:
         loading = pool.submit(read_refs, payload_dir, used_refs(raw)) if payload_dir is not None else None
         tables, problems, pairs = _derive_all(db, raw, mode)
         loaded, issues = loading.result() if loading is not None else ({}, {})
     tables["payloads"] = payload_table(pairs, loaded)
-    return tables, problems, issues
+    return tables, problems, issues, pairs
+
+
+def _mismatches_by_run(pairs: pa.Table, issues: dict[str, str]) -> dict[str, list[str]]:
+    """run id -> refs whose payload file did not hash to the ref: tampered, not purged; verify reports them."""
+    wrong = {ref for ref, issue in issues.items() if issue == MISMATCH}
+    found: dict[str, list[str]] = {}
+    if wrong:
+        for run_id, ref in zip(pairs.column("run_id").to_pylist(), pairs.column("ref").to_pylist(), strict=True):
+            if ref in wrong:
+                found.setdefault(run_id, []).append(ref)
+    return found
 
 
 def _derive_all(db: Path, raw: dict[str, pa.Table], mode: str) -> tuple[dict[str, pa.Table], list[str], pa.Table]:
