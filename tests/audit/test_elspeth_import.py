@@ -575,6 +575,16 @@ def test_a_tampered_payload_file_is_a_verify_finding_not_a_purge(tmp_path: Path)
         assert result.mismatches.select("check", "record_id").rows() == [("payload_hash", victim.name)]
 
 
+def test_reimporting_without_payloads_says_it_drops_them(tmp_path: Path) -> None:
+    first = import_into_store(REQUIRE_ALL / "audit.db", tmp_path / "audit", payloads=REQUIRE_ALL / "payloads")
+    (run_id,) = first.run_ids
+    assert _parquet_counts(tmp_path / "audit", run_id)["payloads"] > 0 and first.problems == []
+    again = import_into_store(REQUIRE_ALL / "audit.db", tmp_path / "audit")
+    kept = _parquet_counts(tmp_path / "audit", run_id)["payloads"]
+    assert kept == 0 and len(again.problems) == 1
+    assert again.problems[0].startswith(f"run {run_id}: re-imported without payloads, so the 104 payload(s)")
+
+
 def test_import_is_deterministic() -> None:
     a = read_landscape(QUORUM / "audit.db", payloads=QUORUM / "payloads")
     b = read_landscape(QUORUM / "audit.db", payloads=QUORUM / "payloads")

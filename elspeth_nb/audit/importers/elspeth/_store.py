@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from elspeth_nb.audit.importers.elspeth._model import ImportReport, LandscapeImport
 from elspeth_nb.audit.importers.elspeth._read import read_landscape
@@ -54,9 +55,11 @@ def import_into_store(
     store = AuditStore.create(audit_dir)
     timings = {k: v for k, v in imported.timings.items() if k != "total_s"}
     writing = time.perf_counter()
+    problems = list(imported.problems)
     with store.importing():
         recover_staging(store)
         for run_id in imported.run_ids:
+            problems += _payloads_dropped(store, imported, run_id)
             store.mark_pending(run_id)  # a re-import: from the swap on, audit.duckdb's rows of the run are stale
             try:
                 with store.writing(run_id):
@@ -71,8 +74,20 @@ def import_into_store(
     return ImportReport(
         db_path=Path(db_path), audit_dir=store.root, run_ids=list(imported.run_ids),
         source_rows=imported.source_rows, records=imported.records, seconds=time.perf_counter() - started,
-        problems=list(imported.problems), duckdb_message=update.message, timings=timings,
+        problems=problems, duckdb_message=update.message, timings=timings,
     )
+
+
+def _payloads_dropped(store: AuditStore, imported: LandscapeImport, run_id: str) -> list[str]:
+    """A re-import without payloads replaces a run that had them: say so (the run becomes hashes only)."""
+    if _run_rows(imported.tables["payloads"], run_id).num_rows:
+        return []
+    before = sum(pq.read_metadata(f).num_rows
+                 for f in partition_dir(store.parquet_root, "payloads", run_id).glob("part-*.parquet"))
+    if not before:
+        return []
+    return [f"run {run_id}: re-imported without payloads, so the {before} payload(s) imported earlier are "
+            "replaced by hashes only; import again with --payloads to keep them"]
 
 
 def _replace_run(store: AuditStore, imported: LandscapeImport, run_id: str) -> None:
