@@ -396,8 +396,8 @@ class CoalesceExecutor(NodeExecutor):
                                          "decision_failure_reason": decision.failure_reason, "event_id": decision_id})
             ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.FAILED,
                                 token.hash, None, None, context_json, 0.0, error_json, None, now, now)
-            ctx.finish(token, Outcome.FAILED, now, error_hash=error_hash("late_arrival_after_failure"),
-                       context_json=context_json)
+            ctx.finish(token, Outcome.LATE_ARRIVAL, now, error_hash=error_hash("late_arrival_after_failure"),
+                       context_json=context_json)  # late, not a failure of its own (the decision failed)
         ctx.rec.coalesce_events(
             event_id, self.node_id, self.name, token.rc.row_id, CoalesceEventType.LATE_ARRIVAL, Trigger.LATE_ARRIVAL,
             decision.failure_reason, self.policy, self.strategy, self.quorum, self.timeout, self.select_branch,
