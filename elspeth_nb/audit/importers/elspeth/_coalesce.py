@@ -376,10 +376,10 @@ AFTER_LOSS = [
         JOIN l_tokens t ON t.row_id = x.row_id AND t.branch_name = x.branch
             AND t.fork_group_id IS NOT DISTINCT FROM x.fork_group_id
         JOIN l_token_outcomes o ON o.token_id = t.token_id AND o.is_terminal = 1
-        WHERE t.token_id NOT IN (SELECT token_id FROM c_states WHERE node_id = x.node_id)),
+        ANTI JOIN c_states cs ON cs.token_id = t.token_id AND cs.node_id = x.node_id),
     last_node AS (
-        SELECT s.token_id, arg_max(s.node_id, s.step_index * 1000 + s.attempt) AS node_id FROM l_node_states s
-        WHERE s.token_id IN (SELECT lost_token FROM ended) GROUP BY s.token_id),
+        SELECT s.token_id, arg_max(s.node_id, s.step_index * 1000 + s.attempt) AS node_id
+        FROM l_node_states s SEMI JOIN ended e ON e.lost_token = s.token_id GROUP BY s.token_id),
     k AS (
         SELECT e.*, n.node_name, {_LOST_KIND.replace("fl.", "e.")} AS reason
         FROM ended e LEFT JOIN last_node ln ON ln.token_id = e.lost_token
