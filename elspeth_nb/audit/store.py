@@ -334,8 +334,10 @@ class AuditStore:
                 for run_id in wanted:
                     self._copy_run(con, run_id)
                 self._list_copied_segments_of_older_runs(con)
-            except duckdb.Error as exc:  # a damaged file: say so, the segments stay the truth
-                last_error, held = exc, False
+            except duckdb.Error as exc:
+                if not _damaged_file(exc):  # out of memory, a bug: not something a rebuild would fix
+                    raise
+                last_error, held = exc, False  # a damaged file: say so, the segments stay the truth
             else:
                 for run_id in wanted:  # only once the file is released: no marker means readable now
                     (self.pending_dir() / run_id).unlink(missing_ok=True)
@@ -371,6 +373,10 @@ class AuditStore:
                 if "lock" not in str(exc).lower():  # not held but unreadable (damaged): waiting will not help
                     return None, exc, False
                 last_error = exc
+            except duckdb.Error as exc:
+                if _damaged_file(exc):  # a corrupt block: waiting will not help either
+                    return None, exc, False
+                raise
             self.sync_waiting_path().touch()
             time.sleep(wait_s * (2**attempt))
         return None, last_error, True
@@ -551,6 +557,11 @@ DEDUPLICATE_PAYLOADS = """
                                     FROM candidates) WHERE n > 1)
     DELETE FROM payloads WHERE rowid IN (SELECT rid FROM extra)
 """
+
+
+def _damaged_file(exc: duckdb.Error) -> bool:
+    """Whether ``exc`` says the database file cannot be read (a bad checksum raises DuckDB's base class)."""
+    return type(exc) is duckdb.Error or isinstance(exc, duckdb.IOException | duckdb.InternalException)
 
 
 def _run_select(table: Table) -> str:
