@@ -56,6 +56,19 @@ def canonical_bytes(obj: Any) -> bytes:
         raise CanonicalizationError(f"$: {exc}") from exc
 
 
+def is_canonical(obj: Any) -> bool:
+    """Whether ``obj`` has an RFC 8785 form (no NaN, no integer beyond 2**53, not too deep, JSON types only).
+
+    >>> is_canonical({"a": [1, "x"]}), is_canonical(float("nan"))
+    (True, False)
+    """
+    try:
+        canonical_bytes(obj)
+    except CanonicalizationError:
+        return False
+    return True
+
+
 def canonical_json(obj: Any) -> str:
     """RFC 8785 canonical JSON of ``obj`` as a string."""
     return canonical_bytes(obj).decode("utf-8")

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from elspeth_nb.audit.hashing import canonical_bytes
+from elspeth_nb.audit.hashing import is_canonical
 from elspeth_nb.errors import CanonicalizationError, InputError
 
 MAX_FIELD_BYTES = 16 * 1024 * 1024
@@ -382,7 +382,7 @@ class JsonlSource(_Source):
         try:
             self.check_typed(value)
         except SchemaViolation as problem:
-            kept = value if _canonical(value) else {"line": self._text(raw)}
+            kept = value if is_canonical(value) else {"line": self._text(raw)}
             return Quarantine(kept, str(problem), problem.violation, self.location(number), problem.field,
                               problem.expected, problem.actual)
         return value
@@ -456,18 +456,9 @@ class ParquetSource(_Source):
         return f"{self.path.name}#row{line}"
 
 
-def _canonical(value: Any) -> bool:
-    """Whether ``value`` has a canonical JSON form (so it can be stored as it is)."""
-    try:
-        canonical_bytes(value)
-    except CanonicalizationError:
-        return False
-    return True
-
-
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with each value that has no canonical JSON form (NaN, 2**62, too deep) replaced by its repr."""
-    return {k: v if _canonical(v) else _repr(v) for k, v in row.items()}
+    return {k: v if is_canonical(v) else _repr(v) for k, v in row.items()}
 
 
 def _repr(value: Any) -> str:

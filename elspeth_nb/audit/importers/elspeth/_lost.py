@@ -16,8 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from elspeth_nb.audit.hashing import canonical_json
-from elspeth_nb.errors import CanonicalizationError
+from elspeth_nb.audit.hashing import canonical_json, is_canonical
 
 KNOWN_KINDS = frozenset({"error_routed", "quarantined", "max_retries_exceeded", "gate_routed_to_sink",
                          "coalesce_failed"})
@@ -119,7 +118,7 @@ def reason_table(raws: Iterable[str | None]) -> tuple[pa.Table, list[str]]:
         raw_list.append(raw)
         kinds.append(parsed["reason"])
         detail = parsed["detail"]
-        details.append(None if detail is None else canonical_json(detail) if _hashable(detail) else json.dumps(
+        details.append(None if detail is None else canonical_json(detail) if is_canonical(detail) else json.dumps(
             detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str))
         sinks.append(parsed.get("sink"))
         if not is_parsed(parsed):
@@ -131,9 +130,3 @@ def reason_table(raws: Iterable[str | None]) -> tuple[pa.Table, list[str]]:
     return table, problems
 
 
-def _hashable(value: Any) -> bool:
-    try:
-        canonical_json(value)
-    except CanonicalizationError:
-        return False
-    return True
