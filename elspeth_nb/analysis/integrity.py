@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table, verdict_html
-from elspeth_nb.audit.schema import RunStatus
+from elspeth_nb.audit.schema import TABLES, RunStatus
 
 if TYPE_CHECKING:
     from elspeth_nb.analysis.audit import Audit
@@ -42,6 +42,14 @@ class Invariant:
     while_running: str = FULL
     note: str = ""
 
+
+#: Tables whose records a run counts exactly as they are stored (not runs revisions, deduplicated payloads or
+#: digests written after the counts), and the query of how many the store holds for run ``$run``.
+_COUNTED_TABLES = [t for t in TABLES if t not in ("runs", "payloads", "segment_digests")]
+_COUNTED = ", ".join(f"'{t}'" for t in _COUNTED_TABLES)
+_HELD_COUNTS = " UNION ALL ".join(
+    f"SELECT '{t}' AS tbl, count(*) AS n FROM {t} WHERE run_id = $run"  # noqa: S608 - schema table names only
+    for t in _COUNTED_TABLES)
 
 #: name -> the invariant; SQL selecting ``table, record_id, detail`` of each violation of run ``$run``
 INVARIANTS: dict[str, Invariant] = {
@@ -199,6 +207,21 @@ INVARIANTS: dict[str, Invariant] = {
                  WHERE s.run_id = $run AND s.token_id = o.token_id AND n.node_type = 'sink'
                    AND n.node_name = o.sink_name AND s.status = 'completed')""",
         LIMITED, "only completed sink states without an output_hash: the sink state of an outcome may land later",
+    ),
+    "record_counts_match": Invariant(
+        "a finished run holds, table by table, as many records as its runs row says it wrote (a lost or added "
+        "segment shows here; runs, payloads and segment_digests are counted differently and left out)",
+        f"""WITH declared AS (
+                SELECT k AS tbl, CAST(json_extract(counts_json, '$.records."' || k || '"') AS BIGINT) AS n
+                FROM runs, unnest(json_keys(counts_json, '$.records')) AS u(k)
+                WHERE run_id = $run AND json_exists(counts_json, '$.records')),
+            held AS ({_HELD_COUNTS})
+            SELECT d.tbl AS "table", $run AS record_id,
+                   d.tbl || ': the run recorded ' || d.n || ' record(s), the store holds ' || coalesce(h.n, 0)
+                   AS detail
+            FROM declared d LEFT JOIN held h USING (tbl)
+            WHERE d.tbl IN ({_COUNTED}) AND d.n IS DISTINCT FROM coalesce(h.n, 0)""",  # noqa: S608 - table names
+        SKIPPED, "the run's record counts are written when it ends",
     ),
 }
 

@@ -131,13 +131,17 @@ def test_each_invariant_reports_its_own_breach(run: Run) -> None:
         ("no_open_states", "s-open"),
         ("coalesced_has_join_group", "o-ungrouped"),
         ("sink_output_hash", "s-sink"),
+        ("record_counts_match", run.run_id),  # the records added above are more than the run wrote
     }
     details = {(r["invariant"], r["record_id"]): r["detail"] for r in result.violations.iter_rows(named=True)}
     assert details[("one_terminal_outcome", fork_child["token_id"])].startswith("2 terminal outcomes")
     assert "ghost is not a token of the run" in str(result.violations.filter(
         result.violations["invariant"] == "coalesce_tokens_consistent")["detail"].to_list())
     text = repr(result)
-    assert "violation(s) of 10 of 10 invariants" in text and "Violations:" in text
+    assert "violation(s) of 11 of 11 invariants" in text and "Violations:" in text
+    counted = result.violations.filter(result.violations["invariant"] == "record_counts_match")
+    assert sorted(counted["table"]) == ["coalesce_events", "node_states", "token_outcomes", "token_parents", "tokens"]
+    assert all(" record(s), the store holds " in d for d in counted["detail"])
     assert "enb-bad" in result.to_html()
 
 
@@ -179,7 +183,8 @@ def test_a_run_still_being_written_reports_no_records_not_yet_written(run: Run) 
                           "parent_links_iff_group": "limited", "parent_exists": "skipped",
                           "fork_child_accounted": "limited", "coalesce_tokens_consistent": "limited",
                           "coalesce_state_context": "skipped", "no_open_states": "skipped",
-                          "coalesced_has_join_group": "full", "sink_output_hash": "limited"}
+                          "coalesced_has_join_group": "full", "sink_output_hash": "limited",
+                          "record_counts_match": "skipped"}
         left_out = {name for name, scope in scopes.items() if scope != "full"}
         frame = result.to_polars()
         assert set(frame["invariant"]) == left_out and frame["record_id"].null_count() == frame.height
@@ -187,7 +192,7 @@ def test_a_run_still_being_written_reports_no_records_not_yet_written(run: Run) 
         text, html = repr(result), result._repr_html_()
         assert text.startswith(f"Check of run {run.run_id} (running): no violation so far; the run is still being "
                                f"written, so this check is partial: 2 invariants checked in full, 4 limited, "
-                               f"4 skipped until it finishes")
+                               f"5 skipped until it finishes")
         assert "parent_exists (skipped): a parent's token record may land after the links to it" in text
         assert "still being written" in html and "Limited or skipped while the run is written" in html
     # the writer is gone: the run reads interrupted and is checked in full, so the missing records show
@@ -311,3 +316,17 @@ def test_verify_without_segment_files_says_the_root_is_unavailable(run: Run) -> 
     result = audit.verify(run.run_id, expected_root="ab" * 32)
     assert result.mismatches["check"].to_list() == ["merkle_root"]
     assert open_audit(run.store / "audit.duckdb").verify(run.run_id).merkle == "verified"  # its store is beside it
+
+
+def test_a_lost_segment_of_a_finished_run_breaks_the_record_counts(run: Run) -> None:
+    """A partition gone (a race, a bad copy) left check() OK: the run's own record counts now say so."""
+    import shutil
+
+    partition = run.store / "parquet" / "node_states" / f"run_id={run.run_id}"
+    written = len(run.raw("node_states"))
+    shutil.rmtree(partition)
+    result = open_audit(run.store).check(run.run_id)
+    assert not result.ok
+    counted = result.violations.filter(result.violations["invariant"] == "record_counts_match")
+    assert counted.select("table", "detail").rows() == [
+        ("node_states", f"node_states: the run recorded {written} record(s), the store holds 0")]
