@@ -39,7 +39,15 @@ import pyarrow as pa
 from elspeth_nb.analysis._native import NativeCopy
 from elspeth_nb.analysis._segments import Segment, SegmentIndex
 from elspeth_nb.audit.schema import PARTITION_COLUMN, SCHEMA_VERSION, TABLES, RunStatus, Table
-from elspeth_nb.audit.store import DUCKDB_NAME, MANIFEST_NAME, AuditStore, duckdb_type, mark_interrupted, quote_ident
+from elspeth_nb.audit.store import (
+    DUCKDB_NAME,
+    MANIFEST_NAME,
+    AuditStore,
+    damaged_file,
+    duckdb_type,
+    mark_interrupted,
+    quote_ident,
+)
 from elspeth_nb.errors import AuditStoreError, AuditStoreWarning, RunNotFoundError, SchemaVersionError
 
 STORE, DUCKDB, ELSPETH, MEMORY = "store", "duckdb", "elspeth", "memory"
@@ -145,9 +153,9 @@ def _files_given(params: Mapping[str, Any] | Sequence[Any] | None) -> set[str]:
 
 
 def _is_reading_error(exc: duckdb.Error) -> bool:
-    """True when ``exc`` may come from a file that cannot be read rather than from a mistake in the query."""
-    return type(exc) is duckdb.Error or isinstance(exc, duckdb.IOException | duckdb.InvalidInputException |
-                                                       duckdb.InternalException)
+    """True when ``exc`` may come from a file that cannot be read rather than from a mistake in the query
+    (a Parquet file DuckDB cannot decode also raises InvalidInputException)."""
+    return damaged_file(exc) or isinstance(exc, duckdb.InvalidInputException)
 
 
 class Database:

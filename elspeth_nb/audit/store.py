@@ -335,7 +335,7 @@ class AuditStore:
                     self._copy_run(con, run_id)
                 self._list_copied_segments_of_older_runs(con)
             except duckdb.Error as exc:
-                if not _damaged_file(exc):  # out of memory, a bug: not something a rebuild would fix
+                if not damaged_file(exc):  # out of memory, a bug: not something a rebuild would fix
                     raise
                 last_error, held = exc, False  # a damaged file: say so, the segments stay the truth
             else:
@@ -374,7 +374,7 @@ class AuditStore:
                     return None, exc, False
                 last_error = exc
             except duckdb.Error as exc:
-                if _damaged_file(exc):  # a corrupt block: waiting will not help either
+                if damaged_file(exc):  # a corrupt block: waiting will not help either
                     return None, exc, False
                 raise
             self.sync_waiting_path().touch()
@@ -559,8 +559,8 @@ DEDUPLICATE_PAYLOADS = """
 """
 
 
-def _damaged_file(exc: duckdb.Error) -> bool:
-    """Whether ``exc`` says the database file cannot be read (a bad checksum raises DuckDB's base class)."""
+def damaged_file(exc: duckdb.Error) -> bool:
+    """Whether ``exc`` says a file DuckDB reads is damaged, not the query wrong (a bad checksum: its base class)."""
     return type(exc) is duckdb.Error or isinstance(exc, duckdb.IOException | duckdb.InternalException)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from elspeth_nb.audit.importers.elspeth import _derive, _sqlite
 from elspeth_nb.audit.importers.elspeth._model import LandscapeImport
@@ -76,13 +77,12 @@ def _derive_with_payloads(db: Path, raw: dict[str, pa.Table], payload_dir: Path 
 
 def _mismatches_by_run(pairs: pa.Table, issues: dict[str, str]) -> dict[str, list[str]]:
     """run id -> refs whose payload file did not hash to the ref: tampered, not purged; verify reports them."""
-    wrong = {ref for ref, issue in issues.items() if issue == MISMATCH}
-    found: dict[str, list[str]] = {}
-    if wrong:
-        for run_id, ref in zip(pairs.column("run_id").to_pylist(), pairs.column("ref").to_pylist(), strict=True):
-            if ref in wrong:
-                found.setdefault(run_id, []).append(ref)
-    return found
+    wrong = [ref for ref, issue in issues.items() if issue == MISMATCH]
+    if not wrong:
+        return {}
+    hit = pairs.filter(pc.is_in(pairs.column("ref"), pa.array(wrong, pa.string())))
+    grouped = hit.group_by("run_id").aggregate([("ref", "list")])
+    return dict(zip(grouped.column("run_id").to_pylist(), grouped.column("ref_list").to_pylist(), strict=True))
 
 
 def _derive_all(db: Path, raw: dict[str, pa.Table], mode: str) -> tuple[dict[str, pa.Table], list[str], pa.Table]:
