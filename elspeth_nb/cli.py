@@ -50,7 +50,9 @@ def _write_report(audit: str | Path, run_id: str, output: str | Path) -> Path:
 
 
 def _report(args: argparse.Namespace) -> int:
-    path = _write_report(args.audit, args.run, args.output)
+    from elspeth_nb.report import render_report
+
+    path = render_report(args.audit, run_id=args.run, output=args.output, payloads=args.payloads)
     print(f"wrote {path}")
     return 0
 
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--audit", default="audit")
     report.add_argument("--run", default="latest")
     report.add_argument("-o", "--output", default="report.html")
+    report.add_argument("--payloads", help="ELSPETH payload store folder, when --audit is a Landscape .db")
 
     check = verb("check", _check, "check the audit invariants of a run (and flag interrupted runs)")
     check.add_argument("--audit", default="audit")

@@ -10,6 +10,7 @@ PosixPath('report.html')
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from importlib import resources
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 REPORT_NOTEBOOK = "audit_report.ipynb"
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # The lab template without the CDN scripts it would load (require.js, MathJax, mermaid, widgets), and with
 # SVG outputs inline (as markup, not base64 images): they are the report's own charts, rendered by vl-convert.
@@ -56,16 +58,20 @@ def render_report(
     *,
     run_id: str = "latest",
     output: str | os.PathLike[str],
+    payloads: str | os.PathLike[str] | None = None,
     timeout: int = 300,
 ) -> Path:
     """Execute the report notebook for ``run_id`` of the audit store ``audit`` and write static HTML to ``output``.
+
+    ``payloads`` is ELSPETH's payload folder when ``audit`` is a Landscape file (an opened Audit brings its own).
 
     >>> render_report("data/demo/audit", output="report.html")  # doctest: +SKIP
     PosixPath('report.html')
     """
     target = _writable_target(os.fspath(output))
-    audit_path, run = _resolve(audit, run_id)
-    notebook = inject_parameters(report_notebook(), {"audit_path": str(audit_path), "run_id": run})
+    audit_path, run, payload_folder = _resolve(audit, run_id, payloads)
+    notebook = inject_parameters(report_notebook(), {"audit_path": str(audit_path), "run_id": run,
+                                                     "payloads": payload_folder})
     notebook.metadata["title"] = f"elspeth-nb audit report: run {run}"
     with tempfile.TemporaryDirectory(prefix="elspeth-nb-report-") as scratch:
         executed = execute_notebook(notebook, cwd=Path(scratch), timeout=timeout)
@@ -139,7 +145,8 @@ def execute_notebook(notebook: NotebookNode, *, cwd: Path, timeout: int = 300) -
     try:
         return client.execute()
     except CellExecutionError as failed:
-        raise ReportError(f"the notebook failed: {failed.ename}: {failed.evalue}\n{failed}") from None
+        detail = _ANSI_ESCAPE.sub("", f"{failed.ename}: {failed.evalue}\n{failed}")  # the kernel colours its traceback
+        raise ReportError(f"the notebook failed: {detail}") from None
 
 
 def to_static_html(notebook: NotebookNode) -> str:
@@ -160,16 +167,28 @@ def to_static_html(notebook: NotebookNode) -> str:
     return str(body)
 
 
-def _resolve(audit: str | os.PathLike[str] | Any, run_id: str) -> tuple[Path, str]:
-    """The path behind ``audit`` (a path or an opened ``Audit``) and the full id of ``run_id``; fails fast."""
+def _resolve(audit: str | os.PathLike[str] | Any, run_id: str,
+             payloads: str | os.PathLike[str] | None) -> tuple[Path, str, str | None]:
+    """The path behind ``audit`` (a path or an opened ``Audit``), the full id of ``run_id`` and the payload
+    folder to reopen it with; fails fast."""
     if not isinstance(audit, str | os.PathLike):
         if not hasattr(audit, "path") or not hasattr(audit, "run_summary"):
             raise TypeError(f"expected an audit store path or an Audit, got {type(audit).__name__}")
-        return Path(audit.path).resolve(), str(audit.run_summary(run_id).run_id)
+        if payloads is not None:
+            raise TypeError("payloads= is for an audit given as a path; an opened Audit brings its own")
+        folder = getattr(audit, "payloads", None)
+        return (Path(audit.path).resolve(), str(audit.run_summary(run_id).run_id),
+                None if folder is None else str(folder))
     from elspeth_nb.analysis.audit import open_audit
 
-    with open_audit(audit) as opened:
-        return Path(opened.path).resolve(), str(opened.run_summary(run_id).run_id)
+    try:
+        opened = open_audit(audit, payloads=payloads)
+    except ValueError as exc:  # a payload folder given for something that is not a Landscape file
+        raise InputError(str(exc)) from None
+    with opened:
+        folder = opened.payloads
+        return (Path(opened.path).resolve(), str(opened.run_summary(run_id).run_id),
+                None if folder is None else str(folder))
 
 
 def _kernel_manager_class() -> type:

@@ -67,6 +67,11 @@ class Audit:
         return self._database.kind
 
     @property
+    def payloads(self) -> Path | None:
+        """ELSPETH's payload folder this audit reads stored rows from (None: none given, or not a Landscape)."""
+        return self._database.payloads
+
+    @property
     def closed(self) -> bool:
         """True after :meth:`close`: every helper then raises AuditClosedError."""
         return self._database.closed

@@ -50,8 +50,12 @@ def coalesce_html(audit: Any, run_id: str, *, with_charts: bool = True) -> str:
              table(audit.merge_timing_summary(run_id), "Merge timing (ms) per coalesce and branch"),
              _html(policy)]
     if with_charts:
-        parts.insert(0, figures(charts.wait_time_histogram(timings), charts.wait_time_ecdf(timings),
-                                charts.arrival_offsets(timings), charts.policy_outcomes_chart(policy)))
+        if timings["wait_duration_ms"].is_not_null().any():
+            parts.insert(0, figures(charts.wait_time_histogram(timings), charts.wait_time_ecdf(timings),
+                                    charts.arrival_offsets(timings), charts.policy_outcomes_chart(policy)))
+        else:  # every decision came with no branch in hand (all lost, or all late): no waits to plot
+            parts[:0] = [note("No branch arrived before any decision, so there are no waits or arrival offsets "
+                              "to plot."), figures(charts.policy_outcomes_chart(policy))]
     return section("Coalesce analytics", *parts)
 
 

@@ -9,6 +9,7 @@ import nbformat
 import pytest
 
 import elspeth_nb as enb
+from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.cli import main
 from elspeth_nb.report import INJECTED_TAG, inject_parameters, render_report, report_notebook
 
@@ -90,3 +91,42 @@ def test_an_output_that_cannot_be_written_is_refused_before_rendering(tmp_path: 
     with pytest.raises(InputError, match=r"^report output .* (is a folder|cannot be written)"):
         render_report(tmp_path / "no-store-here", output=output)  # the output is checked before the audit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"]
+
+
+@pytest.mark.slow
+def test_an_empty_run_renders_and_markup_in_its_path_stays_text(tmp_path: Path) -> None:
+    """No source rows, no decisions, and a store path holding HTML: the page says so and runs no markup."""
+    from tests.cases import ROWS, fork_pipeline
+
+    folder = tmp_path / "p`<img src=x onerror=alert(7)>`q"
+    folder.mkdir()
+    source = folder / "in.csv"
+    source.write_text(",".join(ROWS[0]) + "\n")  # a header, no rows
+    result = enb.run_pipeline(fork_pipeline(source), audit=folder / "audit")
+    page = render_report(result.audit_path, output=tmp_path / "empty.html").read_text()
+    assert "onerror=" not in page.replace("onerror=alert(7)&gt;", "")  # only ever as escaped text
+    assert "&lt;img src=x onerror=alert(7)&gt;" in page
+    assert "This run has no source rows, so there is no lineage to show." in page
+    assert "This run took no coalesce decisions, so no branch was lost" in page
+    assert "Every expected branch arrived" not in page
+
+
+@pytest.mark.slow
+def test_the_report_of_a_landscape_reads_its_payload_folder(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    sample = Path(__file__).resolve().parents[1] / "data" / "elspeth" / "quorum2_nested_timeout5_lossy"
+    output = tmp_path / "landscape.html"
+    assert main(["report", "--audit", str(sample / "audit.db"), "--payloads", str(sample / "payloads"),
+                 "-o", str(output)]) == 0
+    page = output.read_text()
+    assert "payloads: source" in page and "item-0000001" in page  # the source row itself, read from its payload
+    with enb.open_audit(sample / "audit.db", payloads=sample / "payloads") as audit:  # an opened Audit: its own
+        from elspeth_nb.report import _resolve
+
+        assert _resolve(audit, "latest", None)[2] == str((sample / "payloads").resolve())
+    capsys.readouterr()
+    store = AuditStore.create(tmp_path / "not-a-landscape").root
+    assert main(["report", "--audit", str(store), "--payloads", str(sample / "payloads"),
+                 "-o", str(tmp_path / "x.html")]) == 2
+    assert "payloads" in capsys.readouterr().err
+

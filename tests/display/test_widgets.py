@@ -39,6 +39,21 @@ def test_switching_tabs_renders_outcomes_and_coalesce_charts(explorer: AuditExpl
         assert expected in coalesce
 
 
+def test_decisions_taken_with_no_branch_in_hand_say_so_not_empty_charts(explorer: AuditExplorer,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import polars as pl
+
+    from tests.display import fakes
+
+    no_waits = fakes.timings().with_columns(pl.lit(None, pl.Float64).alias("wait_duration_ms"),
+                                            pl.lit(None, pl.Float64).alias("arrival_offset_ms"))
+    monkeypatch.setattr(FakeAudit, "merge_timings", lambda self, run_id="latest", coalesce=None: no_waits)
+    explorer.tabs.selected_index = 2
+    coalesce = explorer.panes[2].value
+    assert "No branch arrived before any decision" in coalesce
+    assert coalesce.count("<svg") == 1 and "Merge timing" in coalesce  # the policy chart and the tables stay
+
+
 def test_switching_run_rerenders_the_shown_tab(explorer: AuditExplorer) -> None:
     explorer.tabs.selected_index = 2
     explorer.search(0)
