@@ -240,7 +240,7 @@ class CheckResult(Displayable):
     """Invariant violations of one run; ``ok`` when there are none.
 
     ``invariants`` has one row per invariant with its ``scope``: ``full``, ``limited`` or ``skipped``
-    (a run still being written: ``note`` says what is left out), or ``not applicable`` (the producer
+    (a run still being written, or interrupted: ``note`` says what is left out), or ``not applicable`` (the producer
     records it differently). ``to_polars()`` is ``violations``, plus, while the run is still being
     written, one row per limited or skipped invariant with no table or record id and a detail that
     says so, so the frame alone is never taken for a full check.
@@ -257,8 +257,17 @@ class CheckResult(Displayable):
 
     @property
     def partial(self) -> bool:
-        """True when the run was still being written: some invariants were limited or skipped."""
-        return self.status == RunStatus.RUNNING
+        """True when the run was still being written or was interrupted: some invariants were limited or skipped."""
+        return self.status in UNFINISHED
+
+    def _reason(self) -> str:
+        if self.status == RunStatus.RUNNING:
+            return "the run is still being written"
+        return "the run was interrupted, so its trail ends where it stopped"
+
+    def _left_out_title(self) -> str:
+        why = "while the run is written" if self.status == RunStatus.RUNNING else "because the run was interrupted"
+        return f"Limited or skipped {why}"
 
     def _scoped(self, scope: str) -> pl.DataFrame:
         return self.invariants.filter(pl.col("scope") == scope)
@@ -268,7 +277,7 @@ class CheckResult(Displayable):
         left_out = self.invariants.filter(pl.col("scope").is_in([LIMITED, SKIPPED]))
         return left_out.select(
             "invariant", pl.lit(None, pl.String).alias("table"), pl.lit(None, pl.String).alias("record_id"),
-            (pl.lit("not a violation: ") + pl.col("scope") + pl.lit(" because the run is still being written; ")
+            (pl.lit("not a violation: ") + pl.col("scope") + pl.lit(f" because {self._reason()}; ")
              + pl.col("note")).alias("detail"))
 
     def to_polars(self) -> pl.DataFrame:
@@ -276,8 +285,9 @@ class CheckResult(Displayable):
 
     def _partial_note(self) -> str:
         full, limited, skipped = (self._scoped(s).height for s in (FULL, LIMITED, SKIPPED))
-        return (f"the run is still being written, so this check is partial: {full} invariants checked in full, "
-                f"{limited} limited, {skipped} skipped until it finishes")
+        until = " until it finishes" if self.status == RunStatus.RUNNING else ""
+        return (f"{self._reason()}, so this check is partial: {full} invariants checked in full, "
+                f"{limited} limited, {skipped} skipped{until}")
 
     def _verdict(self) -> str:
         n = int(self.invariants["applied"].sum())
@@ -298,7 +308,7 @@ class CheckResult(Displayable):
     def __repr__(self) -> str:
         lines = [self._verdict(), text_table(self.invariants.select("invariant", "scope", "violations"), indent="  ")]
         if self.partial:
-            lines += ["Limited or skipped while the run is written:",
+            lines += [f"{self._left_out_title()}:",
                       *(f"  {name} ({scope}): {note}" for name, scope, note in self._left_out().iter_rows())]
         if not self.ok:
             lines += ["Violations:", text_table(self.violations, max_rows=50, indent="  ")]
@@ -307,11 +317,15 @@ class CheckResult(Displayable):
     def to_html(self) -> str:
         parts = [verdict_html(self.ok, self._verdict())]
         if self.partial:
-            parts.append(html_table(self._left_out(), "Limited or skipped while the run is written"))
+            parts.append(html_table(self._left_out(), self._left_out_title()))
         parts.append(html_table(self.invariants, "Invariants"))
         if not self.ok:
             parts.append(html_table(self.violations, "Violations", 200))
         return html_block(f"Check of run {self.run_id}", *parts)
+
+
+#: Runs whose trail may lack its last records: still being written, or cut off by an interruption.
+UNFINISHED = frozenset({RunStatus.RUNNING, RunStatus.INTERRUPTED})
 
 
 def _scope(name: str, invariant: Invariant, native: bool, live: bool) -> str:
@@ -324,8 +338,9 @@ def _scope(name: str, invariant: Invariant, native: bool, live: bool) -> str:
 def check(self: Audit, run_id: str = "latest") -> CheckResult:
     """Check the invariants of a sound trail; ``.violations`` lists each breach (empty when sound).
 
-    A run still being written is checked only as far as its records written so far allow
-    (``.partial``; ``.invariants`` says which invariants were limited or skipped).
+    A run still being written, or interrupted (its last buffered records were lost with the process), is
+    checked only as far as the records on disk allow (``.partial``; ``.invariants`` says which invariants
+    were limited or skipped).
 
     >>> result = audit.check()
     >>> result.ok, result.partial, result.violations.columns
@@ -335,7 +350,7 @@ def check(self: Audit, run_id: str = "latest") -> CheckResult:
     run = db.resolve_run(run_id)
     status, producer = db.rows("SELECT status, producer FROM runs WHERE run_id = $run", {"run": run})[0]
     native = str(producer or "").startswith(NATIVE_PRODUCER)
-    live = status == RunStatus.RUNNING
+    live = status in UNFINISHED
     frames = []
     counts = []
     for name, invariant in INVARIANTS.items():

@@ -195,9 +195,19 @@ def test_a_run_still_being_written_reports_no_records_not_yet_written(run: Run) 
                                f"5 skipped until it finishes")
         assert "parent_exists (skipped): a parent's token record may land after the links to it" in text
         assert "still being written" in html and "Limited or skipped while the run is written" in html
-    # the writer is gone: the run reads interrupted and is checked in full, so the missing records show
+    # the writer is gone: the run reads interrupted, and what it never wrote is not taken for a violation
+    stopped = open_audit(live.store).check(run.run_id)
+    assert stopped.status == "interrupted" and stopped.partial and stopped.ok, stopped.violations
+    assert dict(stopped.invariants.select("invariant", "scope").iter_rows()) == scopes
+    assert repr(stopped).startswith(f"Check of run {run.run_id} (interrupted): no violation so far; the run was "
+                                    f"interrupted, so its trail ends where it stopped, so this check is partial: "
+                                    f"2 invariants checked in full, 4 limited, 5 skipped\n")
+    assert "Limited or skipped because the run was interrupted" in stopped._repr_html_()
+    assert all("because the run was interrupted" in d for d in stopped.to_polars()["detail"])
+    # a finished run with the same records missing is checked in full: there they are violations
+    shutil.copytree(run.store / "parquet" / "runs", live.store / "parquet" / "runs", dirs_exist_ok=True)
     finished = open_audit(live.store).check(run.run_id)
-    assert finished.status == "interrupted" and not finished.partial
+    assert finished.status == "completed" and not finished.partial
     assert set(finished.invariants["scope"]) == {"full"} and finished.to_polars() is finished.violations
     assert {"parent_links_iff_group", "fork_child_accounted", "sink_output_hash"} <= set(
         finished.violations["invariant"])
