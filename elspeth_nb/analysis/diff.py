@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from html import escape
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -49,8 +50,10 @@ WITH s AS (
            quantile_cont(wait_duration_ms, 0.99) AS p99, max(wait_duration_ms) AS max
     FROM coalesce_events WHERE run_id IN ($a, $b) AND event_type <> 'late_arrival' GROUP BY ALL
 ), long AS (UNPIVOT s ON decisions, mean, p50, p90, p99, max INTO NAME stat VALUE value)
-SELECT coalesce, stat, any_value(value) FILTER (WHERE run_id = $a) AS a,
-       any_value(value) FILTER (WHERE run_id = $b) AS b, b - a AS delta
+SELECT coalesce, stat,  -- a run with no decision at a coalesce took 0 decisions there (its waits stay NULL)
+       ifnull(any_value(value) FILTER (WHERE run_id = $a), CASE WHEN stat = 'decisions' THEN 0 END) AS a,
+       ifnull(any_value(value) FILTER (WHERE run_id = $b), CASE WHEN stat = 'decisions' THEN 0 END) AS b,
+       b - a AS delta
 FROM long GROUP BY coalesce, stat
 ORDER BY coalesce, list_position(['decisions', 'mean', 'p50', 'p90', 'p99', 'max'], stat)
 """
@@ -91,6 +94,10 @@ def _config_diff(settings_a: str | None, settings_b: str | None) -> pl.DataFrame
     return pl.DataFrame(rows, schema={"key": pl.String, "change": pl.String, "a": pl.String, "b": pl.String})
 
 
+_RUNS_SCHEMA = {"side": pl.String, "run_id": pl.String, "status": pl.String, "producer": pl.String,
+                "error_message": pl.String}
+
+
 @dataclass(frozen=True)
 class RunDiff(Displayable):
     """Differences between run ``a`` and run ``b`` (deltas are b - a)."""
@@ -102,10 +109,28 @@ class RunDiff(Displayable):
     outcomes: pl.DataFrame
     decisions: pl.DataFrame
     timings: pl.DataFrame
+    #: side (a, b), run_id, status, producer, error_message: what each side's counts stand for
+    runs: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_RUNS_SCHEMA))
 
     @property
     def same_config(self) -> bool:
         return self.config.height == 0 and self.nodes.height == 0
+
+    @property
+    def notes(self) -> list[str]:
+        """Why some differences may not be changes: an unfinished or failed side, or two producers."""
+        found = []
+        for side, run_id, status, _, error in self.runs.iter_rows():
+            if status in ("running", "interrupted"):
+                found.append(f"run {side} ({run_id}) is {status}: its counts stop where its trail does")
+            elif status != "completed":
+                found.append(f"run {side} ({run_id}) is {status}{f' ({error})' if error else ''}: "
+                             "its counts cover only what it did before it stopped")
+        producers = {str(p or "").split(" ")[0] for p in self.runs["producer"]}
+        if len(producers) > 1:
+            found.append(f"the runs were written by different producers ({', '.join(sorted(producers))}): config "
+                         "and node differences include each producer's own defaults and node names")
+        return found
 
     def _sections(self) -> list[tuple[str, pl.DataFrame]]:
         return [("Config (settings)", self.config), ("Nodes", self.nodes), ("Outcome counts", self.outcomes),
@@ -120,7 +145,13 @@ class RunDiff(Displayable):
                                 pl.col(a).cast(pl.String).alias("a"), pl.col(b).cast(pl.String).alias("b"),
                                 (pl.col(delta).cast(pl.Float64) if delta else pl.lit(None, pl.Float64)).alias("delta"))
 
+        sides = {side: dict(zip(self.runs.columns, row, strict=True))
+                 for side, row in zip(self.runs["side"], self.runs.iter_rows(), strict=True)}
+        runs = pl.DataFrame([{"key": key, "a": sides.get("a", {}).get(key), "b": sides.get("b", {}).get(key)}
+                             for key in ("status", "producer")], schema={"key": pl.String, "a": pl.String,
+                                                                         "b": pl.String})
         return pl.concat([
+            tidy("runs", runs, ["key"], "a", "b", None),
             tidy("config", self.config, ["key"], "a", "b", None),
             tidy("nodes", self.nodes, ["node_name", "change"], "config_hash_a", "config_hash_b", None),
             tidy("outcomes", self.outcomes, ["outcome"], "a", "b", "delta"),
@@ -130,13 +161,17 @@ class RunDiff(Displayable):
         ])
 
     def __repr__(self) -> str:
-        lines = [f"Run diff {self.a} -> {self.b}"]
+        lines = [f"Run diff {self.a} -> {self.b}", *(f"  note: {n}" for n in self.notes)]
+        if self.runs.height:
+            lines += ["Runs:", text_table(self.runs, indent="  ")]
         for title, frame in self._sections():
             lines += [f"{title}:", text_table(frame, indent="  ") if frame.height else "  (no difference)"]
         return "\n".join(lines)
 
     def to_html(self) -> str:
-        return html_block(f"Run diff {self.a} → {self.b}", *(html_table(f, t, 100) for t, f in self._sections()))
+        notes = "".join(f"<p><b>Note:</b> {escape(n)}</p>" for n in self.notes)
+        return html_block(f"Run diff {self.a} → {self.b}", notes, html_table(self.runs, "Runs"),
+                          *(html_table(f, t, 100) for t, f in self._sections()))
 
 
 def diff_runs(self: Audit, a: str, b: str = "latest") -> RunDiff:
@@ -151,7 +186,12 @@ def diff_runs(self: Audit, a: str, b: str = "latest") -> RunDiff:
     params = {"a": run_a, "b": run_b}
     pair = [run_a, run_b]
     settings = dict(db.rows("SELECT run_id, settings_json FROM runs WHERE run_id IN ($a, $b)", params))
+    headers = {r[0]: r for r in db.rows("SELECT run_id, status, producer, error_message FROM runs "
+                                         "WHERE run_id IN ($a, $b)", params)}
+    runs = pl.DataFrame([(side, *headers[run][:4]) for side, run in (("a", run_a), ("b", run_b))],
+                        schema=_RUNS_SCHEMA, orient="row")
     return RunDiff(
+        runs=runs,
         a=run_a, b=run_b,
         config=_config_diff(settings.get(run_a), settings.get(run_b)),
         nodes=db.frame_for(pair, _NODES_SQL, params),

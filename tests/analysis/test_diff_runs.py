@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
+import polars as pl
 import pytest
 
 from elspeth_nb.analysis import Audit
+from elspeth_nb.analysis.diff import RunDiff
 from tests.analysis import raw
 from tests.analysis.conftest import JITTER, Matrix
 
@@ -74,8 +77,42 @@ def test_diff_tidy_frame_and_reprs(audit: Audit, matrix: Matrix) -> None:
     diff = audit.diff_runs(matrix.runs[A], "latest")
     tidy = diff.to_polars()
     assert tidy.columns == ["section", "key", "a", "b", "delta"]
-    assert set(tidy["section"]) == {"config", "nodes", "outcomes", "decisions", "timings"}
+    assert set(tidy["section"]) == {"runs", "config", "nodes", "outcomes", "decisions", "timings"}
+    assert tidy.filter(tidy["section"] == "runs").rows() == [("runs", "status", "completed", "completed", None),
+                                                             ("runs", "producer", *diff.runs["producer"], None)]
     assert tidy.filter(tidy["section"] == "outcomes").height == diff.outcomes.height
     text = repr(diff)
-    assert text.startswith(f"Run diff {matrix.runs[A]} -> {diff.b}") and "Wait time (ms):" in text
-    assert "<table>" in diff._repr_html_()
+    assert text.startswith(f"Run diff {matrix.runs[A]} -> {diff.b}\nRuns:") and "Wait time (ms):" in text
+    assert diff.notes == [] and "<table>" in diff._repr_html_()
+
+
+def test_a_run_without_decisions_took_zero_and_other_producers_and_statuses_are_named(tmp_path: Path) -> None:
+    from elspeth_nb.analysis import open_audit
+    from elspeth_nb.audit.importers.elspeth import import_into_store
+    from elspeth_nb.engine.runner import run_pipeline
+    from tests.cases import ROWS, fork_pipeline, write_csv
+
+    store = tmp_path / "audit"
+    full = run_pipeline(fork_pipeline(write_csv(tmp_path / "in.csv")), audit=store)
+    (tmp_path / "empty.csv").write_text(",".join(ROWS[0]) + "\n")
+    empty = run_pipeline(fork_pipeline(tmp_path / "empty.csv"), audit=store)
+    sample = Path(__file__).resolve().parents[1] / "data" / "elspeth" / "requireall_nested"
+    import_into_store(sample / "audit.db", store, payloads=sample / "payloads")
+    with open_audit(store) as audit:
+        diff = audit.diff_runs(full.run_id, empty.run_id)
+        decisions = diff.timings.filter(diff.timings["stat"] == "decisions").row(0, named=True)
+        assert (decisions["a"], decisions["b"], decisions["delta"]) == (len(ROWS), 0, -len(ROWS))
+        assert diff.timings.filter(diff.timings["stat"] == "p50")["b"].to_list() == [None]  # no wait: no percentile
+        assert diff.notes == []
+        elspeth_run = audit.runs().filter(audit.runs()["producer"].str.starts_with("elspeth-nb").not_())["run_id"][0]
+        crossed = audit.diff_runs(elspeth_run, full.run_id)
+        assert [n for n in crossed.notes if "different producers" in n] == crossed.notes != []
+        assert f"note: {crossed.notes[0]}" in repr(crossed) and "Note:" in crossed._repr_html_()
+    stopped = RunDiff(**{**{f: getattr(diff, f) for f in ("a", "b", "config", "nodes", "outcomes", "decisions",
+                                                           "timings")},
+                         "runs": diff.runs.with_columns(
+                             pl.Series("status", ["interrupted", "failed"]),
+                             pl.Series("error_message", [None, "PluginError: boom"]))})
+    assert stopped.notes == [
+        f"run a ({full.run_id}) is interrupted: its counts stop where its trail does",
+        f"run b ({empty.run_id}) is failed (PluginError: boom): its counts cover only what it did before it stopped"]
