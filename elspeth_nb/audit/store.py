@@ -134,6 +134,12 @@ class AuditStore:
     def create(cls, root: str | os.PathLike[str]) -> AuditStore:
         """Create (or reuse) a store at ``root``, failing early and clearly if it is not writable."""
         store = cls(Path(root))
+        if store.root.is_dir() and not store.manifest_path.exists():
+            others = sorted(p.name for p in store.root.iterdir() if not p.name.startswith("."))
+            if others:  # never mix a store into a folder of other files (and never claim them as a store)
+                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                raise AuditStoreError(f"audit path {store.root} already holds other files ({shown}) and is not an "
+                                      "elspeth-nb audit store; give a new or empty folder")
         try:
             store.root.mkdir(parents=True, exist_ok=True)
             probe = store.root / f".write-probe-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"

@@ -99,6 +99,18 @@ def test_store_refuses_unwritable_path(tmp_path: Path) -> None:
         (tmp_path / "ro").chmod(0o700)
 
 
+def test_store_is_never_created_among_other_files(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".gitkeep").write_text("")
+    with pytest.raises(AuditStoreError, match=r"already holds other files \(notes.txt\) and is not an elspeth-nb"):
+        AuditStore.create(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitkeep", "notes.txt"]
+    (tmp_path / "notes.txt").unlink()
+    assert AuditStore.create(tmp_path).manifest_path.exists()  # hidden files alone do not count
+    (tmp_path / "notes.txt").write_text("mine")
+    assert AuditStore.create(tmp_path).root == tmp_path  # an existing store is reused, whatever else it holds
+
+
 def test_store_refuses_newer_schema(tmp_path: Path) -> None:
     AuditStore.create(tmp_path)
     (tmp_path / "elspeth-nb-store.json").write_text('{"format": "elspeth-nb-audit-store", "schema_version": 99}')
