@@ -43,16 +43,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(audit: str | Path, run_id: str, output: str | Path) -> Path:
+def _write_report(audit: str | Path, run_id: str, output: str | Path, payloads: str | None = None) -> Path:
     from elspeth_nb.report import render_report
 
-    return render_report(audit, run_id=run_id, output=output)
+    return render_report(audit, run_id=run_id, output=output, payloads=payloads)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from elspeth_nb.report import render_report
-
-    path = render_report(args.audit, run_id=args.run, output=args.output, payloads=args.payloads)
+    path = _write_report(args.audit, args.run, args.output, args.payloads)
     print(f"wrote {path}")
     return 0
 

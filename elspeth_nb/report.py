@@ -176,9 +176,7 @@ def _resolve(audit: str | os.PathLike[str] | Any, run_id: str,
             raise TypeError(f"expected an audit store path or an Audit, got {type(audit).__name__}")
         if payloads is not None:
             raise TypeError("payloads= is for an audit given as a path; an opened Audit brings its own")
-        folder = getattr(audit, "payloads", None)
-        return (Path(audit.path).resolve(), str(audit.run_summary(run_id).run_id),
-                None if folder is None else str(folder))
+        return _identity(audit, run_id)
     from elspeth_nb.analysis.audit import open_audit
 
     try:
@@ -186,9 +184,12 @@ def _resolve(audit: str | os.PathLike[str] | Any, run_id: str,
     except ValueError as exc:  # a payload folder given for something that is not a Landscape file
         raise InputError(str(exc)) from None
     with opened:
-        folder = opened.payloads
-        return (Path(opened.path).resolve(), str(opened.run_summary(run_id).run_id),
-                None if folder is None else str(folder))
+        return _identity(opened, run_id)
+
+
+def _identity(audit: Any, run_id: str) -> tuple[Path, str, str | None]:
+    folder = getattr(audit, "payloads", None)
+    return Path(audit.path).resolve(), str(audit.run_summary(run_id).run_id), None if folder is None else str(folder)
 
 
 def _kernel_manager_class() -> type:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -104,13 +104,13 @@ class RunDiff(Displayable):
 
     a: str
     b: str
+    #: side (a, b), run_id, status, producer, error_message: what each side's counts stand for
+    runs: pl.DataFrame
     config: pl.DataFrame
     nodes: pl.DataFrame
     outcomes: pl.DataFrame
     decisions: pl.DataFrame
     timings: pl.DataFrame
-    #: side (a, b), run_id, status, producer, error_message: what each side's counts stand for
-    runs: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_RUNS_SCHEMA))
 
     @property
     def same_config(self) -> bool:
@@ -145,11 +145,8 @@ class RunDiff(Displayable):
                                 pl.col(a).cast(pl.String).alias("a"), pl.col(b).cast(pl.String).alias("b"),
                                 (pl.col(delta).cast(pl.Float64) if delta else pl.lit(None, pl.Float64)).alias("delta"))
 
-        sides = {side: dict(zip(self.runs.columns, row, strict=True))
-                 for side, row in zip(self.runs["side"], self.runs.iter_rows(), strict=True)}
-        runs = pl.DataFrame([{"key": key, "a": sides.get("a", {}).get(key), "b": sides.get("b", {}).get(key)}
-                             for key in ("status", "producer")], schema={"key": pl.String, "a": pl.String,
-                                                                         "b": pl.String})
+        sides = {side: values for side, *values in self.runs.select("side", "status", "producer").iter_rows()}
+        runs = pl.DataFrame({"key": ["status", "producer"], "a": sides["a"], "b": sides["b"]})
         return pl.concat([
             tidy("runs", runs, ["key"], "a", "b", None),
             tidy("config", self.config, ["key"], "a", "b", None),
@@ -185,15 +182,13 @@ def diff_runs(self: Audit, a: str, b: str = "latest") -> RunDiff:
     run_a, run_b = db.resolve_run(a), db.resolve_run(b)
     params = {"a": run_a, "b": run_b}
     pair = [run_a, run_b]
-    settings = dict(db.rows("SELECT run_id, settings_json FROM runs WHERE run_id IN ($a, $b)", params))
-    headers = {r[0]: r for r in db.rows("SELECT run_id, status, producer, error_message FROM runs "
+    headers = {r[0]: r for r in db.rows("SELECT run_id, status, producer, error_message, settings_json FROM runs "
                                          "WHERE run_id IN ($a, $b)", params)}
     runs = pl.DataFrame([(side, *headers[run][:4]) for side, run in (("a", run_a), ("b", run_b))],
                         schema=_RUNS_SCHEMA, orient="row")
     return RunDiff(
-        runs=runs,
-        a=run_a, b=run_b,
-        config=_config_diff(settings.get(run_a), settings.get(run_b)),
+        a=run_a, b=run_b, runs=runs,
+        config=_config_diff(headers[run_a][4], headers[run_b][4]),
         nodes=db.frame_for(pair, _NODES_SQL, params),
         outcomes=db.frame_for(pair, _OUTCOMES_SQL, params),
         decisions=db.frame_for(pair, _DECISIONS_SQL, params),
