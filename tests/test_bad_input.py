@@ -753,12 +753,24 @@ def _recorded_transform_error(ctx: Ctx, result: RunResult) -> None:
     assert [row["id"] for row in _lines(ctx.work / "bad.jsonl")] == [2]
 
 
-def _recorded_failed_run(ctx: Ctx, error: RunFailedError) -> None:
-    assert error.result.status == "failed"
-    with open_audit(ctx.store) as audit:
-        [(status, message)] = audit.sql("SELECT status, error_message FROM runs WHERE run_id = $run",
-                                        {"run": error.result.run_id}).rows()
-    assert status == "failed" and "SystemExit" in message
+def _recorded_failed_run(in_flight: int) -> Callable[[Ctx, RunFailedError], None]:
+    """The run is stored failed, and its ``in_flight`` tokens ended failed, saying why: check() passes."""
+    def then(ctx: Ctx, error: RunFailedError) -> None:
+        assert error.result.status == "failed"
+        with open_audit(ctx.store) as audit:
+            params = {"run": error.result.run_id}
+            [(status, message)] = audit.sql("SELECT status, error_message FROM runs WHERE run_id = $run",
+                                            params).rows()
+            ended = audit.sql("SELECT o.outcome, o.context_json, t.branch_name FROM token_outcomes o JOIN tokens t "
+                              "USING (run_id, token_id) WHERE run_id = $run AND o.context_json LIKE '%run_failed%' "
+                              "ORDER BY t.branch_name", params).rows()
+            assert audit.check(error.result.run_id).ok
+        assert status == "failed" and message == "SystemExit: 3"
+        assert [(o, json.loads(c)) for o, c, _ in ended] == [
+            ("failed", {"run_failed": {"error": "SystemExit: 3"}})] * in_flight
+        assert in_flight == 1 or [b for _, _, b in ended] == ["a", "b"]  # held at the coalesce; failing
+
+    return then
 
 
 case("transform-module-raises-on-import", _python_transform("raise RuntimeError('no credentials')\n"),
@@ -832,7 +844,7 @@ case("transform-raises-on-one-row",
                        "    return row\n"),
      Completes(good=2, outcomes={"routed": 1}), then=_recorded_transform_error)
 case("transform-exits-the-process", _python_transform("def explode(row):\n    raise SystemExit(3)\n"),
-     Fails(RunFailedError, r"^run \w+ failed: SystemExit: 3$", adds_run=True), then=_recorded_failed_run)
+     Fails(RunFailedError, r"^run \w+ failed: SystemExit: 3$", adds_run=True), then=_recorded_failed_run(1))
 
 def _branch_transform(body: str) -> Act:
     """PIPELINE with branch b's transform replaced by the python function ``explode`` (on_error: bad)."""
@@ -866,6 +878,8 @@ def _branch_error(reason: str) -> Returns:
 case("transform-in-a-branch-returns-a-row-that-contains-itself",
      _branch_transform("def explode(row):\n    if row['id'] == 2:\n        row['me'] = row\n    return row\n"),
      _branch_error(r"^\$\.me\.me\..*nested more than 254 levels deep \(or a value that contains itself\)"))
+case("transform-in-a-branch-exits-the-process", _branch_transform("def explode(row):\n    raise SystemExit(3)\n"),
+     Fails(RunFailedError, r"^run \w+ failed: SystemExit: 3$", adds_run=True), then=_recorded_failed_run(2))
 case("transform-in-a-branch-returns-nan",
      _branch_transform("def explode(row):\n    row['score'] = float('nan') if row['id'] == 2 else 0.5\n"
                        "    return row\n"),
@@ -899,8 +913,8 @@ def _broken_sink(cls: type, method: str, error: Exception, *edits: Edit, rows: i
 
 
 def _failed_at_sink(failed_token: str | None = None) -> Callable[[Ctx, Any], None]:
-    """The run is stored failed with the sink's error, every row it read and no artifact for ``out``; check()
-    passes, or names only tokens that were in flight; ``failed_token``: the error of the token being written."""
+    """The run is stored failed with the sink's error, every row it read and no artifact for ``out``; every token
+    has an outcome and check() passes; ``failed_token``: the error of the token being written."""
     def then(ctx: Ctx, error: RunFailedError) -> None:
         result = error.result
         assert result.status == "failed" and str(error) == f"run {result.run_id} failed: {result.error}"
@@ -921,7 +935,7 @@ def _failed_at_sink(failed_token: str | None = None) -> Callable[[Ctx, Any], Non
         assert sinks == ["bad"]
         assert [json.loads(e) for e in errors] == ([] if failed_token is None else [
             {"reason": "sink_failed", "type": "ValueError", "exception": failed_token}])
-        assert violations.height == unfinished and set(violations["invariant"]) <= {"token_has_outcome"}
+        assert (violations.height, unfinished) == (0, 0)  # tokens in flight when the sink broke ended failed
 
     return then
 

@@ -163,7 +163,10 @@ def _worker(engine: Engine, index: int, start: int, stop: int, conn: Connection,
     except KeyboardInterrupt:
         result.status, result.error = RunStatus.INTERRUPTED, "interrupted"
     except BaseException as exc:
+        from elspeth_nb.engine.runner import abandon_in_flight
+
         result.status, result.error, failure = RunStatus.FAILED, f"{type(exc).__name__}: {exc}", exc
+        abandon_in_flight(ctx, result.error)
     if processor is not None:
         result.stats = processor.stats
     closed, close_failure = sinks.close(failure)

@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,7 @@ class Engine:
             status, error = RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)"
         except BaseException as exc:  # SystemExit from a plugin too: record it, then report it
             status, error, failure = RunStatus.FAILED, f"{type(exc).__name__}: {exc}", exc
+            abandon_in_flight(ctx, error)
         stats = processor.stats if processor is not None else ProcessStats()
         closed, close_failure = sinks.close(failure)
         if close_failure is not None and status == RunStatus.COMPLETED:
@@ -356,6 +358,12 @@ class Engine:
             return None
         rec.writer.write_digests(self.run_id)
         return run_root(self.store.segment_digests(self.run_id))
+
+
+def abandon_in_flight(ctx: EngineContext, error: str) -> None:
+    """A failed run ends its tokens in flight as failed; if the trail itself is what failed, it cannot say more."""
+    with suppress(Exception):
+        ctx.abandon(error)
 
 
 def check_run_id(run_id: str) -> None:

@@ -18,8 +18,9 @@ import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from elspeth_nb.audit.hashing import canonical_bytes
+from elspeth_nb.audit.hashing import canonical_bytes, canonical_json, error_hash
 from elspeth_nb.audit.recorder import ID_BASE, Recorder, id_prefix
+from elspeth_nb.audit.schema import Outcome
 from elspeth_nb.engine.clock import Clock
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class EngineContext:
         self.timers: list[tuple[float, int, Timer]] = []
         self._timer_seq = itertools.count()
         self.open_rows: set[RowContext] = set()
+        #: tokens without a terminal outcome yet, by id: a failing run ends them (see ``abandon``)
+        self.live_tokens: dict[int, Token] = {}
         self.outcome_counts: dict[str, int] = {}
         self.new_row_id = itertools.count(id_offset).__next__
         self.new_token_id = itertools.count(id_offset).__next__
@@ -111,6 +114,7 @@ class EngineContext:
                   branch_name: str | None = None, step: int | None = None) -> Token:
         token = Token(self.new_token_id(), rc, row, data, row_hash, duties)
         rc.live += 1
+        self.live_tokens[token.id] = token
         self.rec.tokens(token.id, rc.row_id, fork_group_id, join_group_id, None, branch_name, step, at)
         return token
 
@@ -122,11 +126,27 @@ class EngineContext:
                                 join_group_id, None, error_hash, context_json, expected_branches_json)
         counts = self.outcome_counts
         counts[outcome] = counts.get(outcome, 0) + 1
+        del self.live_tokens[token.id]
         rc = token.rc
         rc.live -= 1
         if rc.live == 0:
             self.open_rows.discard(rc)
             rc.joins = {}
+
+    def abandon(self, error: str) -> int:
+        """End every token still in flight as ``failed`` because the run failed with ``error``; returns how many.
+
+        Held at a coalesce, waiting on a call or queued: each gets its one terminal outcome, whose context
+        says the run failed and why, so a failed run's trail accounts for every token it created.
+        """
+        if not self.live_tokens:
+            return 0
+        now, context = self.now(), canonical_json({"run_failed": {"error": error}})
+        grouping = error_hash("run_failed")
+        abandoned = list(self.live_tokens.values())
+        for token in abandoned:
+            self.finish(token, Outcome.FAILED, now, error_hash=grouping, context_json=context)
+        return len(abandoned)
 
     def lose(self, token: Token, reason: dict[str, Any], at: float) -> None:
         """Tell the token's innermost coalesce that this branch will never arrive."""
