@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from elspeth_nb.analysis.integrity import UNFINISHED
 from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table
+from elspeth_nb.audit.schema import RunStatus
 
 if TYPE_CHECKING:
     from elspeth_nb.analysis.audit import Audit
@@ -121,9 +123,9 @@ class RunDiff(Displayable):
         """Why some differences may not be changes: an unfinished or failed side, or two producers."""
         found = []
         for side, run_id, status, _, error in self.runs.iter_rows():
-            if status in ("running", "interrupted"):
+            if status in UNFINISHED:
                 found.append(f"run {side} ({run_id}) is {status}: its counts stop where its trail does")
-            elif status != "completed":
+            elif status != RunStatus.COMPLETED:
                 found.append(f"run {side} ({run_id}) is {status}{f' ({error})' if error else ''}: "
                              "its counts cover only what it did before it stopped")
         producers = {str(p or "").split(" ")[0] for p in self.runs["producer"]}
