@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _machine import Conditions
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "engine" / "configs" / "elspeth_requireall_nested.yaml"
@@ -76,9 +77,11 @@ def measure(rows: int) -> dict[str, float]:
     make_input(input_path, rows)
     pipeline = make_pipeline(folder, input_path)
     shutil.rmtree(folder / "audit", ignore_errors=True)
+    conditions = Conditions().start()
     started = time.perf_counter()
     result = run_pipeline(pipeline, sync_duckdb=False)
     seconds = time.perf_counter() - started
+    conditions.stop()
     store = AuditStore.open(folder / "audit")
     return {
         "rows": rows,
@@ -89,6 +92,9 @@ def measure(rows: int) -> dict[str, float]:
         "parquet_bytes_per_row": store.parquet_bytes(result.run_id) / rows,
         "records": sum(result.counts.values()),
         "peak_rss_mib": _peak_rss_mib(),
+        "cpu_us_per_row": 1e6 * conditions.cpu_s / rows,
+        "steal_pct": conditions.steal_pct,
+        "others_pct": conditions.others_pct,
     }
 
 
@@ -120,7 +126,8 @@ def main() -> None:
         return
     WORK.mkdir(parents=True, exist_ok=True)
     print(f"{'rows':>9} {'workers':>7} {'run s':>8} {'rows/s':>9} {'duckdb s':>9} {'total rows/s':>13} "
-          f"{'parquet B/row':>14} {'duckdb B/row':>13} {'records':>10} {'RSS run MiB':>12} {'RSS duckdb MiB':>15}")
+          f"{'parquet B/row':>14} {'duckdb B/row':>13} {'records':>10} {'RSS run MiB':>12} {'RSS duckdb MiB':>15} "
+          f"{'CPU us/row':>11} {'steal %':>8} {'others %':>9}")
     for rows in args.rows:
         m = _child("--child", str(rows))
         m |= _child("--child", str(rows), "--load", str(m["run_id"]))
@@ -128,11 +135,19 @@ def main() -> None:
         print(f"{m['rows']:>9,} {m['workers']:>7} {m['seconds']:>8.2f} {m['trail_rows_per_s']:>9,.0f} "
               f"{m['duckdb_s']:>9.2f} {total:>13,.0f} {m['parquet_bytes_per_row']:>14,.0f} "
               f"{m['duckdb_bytes_per_row']:>13,.0f} {m['records']:>10,} {m['peak_rss_mib']:>12,.0f} "
-              f"{m['duckdb_peak_rss_mib']:>15,.0f}")
+              f"{m['duckdb_peak_rss_mib']:>15,.0f} {m['cpu_us_per_row']:>11,.0f} {_pct(m['steal_pct']):>8} "
+              f"{_pct(m['others_pct']):>9}")
     print("rows/s: source rows per second until the Parquet trail is complete (run_pipeline with "
           "sync_duckdb=False); duckdb s: the end-of-run audit.duckdb update, run next in its own process "
           "(what run_pipeline does by default, or in the background with sync_duckdb='background'); "
-          "total rows/s counts both. RSS: peak resident set of each phase's processes.")
+          "total rows/s counts both. RSS: peak resident set of each phase's processes. CPU us/row: user + "
+          "system time of the run's processes per source row; steal %: the machine's CPU time taken by the "
+          "hypervisor during the run; others %: the machine's CPU time other processes used meanwhile (wall-clock "
+          "figures drop as either rises).")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _machine import Conditions  # noqa: E402
 
 from elspeth_nb.audit.hashing import canonical_bytes  # noqa: E402
 from elspeth_nb.audit.importers.elspeth import import_into_store, read_landscape  # noqa: E402
@@ -167,8 +170,10 @@ def bench(rows: int, sample: Path, repeat: int) -> dict[str, float]:
     con.close()
     read_s, imported = _best(lambda: read_landscape(db, payloads=payloads), repeat)
     hashes_s, _ = _best(lambda: read_landscape(db), repeat)
+    conditions = Conditions().start()
     with tempfile.TemporaryDirectory(dir=STORES) as tmp:
         store_s, report = _best(lambda: import_into_store(db, Path(tmp) / "audit", payloads=payloads), repeat)
+    conditions.stop()
     with tempfile.TemporaryDirectory(dir=STORES) as tmp:  # Parquet complete, audit.duckdb left for `sync`
         parquet_s, _ = _best(lambda: import_into_store(db, Path(tmp) / "audit", payloads=payloads,
                                                        sync_duckdb=False), repeat)
@@ -181,6 +186,10 @@ def bench(rows: int, sample: Path, repeat: int) -> dict[str, float]:
         "import_phases_s_last_run": {k: round(v, 2) for k, v in report.timings.items()},  # type: ignore[attr-defined]
         "imported_records": sum(t.num_rows for t in imported.tables.values()),  # type: ignore[attr-defined]
         "problems": len(imported.problems),  # type: ignore[attr-defined]
+        "import_into_store_cpu_us_per_row": round(1e6 * conditions.cpu_s / repeat / n_rows),
+        "cpu_steal_pct_during_import": None if conditions.steal_pct is None else round(conditions.steal_pct, 1),
+        "other_processes_cpu_pct_during_import": None if conditions.others_pct is None
+        else round(conditions.others_pct, 1),
     }
     print(report)
     return out

@@ -36,6 +36,8 @@ from polars.testing import assert_frame_equal
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _machine import Conditions  # noqa: E402
+
 TARGETS_MS = {"open_audit": 1000.0, "lineage": 100.0, "merge_timing_summary": 500.0, "policy_outcomes": 500.0}
 MAX_RATIO = 3.0
 
@@ -261,7 +263,9 @@ def main() -> None:
         return
     child = [sys.executable, __file__, "--child", "--store", str(store), "--repeat", str(args.repeat),
              "--seed", str(args.seed), *(["--only", *args.only] if args.only else [])]
+    conditions = Conditions().start()
     out = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True).stdout
+    conditions.stop()
     m = json.loads(out.strip().splitlines()[-1])
     records = sum(p.stat().st_size for p in (store / "parquet").rglob("*.parquet"))
     print(f"store {store} run {m['run_id']}: {m['rows']:,} source rows, {records / 2**20:,.0f} MiB of Parquet")
@@ -286,6 +290,7 @@ def main() -> None:
               f"{r.get('baseline audit.duckdb', float('nan')):>10.1f} "
               f"{'' if ratio is None else f'{ratio:.2f}':>6}  {', '.join(verdict)}")
     print("targets met" if not failures else "targets missed: " + "; ".join(failures))
+    print(f"while timing: {conditions.shares()} of the machine's CPU time")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""bench/_machine.py: the CPU seconds and steal share the benchmarks print beside their wall-clock figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _machine() -> Any:
+    spec = importlib.util.spec_from_file_location("_machine", BENCH / "_machine.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("_machine", module)  # dataclasses look their module up while building the class
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_conditions_count_cpu_spent_between_start_and_stop() -> None:
+    machine = _machine()
+    idle = machine.Conditions().start().stop()
+    busy = machine.Conditions().start()
+    total = sum(i * i for i in range(3_000_000))
+    busy.stop()
+    assert total > 0
+    assert busy.cpu_s > 0.05 > idle.cpu_s
+    assert "CPU us per source row" in busy.describe(1000)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
+def test_steal_is_a_share_of_machine_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = _machine()
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(machine, "PROC_STAT", stat)
+    stat.write_text("cpu  100 0 50 800 0 0 0 50 0 0\ncpu0 1 2 3\n")
+    conditions = machine.Conditions().start()
+    stat.write_text("cpu  200 0 100 1500 0 0 0 200 7 0\ncpu0 1 2 3\n")  # +1000 jiffies: 150 busy, 150 stolen
+    conditions.stop()
+    assert conditions.steal_pct == pytest.approx(15.0)
+    ours = 100.0 * conditions.cpu_s * os.sysconf("SC_CLK_TCK") / 1000
+    assert conditions.others_pct == pytest.approx(max(0.0, 15.0 - ours))
+    assert conditions.shares().startswith("CPU steal 15%, other processes ")
+    stat.unlink()
+    assert machine.Conditions().start().stop().steal_pct is None  # no /proc/stat: unknown, not 0
