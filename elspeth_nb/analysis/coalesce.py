@@ -90,6 +90,37 @@ FROM e2{joins}
 {order}"""
 
 
+#: Branch tokens that left their branch early (lost_branch context), by row, coalesce and branch.
+_AFTER_LOSS_CTE = """after_loss AS (
+    SELECT t.row_id, o.token_id,
+           json_extract_string(o.context_json, '$.lost_branch.coalesce') AS coalesce_name,
+           json_extract_string(o.context_json, '$.lost_branch.branch') AS branch,
+           json_extract_string(o.context_json, '$.lost_branch.reason') AS reason
+    FROM token_outcomes o JOIN tokens t ON t.token_id = o.token_id AND t.run_id = o.run_id
+    WHERE o.run_id = $run AND o.is_terminal = 1 AND json_exists(o.context_json, '$.lost_branch')
+)"""
+
+#: Branches a decision was taken without (neither arrived nor known lost) whose token then ended elsewhere:
+#: ``merge_timings`` shows them as ``missing`` with a ``lost_reason``. CTEs ``lost_after(coalesce_name, branch,
+#: reason)``; needed only when a decision had unresolved branches (see ``_TIMING_NEEDS_SQL``).
+LOST_AFTER_DECISION_CTES = f"""{_AFTER_LOSS_CTE},
+undecided AS (
+    SELECT row_id, coalesce_name, branches_arrived, branches_lost FROM coalesce_events
+    WHERE run_id = $run AND event_type <> 'late_arrival' AND (n_arrived + n_lost < n_expected) IS NOT FALSE
+),
+lost_after AS (
+    SELECT a.coalesce_name, a.branch, a.reason FROM undecided d
+    JOIN after_loss a ON a.row_id = d.row_id AND a.coalesce_name = d.coalesce_name
+    WHERE NOT list_contains(coalesce(d.branches_arrived, []), a.branch)
+      AND NOT list_contains(coalesce(d.branches_lost, []), a.branch)
+)"""  # noqa: S608 - module constants only
+
+
+def has_unresolved_decisions(self: Audit, run: str) -> bool:
+    """Whether any decision of ``run`` was taken without knowing of every expected branch."""
+    return bool(self._db.rows_for([run], _TIMING_NEEDS_SQL, {"run": run})[0][2])
+
+
 @dataclass(frozen=True)
 class _Join:
     """An optional part of the timings query: a CTE, its join, and what it fills in (NULL without it)."""
@@ -116,14 +147,7 @@ _TIMING_JOINS = {
         "LEFT JOIN lost_tokens lt ON lt.event_id = e2.event_id AND e2.lost_at IS NOT NULL",
         {"lost_token": "(lt.lost -> e2.branch) ->> 'token_id'", "lost_at": "list_position(branches_lost, branch)"}),
     "unresolved": _Join(  # a branch token that ended elsewhere once the decision was taken without it
-        """after_loss AS (
-    SELECT t.row_id, o.token_id,
-           json_extract_string(o.context_json, '$.lost_branch.coalesce') AS coalesce_name,
-           json_extract_string(o.context_json, '$.lost_branch.branch') AS branch,
-           json_extract_string(o.context_json, '$.lost_branch.reason') AS reason
-    FROM token_outcomes o JOIN tokens t ON t.token_id = o.token_id AND t.run_id = o.run_id
-    WHERE o.run_id = $run AND o.is_terminal = 1 AND json_exists(o.context_json, '$.lost_branch')
-)""",
+        _AFTER_LOSS_CTE,
         "LEFT JOIN after_loss a "
         "ON a.row_id = e2.row_id AND a.coalesce_name = e2.coalesce_name AND a.branch = e2.branch",
         {"after_token": "a.token_id", "after_reason": "a.reason"}),
@@ -229,9 +253,10 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
     return self._db.frame_for([run], sql, {"run": run})
 
 
-#: Triggers and results in one scan (grouping sets); lost branches only from decisions that lost one.
+#: Triggers and results in one scan (grouping sets); lost branches from decisions that lost one and, where
+#: a decision went ahead without a branch, from that branch's token ending elsewhere afterwards.
 _POLICY_SQL = """
-WITH d AS (SELECT coalesce_name, trigger, event_type, failure_reason FROM coalesce_events
+WITH {after_ctes}d AS (SELECT coalesce_name, trigger, event_type, failure_reason FROM coalesce_events
            WHERE run_id = $run AND event_type <> 'late_arrival'),
 g AS (SELECT coalesce_name AS coalesce, trigger, if(event_type = 'merged', 'merged', 'failed') AS result,
              failure_reason, grouping(trigger) AS by_result, count(*) AS count
@@ -246,7 +271,7 @@ FROM g
 UNION ALL BY NAME
 SELECT coalesce_name AS coalesce, 'lost_branch' AS kind, branch AS key, reason, count(*) AS count
 FROM lost GROUP BY ALL
-UNION ALL BY NAME
+UNION ALL BY NAME{after_select}
 SELECT coalesce_name AS coalesce, 'late_arrival' AS kind, late_branch AS key,
        CASE WHEN failure_reason IS NULL THEN 'after_merge' ELSE 'after_failure' END AS reason, count(*) AS count,
        avg(late_by_ms) AS mean_late_by_ms, max(late_by_ms) AS max_late_by_ms
@@ -283,8 +308,16 @@ class PolicyOutcomes(Displayable):
 
     @property
     def lost_branches(self) -> pl.DataFrame:
-        """coalesce, branch, reason, count: branches the decisions knew were lost."""
-        return self._kind("lost_branch", "branch", "reason")
+        """coalesce, branch, reason, lost (``before_decision`` | ``after_decision``), count.
+
+        ``before_decision``: the decision knew the branch would never come. ``after_decision``: the
+        decision went ahead without it (quorum, first, best_effort, timeout) and its token ended
+        elsewhere afterwards, for ``reason``.
+        """
+        when = pl.when(pl.col("kind") == "lost_branch").then(pl.lit("before_decision")).otherwise(
+            pl.lit("after_decision"))
+        return (self.tidy.filter(pl.col("kind").is_in(["lost_branch", "lost_after_decision"]))
+                .select("coalesce", pl.col("key").alias("branch"), "reason", when.alias("lost"), "count"))
 
     @property
     def late_arrivals(self) -> pl.DataFrame:
@@ -292,7 +325,8 @@ class PolicyOutcomes(Displayable):
         return self._kind("late_arrival", "branch", "after", late=True)
 
     def to_polars(self) -> pl.DataFrame:
-        """Tidy: coalesce, kind (trigger | result | lost_branch | late_arrival), key, reason, count, late stats."""
+        """Tidy: coalesce, kind (trigger | result | lost_branch | lost_after_decision | late_arrival), key, reason,
+        count, late stats."""
         return self.tidy
 
     def _sections(self) -> list[tuple[str, pl.DataFrame]]:
@@ -320,4 +354,11 @@ def policy_outcomes(self: Audit, run_id: str = "latest") -> PolicyOutcomes:
     ['result', 'trigger']
     """
     run = self._db.resolve_run(run_id)
-    return PolicyOutcomes(run, self._db.frame_for([run], _POLICY_SQL, {"run": run}))
+    after = has_unresolved_decisions(self, run)
+    sql = _POLICY_SQL.format(
+        after_ctes=f"{LOST_AFTER_DECISION_CTES},\n" if after else "",
+        after_select="""
+SELECT coalesce_name AS coalesce, 'lost_after_decision' AS kind, branch AS key, reason, count(*) AS count
+FROM lost_after GROUP BY ALL
+UNION ALL BY NAME""" if after else "")
+    return PolicyOutcomes(run, self._db.frame_for([run], sql, {"run": run}))

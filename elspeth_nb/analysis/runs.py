@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from elspeth_nb.analysis._connection import INTERNAL, NEWEST_FIRST
+from elspeth_nb.analysis.coalesce import LOST_AFTER_DECISION_CTES, has_unresolved_decisions
 from elspeth_nb.analysis.results import Displayable, format_value, html_block, html_pairs, html_table, text_table
 from elspeth_nb.audit.schema import CoalesceEventType, Outcome
 
@@ -105,6 +106,9 @@ FROM coalesce_events WHERE run_id = $run
 GROUP BY coalesce_name ORDER BY coalesce_name
 """
 
+_LOST_AFTER_SQL = (f"WITH {LOST_AFTER_DECISION_CTES} "  # noqa: S608 - module constants only
+                   "SELECT coalesce_name AS coalesce, count(*) AS lost_after_decision FROM lost_after GROUP BY ALL")
+
 
 @dataclass(frozen=True)
 class RunSummary(Displayable):
@@ -168,7 +172,20 @@ def run_summary(self: Audit, run_id: str = "latest") -> RunSummary:
         if table == "node_states":
             header["quarantined"] = db.rows_for([run], _QUARANTINED_SQL, params)[0][0]
     return RunSummary(run, MappingProxyType(header), db.frame_for([run], _NODES_SQL, params), outcomes(self, run),
-                      db.frame_for([run], _COALESCE_SQL, params))
+                      _coalesce_counts(self, run))
+
+
+def _coalesce_counts(self: Audit, run: str) -> pl.DataFrame:
+    """Per coalesce counts; ``lost_branches`` includes the ``lost_after_decision`` ones (see policy_outcomes)."""
+    counts = self._db.frame_for([run], _COALESCE_SQL, {"run": run})
+    after = pl.DataFrame(schema={"coalesce": pl.String, "lost_after_decision": pl.Int64})
+    if has_unresolved_decisions(self, run):
+        after = self._db.frame_for([run], _LOST_AFTER_SQL, {"run": run})
+    lost_after = pl.col("lost_after_decision").fill_null(0)
+    return (counts.join(after, on="coalesce", how="left")
+            .with_columns((pl.col("lost_branches") + lost_after).alias("lost_branches"), lost_after)
+            .select(*counts.columns[:counts.columns.index("lost_branches") + 1], "lost_after_decision",
+                    *counts.columns[counts.columns.index("lost_branches") + 1:]))
 
 
 _LAST_NODE = """

@@ -165,9 +165,13 @@ def test_policy_outcomes_count_triggers_reasons_losses_and_lateness(audit: Audit
         (d["coalesce_name"], d["trigger"]) for d in decisions)
     assert Counter({(c, r, f): n for c, r, f, n in result.results.rows()}) == Counter(
         (d["coalesce_name"], d["event_type"], d["failure_reason"]) for d in decisions)
-    assert Counter({(c, b, r): n for c, b, r, n in result.lost_branches.rows()}) == Counter(
-        (d["coalesce_name"], b, r) for d in decisions for b, r in zip(d["branches_lost"], d["lost_reasons"],
-                                                                       strict=True))
+    by_event = {d["event_id"]: d["coalesce_name"] for d in decisions}
+    lost_after = [(by_event[t["event_id"]], t["branch"], t["lost_reason"], "after_decision")
+                  for t in raw.expected_merge_timings(matrix.store, run)
+                  if t["status"] == "missing" and t["lost_reason"] is not None]
+    assert Counter({(c, b, r, w): n for c, b, r, w, n in result.lost_branches.rows()}) == Counter(
+        [(d["coalesce_name"], b, r, "before_decision") for d in decisions
+         for b, r in zip(d["branches_lost"], d["lost_reasons"], strict=True)] + lost_after)
     want_late: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for event in late:
         after = "after_merge" if event["failure_reason"] is None else "after_failure"
@@ -178,7 +182,7 @@ def test_policy_outcomes_count_triggers_reasons_losses_and_lateness(audit: Audit
         assert got_late[key] == (len(values), pytest.approx(raw.mean(values)), pytest.approx(max(values)))
     tidy = result.to_polars()
     assert tidy.columns == ["coalesce", "kind", "key", "reason", "count", "mean_late_by_ms", "max_late_by_ms"]
-    assert tidy["count"].sum() == len(decisions) * 2 + sum(d["n_lost"] for d in decisions) + len(late)
+    assert tidy["count"].sum() == len(decisions) * 2 + sum(d["n_lost"] for d in decisions) + len(lost_after) + len(late)
 
 
 def test_policy_outcomes_display(audit: Audit, matrix: Matrix) -> None:

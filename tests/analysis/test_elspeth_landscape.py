@@ -60,6 +60,10 @@ def test_a_branch_lost_after_the_decision_is_tied_to_it(landscape: Audit) -> Non
     assert {node.startswith("transform_branch_c_filter_") for node in ended.values()} == {True}
     text = repr(landscape.lineage(row_index=14))
     assert "(lost to merge3 after its decision: quarantined at branch_c_filter)" in text
+    lost = landscape.policy_outcomes().lost_branches  # the summaries count them too, as lost after the decision
+    assert lost.rows() == [("merge3", "path_c", "quarantined", "after_decision", len(ended))]
+    coalesce = landscape.run_summary().coalesce.row(0, named=True)
+    assert (coalesce["lost_branches"], coalesce["lost_after_decision"]) == (len(ended), len(ended))
 
 
 def test_check_and_verify_pass_on_elspeth_data(landscape: Audit) -> None:

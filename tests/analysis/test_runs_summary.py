@@ -11,7 +11,7 @@ from elspeth_nb.analysis import Audit
 from tests.analysis import raw
 from tests.analysis.conftest import CASES, JITTER, Matrix
 
-SOME_CASES = ["require_all-nested-lost", "quorum-select-timeout", "first-union-delayed", JITTER]
+SOME_CASES = ["require_all-nested-lost", "quorum-nested-lost", "quorum-select-timeout", "first-union-delayed", JITTER]
 
 
 def _terminal(matrix: Matrix, case: str) -> list[dict[str, object]]:
@@ -100,7 +100,10 @@ def test_run_summary_matches_the_raw_trail(audit: Audit, matrix: Matrix, case: s
     assert coalesce["failed"] == sum(e["event_type"] == "failed" for e in events)
     assert coalesce["late_arrivals"] == sum(e["event_type"] == "late_arrival" for e in events)
     assert coalesce["timeouts"] == sum(d["trigger"] == "timeout" for d in decisions)
-    assert coalesce["lost_branches"] == sum(d["n_lost"] for d in decisions)
+    lost_after = sum(t["status"] == "missing" and t["lost_reason"] is not None
+                     for t in raw.expected_merge_timings(matrix.store, matrix.runs[case]))
+    assert coalesce["lost_after_decision"] == lost_after
+    assert coalesce["lost_branches"] == sum(d["n_lost"] for d in decisions) + lost_after
     counts = json.loads(latest["counts_json"])["coalesce"]["merge3"]
     assert (coalesce["merged"], coalesce["failed"], coalesce["late_arrivals"]) == (
         counts["merged"], counts["failed"], counts["late_arrivals"])
