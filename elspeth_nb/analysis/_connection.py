@@ -224,7 +224,12 @@ class Database:
         if payloads is not None and kind != ELSPETH:
             raise ValueError(f"payloads= is the payload folder of an ELSPETH Landscape; {where} is an elspeth-nb "
                              f"{'audit store' if kind == STORE else 'audit.duckdb'}, whose payloads are inside it")
-        db = cls(where.resolve(), kind, payloads=Path(payloads).resolve() if payloads is not None else None)
+        folder = None
+        if payloads is not None:  # checked now: a wrong folder would read every lineage as hashes only
+            from elspeth_nb.audit.importers.elspeth import payload_folder
+
+            folder = payload_folder(payloads)
+        db = cls(where.resolve(), kind, payloads=folder)
         try:
             if kind == STORE:
                 db.store = AuditStore.open(db.path)

@@ -462,10 +462,31 @@ def test_verify_flags_tampering(tmp_path: Path) -> None:
                                                                                      "purged": 1}
 
 
-def test_missing_payload_folder_is_a_problem_not_an_error(tmp_path: Path) -> None:
-    imported = read_landscape(QUORUM / "audit.db", payloads=tmp_path / "nowhere")
-    assert any("payload folder" in p and "does not exist" in p for p in imported.problems)
-    assert imported.tables["payloads"].num_rows == 0
+@pytest.mark.parametrize(("given", "message"), [
+    ("nowhere", r"payload folder .*nowhere does not exist; pass ELSPETH's payload folder"),
+    ("audit.db", r"payload folder .*audit\.db is a file, not a folder"),
+    ("", r"the payload folder is an empty path"),
+    ("  ", r"the payload folder is an empty path"),
+])
+def test_a_payload_folder_that_is_not_there_is_an_error(tmp_path: Path, given: str, message: str) -> None:
+    """A wrong path must not silently turn every lineage into hashes only (leave payloads out for that)."""
+    from elspeth_nb.analysis import open_audit
+    from elspeth_nb.cli import main
+
+    shutil.copy(QUORUM / "audit.db", tmp_path / "audit.db")
+    where = given if not given.strip() else tmp_path / given
+    with pytest.raises(AuditStoreError, match=message):
+        read_landscape(tmp_path / "audit.db", payloads=where)
+    with pytest.raises(AuditStoreError, match=message):
+        open_audit(tmp_path / "audit.db", payloads=where)
+    assert main(["import", str(tmp_path / "audit.db"), "--payloads", str(where), "--audit",
+                 str(tmp_path / "store")]) == 2
+    assert not (tmp_path / "store").exists()
+
+
+def test_without_payloads_the_import_keeps_hashes() -> None:
+    imported = read_landscape(QUORUM / "audit.db")
+    assert imported.tables["payloads"].num_rows == 0 and imported.problems == []
     assert rows_of(imported, "runs")[0]["payload_mode"] == "hashes"
     assert set(verify_landscape(imported, db_path=QUORUM / "audit.db").filter(
         check="source_row_hash")["status"]) == {"missing"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from elspeth_nb.audit.importers.elspeth._lost import parse_lost_reason
 from elspeth_nb.audit.importers.elspeth._model import ImportReport, LandscapeImport
-from elspeth_nb.audit.importers.elspeth._read import read_landscape
+from elspeth_nb.audit.importers.elspeth._read import payload_folder, read_landscape
 from elspeth_nb.audit.importers.elspeth._store import import_into_store
 from elspeth_nb.audit.importers.elspeth._verify import verify_landscape
 
@@ -19,6 +19,7 @@ __all__ = [
     "LandscapeImport",
     "import_into_store",
     "parse_lost_reason",
+    "payload_folder",
     "read_landscape",
     "verify_landscape",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,9 +36,11 @@ def read_landscape(
     """Read ELSPETH runs (all, or ``run_ids``) read-only and convert them to our tables.
 
     ``payloads`` is ELSPETH's payload folder (``payload_store.base_path``); without it the
-    import holds hashes only. Non-fatal findings are listed in ``LandscapeImport.problems``.
+    import holds hashes only; a payload folder that is not there is an AuditStoreError. Non-fatal
+    findings are listed in ``LandscapeImport.problems``.
     """
     db = Path(db_path)
+    payload_dir = payload_folder(payloads)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     con, problems = _sqlite.open_checked(db)
@@ -48,14 +51,12 @@ def read_landscape(
     raw, found = _sqlite.read_tables(db, selected, all_runs=run_ids is None)
     problems += found
     timings["read_sqlite_s"] = time.perf_counter() - started
-    payload_dir, payload_problems = _payload_dir(payloads)
     tables, derive_problems, issues, pairs = _derive_with_payloads(db, raw, payload_dir)
     timings["derive_and_payloads_s"] = time.perf_counter() - started - timings["read_sqlite_s"]
     _derive.add_counts(tables, _mismatches_by_run(pairs, issues))
     timings["total_s"] = time.perf_counter() - started
     ordered = {name: tables[name] if name in tables else TABLES[name].schema.empty_table() for name in TABLES}
-    if payload_dir is not None:
-        payload_problems += payload_problems_of(payload_dir, issues)
+    payload_problems = payload_problems_of(payload_dir, issues) if payload_dir is not None else []
     return LandscapeImport(ordered, selected, problems + derive_problems + payload_problems, db.resolve(),
                            payload_dir, issues, timings)
 
@@ -98,11 +99,21 @@ def _derive_all(db: Path, raw: dict[str, pa.Table], mode: str) -> tuple[dict[str
         duck.close()
 
 
-def _payload_dir(payloads: str | Path | None) -> tuple[Path | None, list[str]]:
-    """The payload folder if it exists; a missing one is a problem, and the import keeps hashes only."""
+def payload_folder(payloads: str | os.PathLike[str] | None) -> Path | None:
+    """The payload folder asked for, resolved; one that is not there is an error, never a silent hashes-only read.
+
+    A run whose payload files were purged keeps its folder; a missing folder is a wrong path (or one not
+    copied), and reading on without it would answer every lineage with hashes only.
+    """
     if payloads is None:
-        return None, []
-    folder = Path(payloads)
+        return None
+    hint = ("pass ELSPETH's payload folder (payload_store.base_path in its settings), or leave it out to read "
+            "hashes only")
+    if not str(payloads).strip():
+        raise AuditStoreError(f"the payload folder is an empty path; {hint}")
+    folder = Path(payloads).expanduser()
+    if not folder.exists():
+        raise AuditStoreError(f"payload folder {folder} does not exist; {hint}")
     if not folder.is_dir():
-        return None, [f"payload folder {folder} does not exist (purged or not copied): imported with hashes only"]
-    return folder.resolve(), []
+        raise AuditStoreError(f"payload folder {folder} is a file, not a folder; {hint}")
+    return folder.resolve()
