@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from elspeth_nb._arguments import require
 from elspeth_nb.errors import NotFoundError
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ def wait_time_ecdf(timings: Any, *, coalesce: str | None = None, points: int = 1
     >>> wait_time_ecdf(audit.merge_timings("latest")).data["fraction"].max()
     1.0
     """
+    require(points, int, "points", "a positive int")
+    if points < 1:
+        raise ValueError(f"points must be at least 1, not {points}")
     waits = _decision_waits(timings, coalesce)
     curve = _ecdf(waits, "wait_duration_ms", points)
     import altair as alt

@@ -44,7 +44,9 @@ from elspeth_nb.analysis import Audit, ReadOnlyError, open_audit
 from elspeth_nb.audit.schema import SCHEMA_VERSION
 from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.verification import verify_run
+from elspeth_nb.charts import wait_time_ecdf
 from elspeth_nb.cli import main
+from elspeth_nb.engine.dag import load_pipeline
 from elspeth_nb.engine.plugins.sinks import JsonlSink, ParquetSink
 from elspeth_nb.engine.runner import RunFailedError, RunResult, run_pipeline
 from elspeth_nb.errors import (
@@ -505,7 +507,7 @@ EVIL = {  # name -> a user id with quotes, SQL, wildcards, escapes and non-ASCII
     "nul": "nul\x00byte",
     "empty": "",
 }
-BAD_RUN_IDS = {**{k: v for k, v in EVIL.items() if v}, "parent-folder": "../escape", "subfolder": "a/b",
+BAD_RUN_IDS = {**EVIL, "parent-folder": "../escape", "subfolder": "a/b",
                "hive-separator": "a=b", "schema-partition": "__schema__", "glob": "*", "latest": "latest"}
 for _name, _value in BAD_RUN_IDS.items():
     case(f"run-id-{_name}", lambda ctx, v=_value: run_pipeline(_config_path(ctx), run_id=v),
@@ -1356,6 +1358,44 @@ for _name, _query, _says in (
 ):
     case(f"sql-{_name}", lambda ctx, q=_query: ctx.audit().sql(q), Fails(ReadOnlyError, _says))
 
+
+# == wrong argument types and values: named where they were passed, never a deep library error or a changed answer
+
+_PATH = r"must be a path \(str or os\.PathLike\), not "
+for _name, _act, _outcome in (
+        ("open_audit-path-None", lambda ctx: open_audit(None), Fails(TypeError, rf"^path {_PATH}NoneType None$")),
+        ("open_audit-path-blank", lambda ctx: open_audit("  "), Fails(ValueError, r"^path is an empty path$")),
+        ("load_pipeline-None", lambda ctx: load_pipeline(None), Fails(TypeError, rf"^pipeline {_PATH}NoneType None$")),
+        ("load_pipeline-int", lambda ctx: load_pipeline(3), Fails(TypeError, rf"^pipeline {_PATH}int 3$")),
+        ("run_pipeline-None", lambda ctx: run_pipeline(None), Fails(TypeError, rf"^pipeline {_PATH}NoneType None$")),
+        ("run_pipeline-audit-int", lambda ctx: run_pipeline(_config_path(ctx), audit=5),
+         Fails(TypeError, rf"^audit {_PATH}int 5$")),
+        ("coalesce_events-include_late-str", lambda ctx: ctx.audit().coalesce_events(include_late="no"),
+         Fails(TypeError, r"^include_late must be True or False, not str 'no'$")),
+        ("merge_timing_summary-by-None", lambda ctx: ctx.audit().merge_timing_summary(by=None),
+         Fails(TypeError, r"^by must be a column name or a sequence of names from coalesce, branch, policy, "
+                          r"merge_strategy, trigger, event_type, not NoneType None$")),
+        ("outcomes-by-list", lambda ctx: ctx.audit().outcomes(by=["outcome"]),
+         Fails(TypeError, r"^by must be one of outcome, node, sink, branch, not list \['outcome'\]$")),
+        ("lineage-context-int", lambda ctx: ctx.audit().lineage(ctx.run, row_index=0).context(5),
+         Fails(TypeError, r"^event_id must be a coalesce event id \(str\) from this lineage's decisions, not int 5$")),
+        ("verify-expected_root-int", lambda ctx: ctx.audit().verify(expected_root=5),
+         Fails(TypeError, r"^expected_root must be a Merkle root \(hex str\) saved earlier, or None, not int 5$")),
+        ("chart-points-zero", lambda ctx: wait_time_ecdf(ctx.audit().merge_timings(), points=0),
+         Fails(ValueError, r"^points must be at least 1, not 0$")),
+        ("sql-query-None", lambda ctx: ctx.audit().sql(None),
+         Fails(TypeError, r"^query must be one SQL statement \(str\), not NoneType None$")),
+        ("sql-query-bytes", lambda ctx: ctx.audit().sql(b"SELECT 1"),
+         Fails(TypeError, r"^query must be one SQL statement \(str\), not bytes b'SELECT 1'$")),
+        ("sql-param-missing", lambda ctx: ctx.audit().sql("SELECT * FROM runs WHERE run_id = $run"),
+         Fails(ValueError, r"^the query uses \$run and params= gives no value for it$")),
+        ("sql-param-misnamed", lambda ctx: ctx.audit().sql("SELECT * FROM runs WHERE run_id = $run", {"rum": 1}),
+         Fails(ValueError, r"^the query uses \$run and params= gives no value for it; params= gives \$rum, "
+                           r"which the query does not use$")),
+        ("sql-positional-count", lambda ctx: ctx.audit().sql("SELECT ?, ?", [1]),
+         Fails(ValueError, r"^the query uses \?2 and params= gives no value for it$")),
+):
+    case(f"argument-{_name}", _act, _outcome)
 
 # == the test ==================================================================================================
 

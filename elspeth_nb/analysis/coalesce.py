@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from elspeth_nb._arguments import require
 from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table
 from elspeth_nb.audit.store import quote_ident
 from elspeth_nb.errors import NotFoundError
@@ -51,6 +52,7 @@ def coalesce_events(self: Audit, run_id: str = "latest", coalesce: str | None = 
     >>> events.select("trigger", "branches_arrived").row(0)
     ('all_arrived', ['a', 'b', 'c'])
     """
+    require(include_late, bool, "include_late", "True or False")
     run = self._db.resolve_run(run_id)
     where = _coalesce_filter(self, run, coalesce)
     if not include_late:
@@ -226,6 +228,7 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
     >>> audit.merge_timing_summary(by=("coalesce",)).select("coalesce", "decisions", "arrivals").rows()
     [('merge3', 4, 12)]
     """
+    require(by, (str, Sequence), "by", f"a column name or a sequence of names from {', '.join(SUMMARY_GROUPS)}")
     groups = (by,) if isinstance(by, str) else tuple(by)
     unknown = [g for g in groups if g not in SUMMARY_GROUPS]
     if not groups or unknown or len(set(groups)) != len(groups):

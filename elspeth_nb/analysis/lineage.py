@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 import pyarrow as pa
 
+from elspeth_nb._arguments import require
 from elspeth_nb.analysis._tree import render_tree
 from elspeth_nb.analysis.results import Displayable, format_value, html_block, html_table
 from elspeth_nb.audit.schema import RunStatus
@@ -113,6 +114,7 @@ class Lineage(Displayable):
 
     def context(self, event_id: str) -> dict[str, Any]:
         """The full parsed context of one coalesce decision or late arrival of this row."""
+        require(event_id, str, "event_id", "a coalesce event id (str) from this lineage's decisions")
         match = self.decisions.filter(pl.col("event_id") == event_id)
         if match.height == 0:
             raise NotFoundError(f"Coalesce event of row `{self.row_id}`:", event_id, list(self.decisions["event_id"]))

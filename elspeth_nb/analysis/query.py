@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
+from elspeth_nb._arguments import require
 from elspeth_nb.audit.store import quote_ident
 from elspeth_nb.errors import Error
 
@@ -40,10 +41,39 @@ def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
         _check_read_only(con, _EXPLAIN.sub("", query, count=1))
         return query
     if kind == duckdb.StatementType.MULTI:
+        explain = _EXPLAIN.match(query)  # EXPLAIN [ANALYZE] of a PIVOT is MULTI too: explain the wrapped query
+        if explain is not None and explain.end() > 0:
+            return explain.group(0) + _as_subquery(con, query[explain.end():])
         return _as_subquery(con, query)
     if kind != duckdb.StatementType.SELECT:
         raise ReadOnlyError(f"the audit is read-only: Audit.sql runs {ALLOWED}, not {kind.name}")
     return query
+
+
+def _check_params(con: duckdb.DuckDBPyConnection, statement: str,
+                  params: Mapping[str, Any] | Sequence[Any] | None) -> None:
+    """ValueError naming the parameters the query uses and ``params`` does not give, or gives in excess."""
+    wanted: set[str] = set()
+    for parsed in con.extract_statements(statement):
+        wanted |= set(parsed.named_parameters)
+    if isinstance(params, Mapping):
+        given = {str(k) for k in params}
+    elif params is None:
+        given = set()
+    else:
+        require(params, Sequence, "params", "a mapping of $name values or a sequence of ? values")
+        given = {str(i) for i in range(1, len(params) + 1)}
+    if wanted == given:
+        return
+    def names(found: set[str]) -> str:
+        return ", ".join(f"?{n}" if n.isdigit() else f"${n}" for n in sorted(found, key=lambda n: (len(n), n)))
+
+    problems = []
+    if wanted - given:
+        problems.append(f"the query uses {names(wanted - given)} and params= gives no value for it")
+    if given - wanted:
+        problems.append(f"params= gives {names(given - wanted)}, which the query does not use")
+    raise ValueError("; ".join(problems))
 
 
 def _as_subquery(con: duckdb.DuckDBPyConnection, query: str) -> str:
@@ -82,8 +112,10 @@ def sql(self: Audit, query: str, params: Mapping[str, Any] | Sequence[Any] | Non
     >>> audit.sql("SELECT count(*) AS n FROM runs WHERE run_id = $run", {"run": "no-such-run"})["n"].to_list()
     [0]
     """
+    require(query, str, "query", "one SQL statement (str)")
     con = self._db.con
     statement = _check_read_only(con, query)
+    _check_params(con, statement, params)
     before = _pivot_types(con) if statement != query else None
     try:
         return self._db.frame(statement, params)

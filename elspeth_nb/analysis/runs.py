@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from elspeth_nb._arguments import require
 from elspeth_nb.analysis._connection import INTERNAL, NEWEST_FIRST
 from elspeth_nb.analysis.coalesce import LOST_AFTER_DECISION_CTES, has_unresolved_decisions
 from elspeth_nb.analysis.results import Displayable, format_value, html_block, html_pairs, html_table, text_table
@@ -217,6 +218,7 @@ def outcomes(self: Audit, run_id: str = "latest", by: str = "outcome") -> pl.Dat
     >>> audit.outcomes(by="sink").columns
     ['sink', 'outcome', 'is_failure', 'count']
     """
+    require(by, str, "by", f"one of {', '.join(OUTCOME_GROUPINGS)}")
     if by not in _OUTCOME_SQL:
         raise ValueError(f"by must be one of {', '.join(OUTCOME_GROUPINGS)}, not {by!r}")
     run = self._db.resolve_run(run_id)

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlparse
 
 import polars as pl
 
+from elspeth_nb._arguments import require
 from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table, verdict_html
 from elspeth_nb.audit.hashing import stable_hash
 from elspeth_nb.audit.schema import RunStatus
@@ -307,6 +308,8 @@ def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = N
     >>> result.ok, result.merkle, sorted(result.checked)
     (True, 'verified', ['artifacts', 'lines', 'payloads', 'source_rows'])
     """
+    if expected_root is not None:
+        require(expected_root, str, "expected_root", "a Merkle root (hex str) saved earlier, or None")
     db = self._db
     run = db.resolve_run(run_id, unreadable=True)
     status = _status(self, run)  # first: a run that finishes while it is verified still reads as unsealed

@@ -177,6 +177,9 @@ def test_sql_runs_pivot_unpivot_and_the_describing_statements(any_audit: Audit, 
     assert any_audit.sql("DESCRIBE runs")["column_name"].to_list() == RUNS.columns
     assert "tokens" in any_audit.sql("SHOW TABLES")["name"].to_list()
     assert any_audit.sql("SUMMARIZE runs")["column_name"].to_list() == RUNS.columns
+    explained = any_audit.sql("EXPLAIN ANALYZE " + PIVOT_OUTCOMES)  # DuckDB parses this as MULTI too
+    plan = explained.row(0)[1]
+    assert explained.height == 1 and "Total Time" in plan and "count_star()" in plan  # run and timed: ANALYZE
     assert any_audit.sql("SELECT count(*) AS n FROM duckdb_types() WHERE type_name LIKE '__pivot%'")["n"][0] == 0
 
 
