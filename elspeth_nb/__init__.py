@@ -1,8 +1,8 @@
 """elspeth-nb: run auditable fork/coalesce pipelines and analyse their audit trail in notebooks.
 
 >>> import elspeth_nb as enb
->>> sorted(n for n in enb.__all__ if not n[0].isupper())[:3]
-['charts', 'load_pipeline', 'open_audit']
+>>> [n for n in ("open_audit", "run_pipeline", "load_pipeline", "charts", "Audit") if n in enb.__all__]
+['open_audit', 'run_pipeline', 'load_pipeline', 'charts', 'Audit']
 
 Importing is cheap: the engine, DuckDB, Altair and ipywidgets load on first use.
 """

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from elspeth_nb._arguments import path_argument
 from elspeth_nb.analysis import coalesce as _coalesce
 from elspeth_nb.analysis import diff as _diff
 from elspeth_nb.analysis import integrity as _integrity
@@ -42,6 +43,14 @@ class Audit:
 
     Every helper accepts ``run_id="latest"`` (the run that started last), a run id, or a unique
     prefix of one, and returns a polars DataFrame or a small result object with ``.to_polars()``.
+
+    >>> with open_audit(store_path) as trail:
+    ...     (trail.kind, trail.problems, trail.runs().height)
+    ('store', [], 1)
+    >>> trail.closed
+    True
+    >>> audit.con.execute("SELECT count(*) FROM runs").fetchone()
+    (1,)
     """
 
     def __init__(self, db: Database) -> None:
@@ -93,7 +102,11 @@ class Audit:
         return list(self._database.import_problems)
 
     def refresh(self) -> None:
-        """Re-create the views and re-read run liveness: picks up new runs, tables and columns."""
+        """Re-create the views and re-read run liveness: picks up new runs, tables and columns.
+
+        >>> audit.refresh(); audit.runs().height
+        1
+        """
         self._db.refresh()
 
     def close(self) -> None:
@@ -176,7 +189,8 @@ def open_audit(path: str | os.PathLike[str], *, payloads: str | os.PathLike[str]
     >>> open_audit(store_path / "audit.duckdb").kind
     'duckdb'
     """
-    return Audit(Database.open(path, payloads=payloads, mark_interrupted_runs=mark_interrupted))
+    return Audit(Database.open(path_argument(path, "path"), payloads=payloads,
+                               mark_interrupted_runs=mark_interrupted))
 
 
 def audit_from_tables(tables: Mapping[str, pa.Table]) -> Audit:

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from elspeth_nb._arguments import path_argument
 from elspeth_nb.audit.hashing import stable_hash
 from elspeth_nb.engine.config import (
     CoalesceConfig,
@@ -766,6 +767,44 @@ class Pipeline:
         base = Path(base_dir).absolute() if base_dir is not None else Path.cwd()
         return cls(config, build_graph(config), base, None, warnings)
 
+    def to_polars(self) -> Any:
+        """One row per node, in step order: name, node_type, plugin, step, node_id, config_hash.
+
+        >>> load_pipeline("data/demo/pipeline.yaml").to_polars().row(0)[:3]
+        ('source', 'source', 'csv')
+        """
+        import polars as pl
+
+        return pl.DataFrame([{"name": n.name, "node_type": n.node_type, "plugin": n.plugin_name, "step": n.step,
+                              "node_id": n.node_id, "config_hash": n.config_hash} for n in self.graph.nodes],
+                            schema={"name": pl.String, "node_type": pl.String, "plugin": pl.String,
+                                    "step": pl.Int64, "node_id": pl.String, "config_hash": pl.String})
+
+    def title(self) -> str:
+        """``Pipeline <settings file>: <n> nodes (<how many of each node type>)``."""
+        counts: dict[str, int] = {}
+        for node in self.graph.nodes:
+            counts[node.node_type] = counts.get(node.node_type, 0) + 1
+        parts = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items())
+        origin = str(self.source_path) if self.source_path is not None else "(from a mapping)"
+        return f"Pipeline {origin}: {len(self.graph.nodes)} nodes ({parts})"
+
+    def __repr__(self) -> str:
+        lines = [self.title()]
+        lines += [f"  {n.step:>2} {n.node_type:<9} {n.name} ({n.plugin_name})" for n in self.graph.nodes]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        import polars as pl
+
+        warnings = "".join(f"<p>warning: {escape(w)}</p>" for w in self.warnings)
+        with pl.Config(tbl_rows=-1, fmt_str_lengths=64):  # every node, ids in full
+            table = self.to_polars()._repr_html_()
+        return f"<p><b>{escape(self.title())}</b></p>{table}{warnings}"
+
     def resolve_path(self, p: str | Path) -> Path:
         """``p`` as an absolute path: relative paths are taken from ``base_dir``."""
         path = Path(p).expanduser()
@@ -803,9 +842,18 @@ class Pipeline:
             raise ConfigError(problems, str(self.source_path) if self.source_path else None)
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Load and validate a pipeline settings file."""
-    return Pipeline.load(path)
+def load_pipeline(source: str | os.PathLike[str] | Mapping[str, Any]) -> Pipeline:
+    """Load and validate a pipeline: a settings file (YAML), or settings given as a mapping.
+
+    Every problem raises ConfigError naming where it is (file, line, setting path).
+
+    >>> pipeline = load_pipeline("data/demo/pipeline.yaml")
+    >>> [c.name for c in pipeline.config.coalesce]
+    ['decision']
+    """
+    if isinstance(source, Mapping):
+        return Pipeline.from_dict(source)
+    return Pipeline.load(path_argument(source, "pipeline"))
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from elspeth_nb._arguments import path_argument
 from elspeth_nb._version import __version__
 from elspeth_nb.audit.hashing import canonical_json, stable_hash
 from elspeth_nb.audit.integrity import run_root
@@ -106,6 +107,15 @@ class RunResult:
                        for k, v in self.to_dict().items())
         return f"<table><caption>elspeth-nb run</caption>{rows}</table>"
 
+    def to_polars(self) -> Any:
+        """The run's terminal outcomes: run_id, outcome, count (one row per outcome, by name)."""
+        import polars as pl
+
+        outcomes = sorted(self.outcomes.items())
+        return pl.DataFrame({"run_id": [self.run_id] * len(outcomes), "outcome": [o for o, _ in outcomes],
+                             "count": [n for _, n in outcomes]},
+                            schema={"run_id": pl.String, "outcome": pl.String, "count": pl.Int64})
+
 
 class RunFailedError(Error, RuntimeError):
     """The run started, its audit trail is complete and marked failed, and it did not finish."""
@@ -160,14 +170,15 @@ def run_pipeline(
     elif isinstance(pipeline, Mapping):
         loaded = Pipeline.from_dict(pipeline)
     else:
-        loaded = load_pipeline(Path(pipeline))
+        loaded = load_pipeline(path_argument(pipeline, "pipeline"))
+    audit_root = loaded.resolve_path(loaded.config.audit.path) if audit is None else path_argument(audit, "audit")
     engine = Engine(
         loaded,
-        audit_root=Path(audit) if audit is not None else loaded.resolve_path(loaded.config.audit.path),
+        audit_root=audit_root,
         clock=clock or SystemClock(),
         payload_mode=payloads or loaded.config.audit.payloads,
         max_in_flight=max_in_flight or loaded.config.engine.max_in_flight,
-        run_id=run_id or uuid.uuid4().hex,
+        run_id=uuid.uuid4().hex if run_id is None else run_id,
         workers=workers,
     )
     return engine.run(sync_duckdb=sync_duckdb, writer=writer, segment_rows=segment_rows,

@@ -685,3 +685,30 @@ def test_graph_problems_in_a_file_carry_lines(tmp_path: Path) -> None:
         "pipeline.yaml:43: coalesce[1].branches.b: no node produces connection 'b_done' "
         "(connections produced: a, a_out, b, b1, b1_out, b2, b_dnoe, raw) (got 'b_done')",
     ]
+
+
+def test_a_pipeline_shows_its_nodes_in_step_order() -> None:
+    demo = Path(__file__).resolve().parents[2] / "data" / "demo" / "pipeline.yaml"
+    pipeline = load_pipeline(demo)
+    nodes = pipeline.to_polars()
+    assert nodes.columns == ["name", "node_type", "plugin", "step", "node_id", "config_hash"]
+    assert nodes["name"].to_list() == [n.name for n in pipeline.graph.nodes]
+    assert nodes["step"].is_sorted() and nodes.row(0)[:2] == ("source", "source")
+    counts = dict(nodes.group_by("node_type").len().rows())
+    text = repr(pipeline)
+    assert text.splitlines()[0] == (f"Pipeline {demo}: {nodes.height} nodes (1 source, {counts['gate']} gates, "
+                                    f"{counts['transform']} transforms, 1 coalesce, {counts['sink']} sinks)")
+    assert len(text.splitlines()) == 1 + nodes.height and len(text) < 2_000  # not the settings dump
+    assert "decision (coalesce:decision)" in text
+    html = pipeline._repr_html_()
+    assert html.startswith(f"<p><b>Pipeline {demo}: ") and html.count("<tr>") == nodes.height + 2  # names, types, nodes
+    assert all(f"&quot;{node_id}&quot;" in html for node_id in nodes["node_id"])  # no row or id cut short
+
+
+def test_load_pipeline_takes_a_mapping_like_run_pipeline() -> None:
+    from tests.cases import fork_pipeline
+
+    settings = fork_pipeline(Path("in.csv"))
+    pipeline = load_pipeline(settings)
+    assert pipeline.source_path is None and repr(pipeline).startswith("Pipeline (from a mapping): ")
+    assert [c.name for c in pipeline.config.coalesce] == ["merge3"]
