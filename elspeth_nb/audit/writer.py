@@ -12,6 +12,7 @@ import os
 import re
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from elspeth_nb.audit.integrity import fingerprints, pack_fingerprints
-from elspeth_nb.audit.schema import DIGESTED_TABLES, PARTITION_COLUMN, SEGMENT_DIGESTS, Table
+from elspeth_nb.audit.schema import DIGESTED_TABLES, PARTITION_COLUMN, SEGMENT_DIGESTS, TABLES, Table
 from elspeth_nb.errors import AuditStoreError
 
 _PART = re.compile(r"^part-(?P<prefix>[a-z0-9]+-)?(?P<number>\d+)\.parquet$")
@@ -126,6 +127,31 @@ class ParquetSegmentWriter:
             pa.array([int(t * 1e6) for t in times], pa.timestamp("us", tz="UTC")),
         ], schema=SEGMENT_DIGESTS.file_schema)
         self.write_segment(SEGMENT_DIGESTS, run_id, batch)
+
+    def adopt(self, run_id: str, prefixes: Sequence[str], listed: set[tuple[str, str]]) -> dict[str, int]:
+        """Digest the segments of ``run_id`` that writers which died left on disk: records per table adopted.
+
+        A segment file is complete once renamed into place, but its writer's digests died with it: these
+        segments (``part-<prefix>...``, not in ``listed``) join the digests written next, so the run's Merkle
+        root covers every record on disk.
+        """
+        adopted: dict[str, int] = defaultdict(int)
+        for name in DIGESTED_TABLES:
+            directory = partition_dir(self.parquet_root, name, run_id)
+            if not directory.is_dir():
+                continue
+            for path in sorted(directory.glob("part-*.parquet")):
+                match = _PART.match(path.name)
+                if match is None or (match["prefix"] or "") not in prefixes or (name, path.name) in listed:
+                    continue
+                data = path.read_bytes()
+                records = pq.read_table(pa.BufferReader(data), schema=TABLES[name].file_schema)
+                packed = pack_fingerprints(fingerprints(records))
+                self._digests[run_id].append((name, path.name, records.num_rows, hashlib.sha256(data).hexdigest(),
+                                              packed, time.time()))
+                self._digest_bytes[run_id] += len(packed)
+                adopted[name] += records.num_rows
+        return dict(adopted)
 
     def close(self) -> None:
         for run_id in list(self._digests):

@@ -13,7 +13,7 @@ from typing import Any
 
 from elspeth_nb.audit.hashing import canonical_bytes, canonical_json, error_hash, stable_hash
 from elspeth_nb.audit.schema import Outcome, StateStatus
-from elspeth_nb.engine.plugins.sinks import Sink, SinkFailedError, SinkWriteError
+from elspeth_nb.engine.plugins.sinks import Sink, SinkFailedError, SinkWriteError, shown_path
 from elspeth_nb.engine.plugins.transforms import Latency, RowRejected
 from elspeth_nb.engine.tokens import EngineContext, Token, hash_row
 from elspeth_nb.errors import CanonicalizationError
@@ -280,7 +280,7 @@ class SinkExecutor(NodeExecutor):
             refused = isinstance(exc, SinkWriteError)
             self._fail(token, state_id, started, context, "sink_write_failed" if refused else "sink_failed", exc)
             if not refused:  # the sink itself broke, not this row: the run fails
-                raise SinkFailedError(self.name, self.sink.path, "write", exc) from exc
+                raise SinkFailedError(self.name, shown_path(self.sink), "write", exc) from exc
             return
         ended = ctx.now()
         if ctx.store_boundary_payloads and not ctx.store_all_payloads:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from elspeth_nb.audit.schema import RunStatus
-from elspeth_nb.engine.plugins.sinks import OpenSinks, SinkFailedError, assemble_parts, part_sink
-from elspeth_nb.engine.processor import ProcessStats, RowProcessor
+from elspeth_nb.engine.plugins.sinks import OpenSinks, SinkFailedError, assemble_parts, part_path, part_sink
+from elspeth_nb.engine.processor import ProcessStats, RowProcessor, RunStopped
 from elspeth_nb.engine.tokens import EngineContext
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class ShardResult:
     parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # sink -> (part path, rows)
     failed_sinks: list[str] = field(default_factory=list)  # sinks that failed in this worker (no part)
     seconds: dict[str, float] = field(default_factory=dict)  # where the worker's time went
+    stopped: bool = False  # it stopped because the parent asked (an interrupt, another worker's failure)
+    died: bool = False  # it sent nothing back: killed, or crashed in native code
 
 
 def shard_bounds(total: int, workers: int) -> list[tuple[int, int]]:
@@ -54,23 +57,34 @@ def shard_bounds(total: int, workers: int) -> list[tuple[int, int]]:
     return [(total * k // workers, total * (k + 1) // workers) for k in range(workers)]
 
 
+#: What the parent asks of its workers, in a byte they read every 64 source rows.
+KEEP_GOING, STOP_FAILED, STOP_INTERRUPTED = 0, 1, 2
+
+
 def run_sharded(engine: Engine, workers: int) -> RunOutcome:
-    """Process the engine's source over ``workers`` forked processes and merge what they did."""
+    """Process the engine's source over ``workers`` forked processes and merge what they did.
+
+    The parent decides when the run stops: an interrupt (Ctrl-C, a notebook's stop button) or a worker
+    that fails or dies asks every other worker to stop between rows; each then closes its part of the
+    trail as a single-process run would, so the run's trail accounts for every token it created. A second
+    interrupt stops waiting for them.
+    """
     from elspeth_nb.engine.runner import RunOutcome
 
     bounds = shard_bounds(engine.source.count_records(), workers)
     context = multiprocessing.get_context("fork")
+    stop = context.RawValue("b", KEEP_GOING)
     processes, pipes = [], {}
-    for index, (start, stop) in enumerate(bounds):
+    for index, (start, end) in enumerate(bounds):
         receive_end, send_end = context.Pipe(duplex=False)
-        process = context.Process(target=_worker, args=(engine, index, start, stop, send_end, os.getpid()),
+        process = context.Process(target=_worker, args=(engine, index, start, end, send_end, os.getpid(), stop),
                                   name=f"elspeth-nb-shard-{index}")
         process.start()
         send_end.close()
         processes.append(process)
         pipes[receive_end] = index
     try:
-        results = _collect(pipes, processes)
+        results = _collect(pipes, processes, stop)
     except KeyboardInterrupt:
         for process in processes:
             process.terminate()
@@ -85,23 +99,51 @@ def run_sharded(engine: Engine, workers: int) -> RunOutcome:
     return outcome
 
 
-def _collect(pipes: dict[Connection, int], processes: list[Any]) -> list[ShardResult]:
+def _collect(pipes: dict[Connection, int], processes: list[Any], stop: Any) -> list[ShardResult]:
+    """Every worker's result; the first failure or death asks the others to stop, so does an interrupt."""
     results: dict[int, ShardResult] = {}
     waiting = dict(pipes)
+    interrupted = False
     while waiting:
-        for ready in wait(list(waiting)):
-            conn = cast(Connection, ready)
-            index = waiting.pop(conn)
+        try:
+            ready = wait(list(waiting))
+        except KeyboardInterrupt:
+            if interrupted:  # a second interrupt: stop waiting for the workers
+                raise
+            interrupted = True
+            stop.value = STOP_INTERRUPTED
+            continue
+        for conn in ready:
+            index = waiting.pop(cast(Connection, conn))
             try:
-                results[index] = conn.recv()
+                result: ShardResult = cast(Connection, conn).recv()
             except EOFError:
                 processes[index].join()
-                results[index] = ShardResult(index, RunStatus.FAILED,
-                                             f"worker {index} exited with code {processes[index].exitcode}")
+                result = ShardResult(index, RunStatus.INTERRUPTED, _death(processes[index].exitcode), died=True)
+            results[index] = result
+            if result.status != RunStatus.COMPLETED and stop.value == KEEP_GOING:
+                stop.value = STOP_FAILED
     return [results[i] for i in sorted(results)]
 
 
+def _death(exitcode: int | None) -> str:
+    """How a worker that sent no result ended."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-exitcode}"
+    else:
+        how = f"exited with code {exitcode}"
+    return f"the worker {how} before reporting: the records it had not yet written are lost"
+
+
 def _merge(outcome: RunOutcome, results: list[ShardResult]) -> None:
+    """Sum the workers' counts; the run's status and error come from what went wrong first-hand.
+
+    A worker that died leaves the trail short of what it held in memory: the run is ``interrupted``. Else
+    a worker's own failure is the run's, not the stops it caused in the others.
+    """
     stats = outcome.stats
     started = [r.stats.source_started for r in results if r.stats.source_started]
     ended = [r.stats.source_ended for r in results if r.stats.source_ended]
@@ -120,16 +162,33 @@ def _merge(outcome: RunOutcome, results: list[ShardResult]) -> None:
             outcome.outcome_counts[key] = outcome.outcome_counts.get(key, 0) + value
         for key, value in result.records.items():
             outcome.records[key] = outcome.records.get(key, 0) + value
-        if result.status != RunStatus.COMPLETED and outcome.status == RunStatus.COMPLETED:
-            outcome.status, outcome.error = result.status, f"worker {result.index}: {result.error}"
+    died = [r for r in results if r.died]
+    failed = [r for r in results if r.status != RunStatus.COMPLETED and not r.died and not r.stopped]
+    stopped = [r for r in results if r.stopped]
+    outcome.lost_workers = [r.index for r in died]
+    if died:
+        outcome.status = RunStatus.INTERRUPTED
+        outcome.error = "; ".join(f"worker {r.index}: {r.error}" for r in died + failed)
+    elif failed or stopped:
+        first = (failed or stopped)[0]
+        outcome.status, outcome.error = first.status, f"worker {first.index}: {first.error}"
 
 
 def _assemble(engine: Engine, results: list[ShardResult], outcome: RunOutcome) -> None:
-    """Join each sink's parts into its file; a sink that failed in a worker or here records no artifact."""
+    """Join each sink's parts into its file; no artifact for a sink that failed anywhere or a run a worker died in.
+
+    What each worker's sink wrote before the run stopped stays in the file, as in a single-process run; a
+    part whose worker died or whose sink failed is joined whole, since its row count was not reported.
+    """
     failed = {name for r in results for name in r.failed_sinks}
     for name, sink in engine.sinks.items():
-        parts = [(Path(r.parts[name][0]), r.parts[name][1]) for r in results if name in r.parts]
-        if not parts:
+        parts: list[tuple[Path, int | None]] = []
+        for r in results:
+            if name in r.parts:
+                parts.append((Path(r.parts[name][0]), r.parts[name][1]))
+            elif r.died or name in r.failed_sinks:
+                parts.append((part_path(sink, engine.run_id, r.index), None))
+        if not any(path.is_file() for path, _ in parts):
             continue
         try:
             artifact = assemble_parts(sink, parts)
@@ -138,33 +197,51 @@ def _assemble(engine: Engine, results: list[ShardResult], outcome: RunOutcome) -
             if outcome.status == RunStatus.COMPLETED:
                 outcome.status, outcome.error = RunStatus.FAILED, f"{type(error).__name__}: {error}"
             continue
-        if name not in failed:
+        if name not in failed and not outcome.lost_workers:
             outcome.artifacts[name] = (artifact, outcome.stats.first_sink_states.get(name))
 
 
-def _worker(engine: Engine, index: int, start: int, stop: int, conn: Connection, parent: int) -> None:
-    """Body of worker ``index``: process records [start, stop) and report a ShardResult."""
+def _worker(engine: Engine, index: int, start: int, end: int, conn: Connection, parent: int, stop: Any) -> None:
+    """Body of worker ``index``: process records [start, end) and report a ShardResult."""
+    from elspeth_nb.engine.runner import abandon_in_flight
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent asks every worker to stop, between rows
     faulthandler.enable(all_threads=True)  # a crash in native code still says where it happened
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     began = time.perf_counter()
     result = ShardResult(index)
-    sinks = OpenSinks({name: part_sink(sink, index) for name, sink in engine.sinks.items()})
+    sinks = OpenSinks({name: part_sink(sink, engine.run_id, index) for name, sink in engine.sinks.items()})
     # sink bytes reach the OS before the audit says they were written
     rec = engine.recorder(None, before_flush=sinks.flush, part_prefix=f"w{index}-")
     ctx = EngineContext(engine.run_id, rec, engine.clock, engine.payload_mode, id_offset=(index + 1) * ID_STRIDE)
     processor: RowProcessor | None = None
     failure: BaseException | None = None
+
+    def should_stop() -> RunStopped | None:
+        asked = stop.value
+        if asked == KEEP_GOING:
+            return None
+        if asked == STOP_INTERRUPTED:
+            return RunStopped("interrupted by the user (KeyboardInterrupt)", interrupted=True)
+        return RunStopped("stopped because another worker of this sharded run failed", interrupted=False)
+
     try:
         sinks.open()
         processor = RowProcessor(engine.pipeline, ctx, source=engine.source, plugins=engine.plugins,
-                                 sinks=sinks.sinks, edge_ids=engine.edge_ids, max_in_flight=engine.max_in_flight)
-        processor.process(start, stop)
+                                 sinks=sinks.sinks, edge_ids=engine.edge_ids, max_in_flight=engine.max_in_flight,
+                                 should_stop=should_stop)
+        processor.process(start, end)
         result.seconds["process"] = time.perf_counter() - began
+    except RunStopped as exc:
+        result.stopped = True
+        if exc.interrupted:
+            result.status, result.error = RunStatus.INTERRUPTED, str(exc)
+        else:
+            result.status, result.error = RunStatus.FAILED, f"RunStopped: {exc}"
+            abandon_in_flight(ctx, result.error)
     except KeyboardInterrupt:
         result.status, result.error = RunStatus.INTERRUPTED, "interrupted"
     except BaseException as exc:
-        from elspeth_nb.engine.runner import abandon_in_flight
-
         result.status, result.error, failure = RunStatus.FAILED, f"{type(exc).__name__}: {exc}", exc
         abandon_in_flight(ctx, result.error)
     if processor is not None:
@@ -173,9 +250,7 @@ def _worker(engine: Engine, index: int, start: int, stop: int, conn: Connection,
     if close_failure is not None and result.status == RunStatus.COMPLETED:
         result.status, result.error = RunStatus.FAILED, f"{type(close_failure).__name__}: {close_failure}"
     result.parts = {name: (str(artifact.path), artifact.rows) for name, artifact in closed.items()}
-    result.failed_sinks = sinks.failed
-    for name in sinks.failed:  # what reached a failed part stays out of the joined file
-        sinks.sinks[name].path.unlink(missing_ok=True)
+    result.failed_sinks = sinks.failed  # their parts keep what reached them; the parent joins them, no artifact
     rec.close()
     result.seconds["total"] = time.perf_counter() - began
     result.outcome_counts = dict(ctx.outcome_counts)

@@ -10,7 +10,7 @@ worker process when it is sharded.
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,11 +48,24 @@ class ProcessStats:
     source_ended: float = 0.0
 
 
+class RunStopped(Exception):
+    """Raised inside a processor asked to stop (a sharded run's parent did, for an interrupt or another worker)."""
+
+    def __init__(self, reason: str, *, interrupted: bool) -> None:
+        super().__init__(reason)
+        self.interrupted = interrupted
+
+
 class RowProcessor:
-    """Wires one executor per node into ``ctx`` and processes source records."""
+    """Wires one executor per node into ``ctx`` and processes source records.
+
+    ``should_stop``, when given, is asked every 64 source rows (between rows, so no record is half
+    written) and raises RunStopped with what it returns, if anything.
+    """
 
     def __init__(self, pipeline: Pipeline, ctx: EngineContext, *, source: Source, plugins: Mapping[str, Any],
-                 sinks: Mapping[str, Sink], edge_ids: Mapping[tuple[str, str], int], max_in_flight: int) -> None:
+                 sinks: Mapping[str, Sink], edge_ids: Mapping[tuple[str, str], int], max_in_flight: int,
+                 should_stop: Callable[[], RunStopped | None] | None = None) -> None:
         self.pipeline = pipeline
         self.graph = pipeline.graph
         self.ctx = ctx
@@ -61,6 +74,7 @@ class RowProcessor:
         self.sinks = sinks
         self.edge_ids = edge_ids
         self.max_in_flight = max(1, int(max_in_flight))
+        self.should_stop = should_stop
         self.stats = ProcessStats()
         self.executors: dict[str, NodeExecutor] = {}
         self._wire()
@@ -113,6 +127,8 @@ class RowProcessor:
                 self._next_index = index = index + 1
                 if index & 63 == 0:
                     rec.tick()
+                    if self.should_stop is not None and (stop := self.should_stop()) is not None:
+                        raise stop
                 continue
             due = ctx.next_due()
             if due is not None:

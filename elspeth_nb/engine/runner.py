@@ -136,6 +136,8 @@ class RunOutcome:
     error: str | None = None
     status: str = RunStatus.COMPLETED
     shard_seconds: list[dict[str, float]] = field(default_factory=list)
+    #: Workers of a sharded run that died without reporting (their unwritten records are lost).
+    lost_workers: list[int] = field(default_factory=list)
 
 
 def run_pipeline(
@@ -267,7 +269,7 @@ class Engine:
             warnings=self.pipeline.warnings, error=outcome.error, counts=counts, workers=self.workers,
             trail_s=trail_s, duckdb_s=duckdb_s, merkle_root=getattr(self, "merkle_root", None),
         )
-        if outcome.status == RunStatus.INTERRUPTED:
+        if outcome.status == RunStatus.INTERRUPTED and not outcome.lost_workers:
             raise KeyboardInterrupt(f"run {self.run_id} interrupted; its trail is complete up to that point")
         if outcome.status != RunStatus.COMPLETED:
             raise RunFailedError(f"run {self.run_id} {outcome.status}: {outcome.error}", result)
@@ -348,11 +350,13 @@ class Engine:
             rec.operations(ctx.new_operation_id(), node_id, "sink_write", now, now, "completed", None, None, uri,
                            artifact.content_hash, None, None)
         stats = outcome.stats
+        adopted = self._adopt_lost_segments(rec, outcome)
+        stats.rows += adopted.get("rows", 0)
         started, ended = stats.source_started or now, stats.source_ended or now
         rec.operations(ctx.new_operation_id(), self.graph.nodes[0].node_id, "source_load", started, ended,
                        "completed" if outcome.status == RunStatus.COMPLETED else "failed",
                        self.source.path.resolve().as_uri(), None, None, None, outcome.error, (ended - started) * 1000.0)
-        records = {t: n + outcome.records.get(t, 0) for t, n in rec.pending_counts().items()}
+        records = {t: n + outcome.records.get(t, 0) + adopted.get(t, 0) for t, n in rec.pending_counts().items()}
         counts = {"rows": stats.rows, "quarantined": stats.quarantined,
                   "outcomes": dict(sorted(outcome.outcome_counts.items())), "coalesce": stats.coalesce,
                   "records": records, "workers": self.workers}
@@ -361,6 +365,13 @@ class Engine:
                  error_message=outcome.error, merkle_root=self.merkle_root, **self._run_row)
         rec.close()
         return records
+
+    def _adopt_lost_segments(self, rec: Recorder, outcome: RunOutcome) -> dict[str, int]:
+        """Digest what the workers that died left on disk (records per table), so the run's root covers it."""
+        if not outcome.lost_workers or not isinstance(rec.writer, ParquetSegmentWriter):
+            return {}
+        listed = {(d.table_name, d.part_file) for d in self.store.segment_digests(self.run_id)}
+        return rec.writer.adopt(self.run_id, [f"w{i}-" for i in outcome.lost_workers], listed)
 
     def _seal_trail(self, rec: Recorder) -> str | None:
         """Write every record but the final run revision, then compute the run's Merkle root."""

@@ -40,7 +40,7 @@ class SinkWriteError(Exception):
 class SinkFailedError(PluginError):
     """A sink itself failed (a write, flush or close raised something else): the run fails, naming it."""
 
-    def __init__(self, sink: str, path: Path, action: str, cause: BaseException) -> None:
+    def __init__(self, sink: str, path: Path | str, action: str, cause: BaseException) -> None:
         self.sink = sink
         detail = " ".join(str(cause).split())  # one line, whatever the library put in its message
         super().__init__(f"sink {sink!r} ({path}): {action} failed: {type(cause).__name__}: {detail}")
@@ -54,6 +54,8 @@ class _FileSink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        #: How errors name this sink's file (a worker's part names the file it will be joined into).
+        self.shown_as = str(path)
         self.rows = 0
         self._hash = hashlib.sha256()
         self._size = 0
@@ -385,7 +387,7 @@ class OpenSinks:
             try:
                 sink.flush()
             except Exception as exc:
-                raise SinkFailedError(name, sink.path, "flush", exc) from exc
+                raise SinkFailedError(name, shown_path(sink), "flush", exc) from exc
 
     def close(self, failure: BaseException | None = None) -> tuple[dict[str, Artifact], SinkFailedError | None]:
         """Close every open sink, aborting the one ``failure`` names; the artifacts and the first close failure."""
@@ -402,24 +404,45 @@ class OpenSinks:
                 artifacts[name] = sink.close()
             except Exception as exc:
                 self.failed.append(name)
-                error = error or SinkFailedError(name, sink.path, "close", exc)
+                error = error or SinkFailedError(name, shown_path(sink), "close", exc)
         self._open.clear()
         return artifacts, error
 
 
-def part_sink(sink: Sink, index: int) -> Sink:
-    """The sink a worker of a sharded run writes: ``<path>.part<index>``, joined by :func:`assemble_parts`."""
-    path = sink.path.with_name(f"{sink.path.name}.part{index}")
+def shown_path(sink: Sink) -> str:
+    """How errors name ``sink``'s file."""
+    return getattr(sink, "shown_as", str(sink.path))
+
+
+def part_path(sink: Sink, run_id: str, index: int) -> Path:
+    """Where worker ``index`` of run ``run_id`` writes ``sink``: a hidden file beside it, named for the run.
+
+    Named ``<path>.part<k>`` the part of one sink could be another sink's file, and joining them lost rows.
+    """
+    return sink.path.with_name(f".{sink.path.name}.{run_id}.part{index}")
+
+
+def part_sink(sink: Sink, run_id: str, index: int) -> Sink:
+    """The sink worker ``index`` of a sharded run writes (see :func:`part_path`), joined by :func:`assemble_parts`."""
+    path = part_path(sink, run_id, index)
+    part: _FileSink
     if isinstance(sink, JsonArraySink):
-        return JsonArraySink(path, fragment=True)
-    if isinstance(sink, CsvSink | ParquetSink):
+        part = JsonArraySink(path, fragment=True)
+    elif isinstance(sink, CsvSink | ParquetSink):
         raise ValueError(f"{sink.plugin} sinks are not sharded: each part would fix its columns from its own first row")
-    return JsonlSink(path)
+    else:
+        part = JsonlSink(path)
+    part.shown_as = f"{sink.path} (worker {index}'s part)"
+    return part
 
 
-def assemble_parts(sink: Sink, parts: list[tuple[Path, int]]) -> Artifact:
-    """Join the workers' parts (path, rows) of ``sink`` into its file, in order, and delete the parts."""
-    rows = sum(n for _, n in parts)
+def assemble_parts(sink: Sink, parts: list[tuple[Path, int | None]]) -> Artifact:
+    """Join the workers' parts (path, rows; None: not known) of ``sink`` into its file, in order, and delete them.
+
+    A part whose row count is not known (its worker died) is joined whole; the artifact then counts only the
+    rows known. A missing part file is skipped.
+    """
+    rows = sum(n or 0 for _, n in parts)
     digest, size = hashlib.sha256(), 0
     with sink.path.open("wb") as out:
         def emit(data: bytes) -> None:
@@ -433,12 +456,15 @@ def assemble_parts(sink: Sink, parts: list[tuple[Path, int]]) -> Artifact:
             emit(b"[")
         written = 0
         for path, count in parts:
-            if array and count:
+            if not path.is_file():
+                continue
+            has_rows = count if count is not None else path.stat().st_size > 0
+            if array and has_rows:
                 emit(b"\n" if written == 0 else b",\n")
             with path.open("rb") as part:
                 while chunk := part.read(1 << 20):
                     emit(chunk)
-            written += count
+            written += 1 if has_rows else 0
         if array:
             emit(b"\n]\n" if written else b"]\n")
     for path, _ in parts:
