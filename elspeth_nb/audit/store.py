@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +109,15 @@ class SyncResult:
     @property
     def ok(self) -> bool:
         return not self.pending and not self.failed
+
+
+def _skipped_message(skipped: Mapping[str, str]) -> str:
+    """Why runs were left out of audit.duckdb (empty when none were)."""
+    if not skipped:
+        return ""
+    listed = "; ".join(f"run {run_id}: {why}" for run_id, why in skipped.items())
+    return (f"{len(skipped)} run(s) left out of audit.duckdb and kept pending, because a segment no longer reads: "
+            f"{listed}. Readers answer them from the segments that read; `elspeth-nb verify` reports the damage")
 
 
 class AuditStore:
@@ -337,17 +346,18 @@ class AuditStore:
                 _configure(con, self.root / ".duckdb-tmp")
                 self._ensure_tables(con)
                 wanted += self._runs_missing_from(con, wanted)
-                for run_id in wanted:
-                    self._copy_run(con, run_id)
+                copied, skipped = self._copy_runs(con, wanted)
                 self._list_copied_segments_of_older_runs(con)
             except duckdb.Error as exc:
                 if not damaged_file(exc):  # out of memory, a bug: not something a rebuild would fix
                     raise
                 last_error, held = exc, False  # a damaged file: say so, the segments stay the truth
             else:
-                for run_id in wanted:  # only once the file is released: no marker means readable now
+                con.close()
+                for run_id in copied:  # only once the file is released: no marker means readable now
                     (self.pending_dir() / run_id).unlink(missing_ok=True)
-                return SyncResult(synced=wanted, seconds=time.perf_counter() - started)
+                return SyncResult(synced=copied, pending=list(skipped), seconds=time.perf_counter() - started,
+                                  message=_skipped_message(skipped))
             finally:
                 con.close()
         then = "(or the next run) brings audit.duckdb up to date" if held else "recreates audit.duckdb from them"
@@ -429,15 +439,62 @@ class AuditStore:
         try:
             _configure(con, self.root / ".duckdb-tmp")
             self._ensure_tables(con)
-            for run_id in runs:
-                self._copy_run(con, run_id)
-        finally:
+            copied, skipped = self._copy_runs(con, runs)
+        except BaseException:
             con.close()
+            temporary.unlink(missing_ok=True)
+            raise
+        con.close()
         os.replace(temporary, self.duckdb_path)
         Path(str(self.duckdb_path) + ".wal").unlink(missing_ok=True)
+        for run_id in skipped:
+            self.mark_pending(run_id)
         for run_id in self.pending_runs():
-            (self.pending_dir() / run_id).unlink(missing_ok=True)
-        return SyncResult(synced=runs, seconds=time.perf_counter() - started)
+            if run_id not in skipped:
+                (self.pending_dir() / run_id).unlink(missing_ok=True)
+        return SyncResult(synced=copied, pending=list(skipped), seconds=time.perf_counter() - started,
+                          message=_skipped_message(skipped))
+
+    def _copy_runs(self, con: duckdb.DuckDBPyConnection, run_ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """Copy each run; one with a segment that no longer reads is left out (run -> why), the others go on.
+
+        Its segments stay the truth: readers answer it from Parquet, leaving the damaged file out, and
+        ``verify`` names the file. Any other error is raised.
+        """
+        copied: list[str] = []
+        skipped: dict[str, str] = {}
+        for run_id in run_ids:
+            try:
+                self._copy_run(con, run_id)
+            except duckdb.Error:
+                damaged = self.unreadable_segments(run_id)
+                if not damaged:
+                    raise
+                path, why = next(iter(damaged.items()))
+                skipped[run_id] = f"{path} does not read ({why})"
+                self._drop_run(con, run_id)  # the other lane may have committed its tables
+                continue
+            copied.append(run_id)
+        return copied, skipped
+
+    @staticmethod
+    def _drop_run(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
+        """Remove every row of the run from audit.duckdb: a run is there whole or not at all."""
+        for table in TABLES:
+            con.execute(f"DELETE FROM {quote_ident(table)} WHERE run_id = $run_id", {"run_id": run_id})  # noqa: S608
+        con.execute(f"DELETE FROM {COPIED_SEGMENTS} WHERE run_id = $run_id", {"run_id": run_id})  # noqa: S608
+
+    def unreadable_segments(self, run_id: str) -> dict[Path, str]:
+        """Segment files of the run whose Parquet footer does not read, with the reader's first line."""
+        found: dict[Path, str] = {}
+        for table in TABLES:
+            directory = partition_dir(self.parquet_root, table, run_id)
+            for path in sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []:
+                try:
+                    pq.read_metadata(path)
+                except (OSError, pa.ArrowException) as exc:
+                    found[path] = str(exc).splitlines()[0]
+        return found
 
     def _ensure_tables(self, con: duckdb.DuckDBPyConnection) -> None:
         existing = {

@@ -179,6 +179,29 @@ def test_rebuild_recreates_duckdb_from_parquet(tmp_path: Path) -> None:
 
 
 
+def test_a_run_with_a_segment_that_no_longer_reads_is_left_out_and_the_others_are_copied(tmp_path: Path) -> None:
+    """One damaged pending run used to stop every later sync, rebuild and run with a DuckDB traceback."""
+    store = AuditStore.create(tmp_path)
+    _write_run(store, "r1")
+    [segment] = (store.parquet_root / "token_parents" / "run_id=r1").glob("part-*.parquet")
+    segment.write_bytes(segment.read_bytes()[:200])  # truncated: no footer
+    _write_run(store, "r2")
+    result = store.sync_duckdb(["r1", "r2"])
+    assert result.synced == ["r2"] and result.pending == ["r1"] and not result.ok and not result.failed
+    assert result.message.startswith("1 run(s) left out of audit.duckdb and kept pending, because a segment no "
+                                     f"longer reads: run r1: {segment} does not read (")
+    assert store.pending_runs() == ["r1"]
+    _write_run(store, "r3")  # the next run's own update goes through
+    assert store.update_duckdb(["r3"], True).synced == ["r3"]
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:  # r1 whole or not at all
+        assert con.execute("SELECT DISTINCT run_id FROM token_parents ORDER BY 1").fetchall() == [("r2",), ("r3",)]
+    rebuilt = store.rebuild_duckdb()
+    assert rebuilt.synced == ["r2", "r3"] and rebuilt.pending == ["r1"] and store.pending_runs() == ["r1"]
+    assert not list(tmp_path.glob(".audit.duckdb.rebuild*"))
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall() == [("r2",), ("r3",)]
+
+
 def test_a_copy_that_fails_at_commit_is_reported_and_the_run_stays_pending(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed COMMIT ends the transaction itself; the error must still surface, never a silent success."""
