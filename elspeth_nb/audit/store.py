@@ -13,6 +13,7 @@ Layout::
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -59,8 +60,17 @@ _READERS: weakref.WeakSet[DuckdbReader] = weakref.WeakSet()
 
 
 def register_reader(reader: DuckdbReader) -> None:
-    """Ask ``reader`` to release its file whenever this process is about to write that file."""
+    """Ask ``reader`` to release its file whenever this process is about to write that file, and at exit."""
     _READERS.add(reader)
+
+
+@atexit.register
+def _release_all_readers() -> None:
+    """Close every reader's connection before the interpreter tears down: one left to an idle timer thread
+    aborted the process at exit (SIGABRT) once another native library (vl-convert, for SVG charts) was loaded."""
+    for reader in list(_READERS):
+        with suppress(Exception):
+            reader.release()
 
 
 def _release_readers(path: Path) -> None:

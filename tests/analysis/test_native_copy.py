@@ -240,3 +240,22 @@ def test_a_waiting_sync_makes_readers_let_go_at_their_next_query(tmp_path: Path)
         old = time.time() - 3600  # a sync that died while waiting: its marker no longer counts
         os.utime(store.sync_waiting_path(), (old, old))
         assert audit.coalesce_events(run).height == 0
+
+
+EXIT_HOLDING = """
+import sys
+import elspeth_nb as enb
+audit = enb.open_audit(sys.argv[1])
+timings = audit.merge_timings()
+svg = enb.charts.to_svg(enb.charts.wait_time_ecdf(timings))
+print(audit._db.native_answers > 0, audit._db.native.is_open, svg.startswith("<svg"), flush=True)
+"""
+
+
+def test_a_script_that_exits_while_the_copy_is_held_exits_cleanly(tmp_path: Path) -> None:
+    """The idle connection used to be torn down with the interpreter and abort it (SIGABRT) after an SVG chart."""
+    store, _, _ = _store(tmp_path)
+    done = subprocess.run([sys.executable, "-c", EXIT_HOLDING, str(store.root)], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True", "True"]  # answered from the copy, still held at exit
