@@ -1,11 +1,13 @@
-"""The ``elspeth-nb`` command line: run, demo, report, check, verify, import, rebuild.
+"""The ``elspeth-nb`` command line: run, demo, report, check, verify, import, rebuild, sync.
 
-Each verb is a small function; errors we raise on purpose print as one clear message and exit 2.
+Each verb is a small function; errors we raise on purpose print as one clear message and exit 2, an
+interrupt (Ctrl-C) one line and exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -120,34 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-report", action="store_true")
 
     report = verb("report", _report, "render the audit report of one run to a static HTML file")
-    report.add_argument("--audit", default="audit")
+    report.add_argument("--audit", default="audit", help="audit store folder, its audit.duckdb or an ELSPETH .db "
+                        "(default: ./audit)")
     report.add_argument("--run", default="latest")
     report.add_argument("-o", "--output", default="report.html")
     report.add_argument("--payloads", help="ELSPETH payload store folder, when --audit is a Landscape .db")
 
     check = verb("check", _check, "check the audit invariants of a run (and flag interrupted runs)")
-    check.add_argument("--audit", default="audit")
+    check.add_argument("--audit", default="audit", help="audit store folder (default: ./audit)")
     check.add_argument("--run", default="latest")
 
     verify = verb("verify", _verify, "recompute a run's hashes and Merkle root")
-    verify.add_argument("--audit", default="audit")
+    verify.add_argument("--audit", default="audit", help="audit store folder (default: ./audit)")
     verify.add_argument("--run", default="latest")
     verify.add_argument("--root", help="a Merkle root saved earlier, to prove the run is unchanged")
 
     imp = verb("import", _import, "import an ELSPETH Landscape SQLite database into an audit store")
     imp.add_argument("database")
     imp.add_argument("--payloads", help="ELSPETH payload store folder")
-    imp.add_argument("--audit", default="audit")
+    imp.add_argument("--audit", default="audit", help="audit store folder to import into (default: ./audit)")
     imp.add_argument("--run", help="only this run id")
     imp.add_argument("--duckdb", choices=("now", "background", "later"), default="now",
                      help="when audit.duckdb gets the runs: before returning (default), in a background "
                           "process, or at the next `elspeth-nb sync`")
 
     rebuild = verb("rebuild", _rebuild, "recreate audit.duckdb from the Parquet segments")
-    rebuild.add_argument("--audit", default="audit")
+    rebuild.add_argument("--audit", default="audit", help="audit store folder (default: ./audit)")
 
     sync = verb("sync", _sync, "copy runs still pending into audit.duckdb")
-    sync.add_argument("--audit", default="audit")
+    sync.add_argument("--audit", default="audit", help="audit store folder (default: ./audit)")
     return parser
 
 
@@ -158,6 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Error as exc:
         print(f"elspeth-nb {args.verb}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # a run records itself interrupted before this reaches us
+        print(f"elspeth-nb {args.verb}: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `elspeth-nb ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

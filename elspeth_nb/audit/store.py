@@ -370,13 +370,14 @@ class AuditStore:
                                   message=_skipped_message(skipped))
             finally:
                 con.close()
-        then = "(or the next run) brings audit.duckdb up to date" if held else "recreates audit.duckdb from them"
+        then = (f"`elspeth-nb sync --audit {self.root}` (or the next run) brings audit.duckdb up to date once it is "
+                "free" if held else f"`elspeth-nb rebuild --audit {self.root}` recreates audit.duckdb from them")
         return SyncResult(
             pending=wanted,
             seconds=time.perf_counter() - started,
             message=(f"{self.duckdb_path} {'is held by another process' if held else 'cannot be opened or written'} "
                      f"({str(last_error).splitlines()[0]}); the Parquet segments are complete and {len(wanted)} "
-                     f"run(s) are marked pending: `elspeth-nb rebuild --audit {self.root}` {then}"),
+                     f"run(s) are marked pending: {then}"),
             failed=not held,
         )
 

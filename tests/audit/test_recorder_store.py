@@ -159,7 +159,7 @@ def test_duckdb_sync_marks_runs_pending_while_another_process_holds_the_file(tmp
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         result = store.sync_duckdb(["r1"], attempts=2, wait_s=0.01)
         assert not result.ok and result.pending == ["r1"]
-        assert "held by another process" in result.message and "elspeth-nb rebuild" in result.message
+        assert "held by another process" in result.message and "`elspeth-nb sync --audit" in result.message
         assert store.pending_runs() == ["r1"]
     finally:
         holder.communicate("\n", timeout=30)

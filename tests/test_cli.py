@@ -1,0 +1,45 @@
+"""The command line's edges: an interrupt and a closed pipe end in one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.cases import fork_pipeline, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "elspeth_nb.cli"]
+
+
+def _pipeline(tmp_path: Path, **options: object) -> Path:
+    rows = [{"id": i, "category": "books", "amount": i, "note": "a note"} for i in range(400)]
+    settings = fork_pipeline(write_csv(tmp_path / "in.csv", rows), **options)  # type: ignore[arg-type]
+    settings["engine"] = {"max_in_flight": 1}  # one row at a time: a slow call makes the run slow
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(json.dumps(settings))  # JSON is YAML
+    return path
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_exit_130(tmp_path: Path) -> None:
+    pipeline = _pipeline(tmp_path, slow={"a": 40.0})  # 400 rows one at a time, a 40 ms call each: 16 s
+    child = subprocess.Popen([*CLI, "run", str(pipeline)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, (out, err)
+    assert "Traceback" not in err and err.startswith("elspeth-nb run: interrupted: run "), err
+    assert err.rstrip().endswith("interrupted; its trail is complete up to that point")
+
+
+def test_a_closed_pipe_is_not_an_error_worth_a_traceback(tmp_path: Path) -> None:
+    pipeline = _pipeline(tmp_path)
+    assert subprocess.run([*CLI, "run", str(pipeline)], cwd=ROOT, capture_output=True, check=False).returncode == 0
+    # `true` leaves before the verdict is printed (after a second of imports and hashing): the pipe is closed
+    reader = subprocess.run(f"{' '.join(CLI)} verify --audit {tmp_path / 'audit'} | true", shell=True,
+                            cwd=ROOT, capture_output=True, text=True, check=False)
+    assert reader.returncode == 0 and reader.stderr == "", reader.stderr
