@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from elspeth_nb.errors import Error
+from elspeth_nb.errors import Error, InputError
 
 DEMO_PIPELINE = Path("data/demo/pipeline.yaml")
 
@@ -34,7 +34,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     pipeline = Path(args.pipeline)
     if not pipeline.exists():
-        raise SystemExit(f"demo pipeline {pipeline} not found; run `make demo` from the repository root")
+        hint = "; run `make demo` from the repository root" if pipeline == DEMO_PIPELINE else ""
+        raise InputError(f"demo pipeline {pipeline} does not exist{hint}")
     result = run_pipeline(pipeline, audit=args.audit)
     print(result)
     print(f"\nAudit store: {Path(result.audit_path).resolve()}")

@@ -60,6 +60,8 @@ from elspeth_nb.errors import (
 )
 from tests.cases import fork_pipeline, write_csv
 
+ELSPETH_SAMPLE = Path(__file__).parent / "data" / "elspeth" / "requireall_nested" / "audit.db"
+
 # -- the pipeline every input case runs: line numbers matter, config errors are located by them -----------
 
 PIPELINE = """\
@@ -986,6 +988,23 @@ def _sink_is_a_directory(ctx: Ctx) -> Any:
 
 case("audit-path-under-a-file", _audit_under_a_file,
      Fails(AuditStoreError, r"^audit path <work>/blocker/audit is not writable \(Not a directory\)"))
+case("audit-path-is-a-file", lambda ctx: run_pipeline(_config_path(ctx), audit=ctx.store / "audit.duckdb"),
+     Fails(AuditStoreError, r"^audit path <store>/audit\.duckdb is a file, not a folder: an audit store is a folder"))
+
+
+def _import_into_a_file(ctx: Ctx) -> tuple[int, str]:
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        code = main(["import", str(ELSPETH_SAMPLE), "--audit", str(ctx.store / "audit.duckdb")])
+    return code, err.getvalue()
+
+
+def _says_audit_is_a_file(ctx: Ctx, said: tuple[int, str]) -> None:
+    assert said == (2, f"elspeth-nb import: audit path {ctx.store}/audit.duckdb is a file, not a folder: an audit "
+                       "store is a folder (give a new or empty folder, or the store's own folder)\n"), said
+
+
+case("import-audit-path-is-a-file", _import_into_a_file, Returns(_says_audit_is_a_file))
 case("sink-path-is-a-directory", _sink_is_a_directory,
      Fails(InputError, r"^sinks\.out\.options\.path: <work>/out\.jsonl is a directory; a sink writes a file$"))
 

@@ -43,3 +43,13 @@ def test_a_closed_pipe_is_not_an_error_worth_a_traceback(tmp_path: Path) -> None
     reader = subprocess.run(f"{' '.join(CLI)} verify --audit {tmp_path / 'audit'} | true", shell=True,
                             cwd=ROOT, capture_output=True, text=True, check=False)
     assert reader.returncode == 0 and reader.stderr == "", reader.stderr
+
+
+def test_demo_names_a_missing_pipeline_in_one_line(tmp_path: Path) -> None:
+    given = subprocess.run([*CLI, "demo", "--pipeline", str(tmp_path / "nope.yaml")], cwd=ROOT, capture_output=True,
+                           text=True, check=False)
+    assert (given.returncode, given.stderr) == (2, f"elspeth-nb demo: demo pipeline {tmp_path / 'nope.yaml'} does "
+                                                   "not exist\n")
+    default = subprocess.run([*CLI, "demo"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert (default.returncode, default.stderr) == (2, "elspeth-nb demo: demo pipeline data/demo/pipeline.yaml does "
+                                                       "not exist; run `make demo` from the repository root\n")

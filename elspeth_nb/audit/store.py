@@ -153,6 +153,9 @@ class AuditStore:
     def create(cls, root: str | os.PathLike[str]) -> AuditStore:
         """Create (or reuse) a store at ``root``, failing early and clearly if it is not writable."""
         store = cls(Path(root))
+        if store.root.exists() and not store.root.is_dir():
+            raise AuditStoreError(f"audit path {store.root} is a file, not a folder: an audit store is a folder "
+                                  "(give a new or empty folder, or the store's own folder)")
         if store.root.is_dir() and not store.manifest_path.exists():
             others = sorted(p.name for p in store.root.iterdir() if not p.name.startswith("."))
             if others:  # never mix a store into a folder of other files (and never claim them as a store)
@@ -167,7 +170,7 @@ class AuditStore:
         except OSError as exc:
             raise AuditStoreError(
                 f"audit path {store.root} is not writable ({exc.strerror or exc}); "
-                "choose another with `audit: {path: ...}` or --audit DIR"
+                "choose another folder (`audit: {path: ...}` in the settings, or --audit DIR)"
             ) from exc
         if store.manifest_path.exists():
             store.check_manifest()
@@ -186,7 +189,7 @@ class AuditStore:
         if not store.manifest_path.exists():
             raise AuditStoreError(
                 f"{store.root} is not an elspeth-nb audit store (no {MANIFEST_NAME}); "
-                "pass the folder a pipeline wrote (its `audit.path`), an audit.duckdb file or an ELSPETH audit.db"
+                "pass the folder a pipeline or an import wrote (its `audit.path`, or --audit DIR)"
             )
         store.check_manifest()
         return store
