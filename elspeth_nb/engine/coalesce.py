@@ -40,15 +40,20 @@ class Verdict(NamedTuple):
 
 
 class PendingJoin:
-    """A row's join that has not decided yet."""
+    """A row's join that has not decided yet.
 
-    __slots__ = ("arrivals", "first_at", "lost", "outer", "seen", "timer")
+    It opens at its first event, an arrival or a loss (as ELSPETH's pending entry does): its timeout
+    runs and its wait is measured from then. ``first_at`` is the first arrival, which offsets count from.
+    """
 
-    def __init__(self, outer: tuple[Duty, ...]) -> None:
+    __slots__ = ("arrivals", "first_at", "lost", "opened_at", "outer", "seen", "timer")
+
+    def __init__(self, outer: tuple[Duty, ...], opened_at: float) -> None:
         self.arrivals: list[tuple[str, Token, float]] = []
         self.lost: dict[str, dict[str, Any]] = {}
         self.seen: set[str] = set()
         self.first_at: float | None = None
+        self.opened_at = opened_at
         self.outer = outer
         self.timer: Timer | None = None
 
@@ -69,7 +74,7 @@ class DecisionFacts:
         self.arrived = [b for b, _, _ in entry.arrivals]
         self.token_texts = [ctx.text("token", t.id) for _, t, _ in entry.arrivals]
         self.offsets = [(at - first) * 1000.0 for _, _, at in entry.arrivals]  # type: ignore[operator]
-        self.wait_ms = None if first is None else (now - first) * 1000.0
+        self.wait_ms = (now - entry.opened_at) * 1000.0
 
 
 class Decision(NamedTuple):
@@ -188,14 +193,12 @@ class CoalesceExecutor(NodeExecutor):
             self._late(token, branch, entry, now)
             return
         if entry is None:
-            entry = rc.joins[self.name] = PendingJoin(token.duties[:-1])
+            entry = self._open(rc, token.duties[:-1], now)
         if branch in entry.seen:
             raise EngineInvariantError(f"coalesce {self.name}: branch {branch} of row {rc.row_id} arrived twice")
         entry.seen.add(branch)
         if entry.first_at is None:
             entry.first_at = now
-            if self.timeout is not None and self.policy != "first":
-                entry.timer = self.ctx.call_at(now + self.timeout, self._on_timeout, rc, entry)
         entry.arrivals.append((branch, token, now))
         verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost), "arrival")
         if verdict is not None:
@@ -208,12 +211,19 @@ class CoalesceExecutor(NodeExecutor):
         if isinstance(entry, Decision):
             return
         if entry is None:
-            entry = rc.joins[self.name] = PendingJoin(outer)
+            entry = self._open(rc, outer, now)
         entry.seen.add(branch)
         entry.lost[branch] = reason
         verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost), "loss")
         if verdict is not None:
             self._decide(rc, entry, verdict, now)
+
+    def _open(self, rc: RowContext, outer: tuple[Duty, ...], now: float) -> PendingJoin:
+        """The row's join, opened by its first arrival or loss; its timeout (not ``first``'s) runs from now."""
+        entry = rc.joins[self.name] = PendingJoin(outer, now)
+        if self.timeout is not None and self.policy != "first":
+            entry.timer = self.ctx.call_at(now + self.timeout, self._on_timeout, rc, entry)
+        return entry
 
     def _after_overdue_timeout(self, rc: RowContext, now: float) -> PendingJoin | Decision | None:
         """The row's join, once a timeout already due by ``now`` has been decided (a busy engine fires timers late).
@@ -312,7 +322,7 @@ class CoalesceExecutor(NodeExecutor):
             ctx.finish(branch_token, Outcome.COALESCED, now, join_group_id=join_group_id, context_json=context_json)
         inputs_hash = stable_hash({b: t.hash for b, t, _ in entry.arrivals})
         rec.node_states(ctx.new_state_id(), token.id, node_id, step, 0, StateStatus.COMPLETED, inputs_hash, merged_hash,
-                        None, context_json, facts.wait_ms, None, None, entry.first_at, now)  # type: ignore[arg-type]
+                        None, context_json, facts.wait_ms, None, None, entry.opened_at, now)
         if ctx.store_boundary_payloads:
             ctx.store_payload(merged_hash, data)
         self._record_event(rc, entry, verdict, facts, context_json, join_group_id, token.id, merged_hash,

@@ -301,5 +301,9 @@ class SinkExecutor(NodeExecutor):
         error_json = canonical_json({"reason": reason, "type": type(exc).__name__, "exception": str(exc)})
         ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, FAILED, token.hash, None, None, None,
                             (ended - started) * 1000.0, error_json, None, started, ended)
+        if token.duties and context is None:  # a branch token that ends here never reaches its coalesce
+            loss = {"reason": reason, "node": self.name, "sink": self.name}
+            context = ctx.loss_context(token, loss)
+            ctx.lose(token, loss, ended)
         ctx.finish(token, Outcome.FAILED, ended, sink_name=self.name, error_hash=error_hash(reason),
                    context_json=context)

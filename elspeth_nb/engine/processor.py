@@ -137,7 +137,7 @@ class RowProcessor:
                 continue
             if exhausted and open_rows:
                 self._end_of_source()
-                if stack:
+                if stack or not open_rows:  # a join decided to merge has work; one decided to fail ended its row
                     continue
                 raise EngineInvariantError(f"{len(open_rows)} row(s) still have live tokens after end of source")
             if exhausted:

@@ -253,3 +253,72 @@ def test_a_timeout_due_before_a_late_processed_arrival_decides_first(tmp_path: P
     assert decisions and {(e["trigger"], tuple(e["branches_arrived"])) for e in decisions} == {("timeout", ("a", "b"))}
     assert all(e["wait_duration_ms"] == pytest.approx(150.0) for e in decisions)
     assert len(late) == len(decisions) and all(e["late_branch"] == "c" and e["late_by_ms"] > 0 for e in late)
+
+
+def test_a_join_opened_by_a_loss_times_out_from_the_loss(tmp_path: Path) -> None:
+    """ELSPETH opens the pending join on a loss too: its timeout runs from then, not from a later arrival.
+
+    Branch c of the toys row is discarded at 0 ms, a and b wait 3 s on a call, the timeout is 1 s: the toys
+    join times out at 1 s with nothing arrived; the other rows' joins (c arrived at 0 ms) merge c at 1 s.
+    """
+    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"), policy="best_effort", timeout_seconds=1.0,
+                             lose_c_for="toys", slow={"a": 3000, "b": 3000})
+    trail = run_in_memory(pipeline)
+    assert trail.result.status == "completed"
+    assert_one_terminal_outcome_per_token(trail)
+    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
+    decisions = {rows[e["row_id"]]: e for e in trail.rows("coalesce_events") if e["event_type"] != "late_arrival"}
+    toys = decisions[TOYS]
+    assert (toys["event_type"], toys["trigger"], toys["failure_reason"]) == (
+        "failed", "timeout", "best_effort_timeout_no_arrivals")
+    assert toys["branches_lost"] == ["c"] and toys["branches_arrived"] == [] and toys["first_arrival_at"] is None
+    assert toys["wait_duration_ms"] == pytest.approx(1000.0)
+    for index, event in decisions.items():
+        if index != TOYS:
+            assert (event["event_type"], event["trigger"], event["branches_arrived"]) == ("merged", "timeout", ["c"])
+            assert event["wait_duration_ms"] == pytest.approx(1000.0)
+    late = [e for e in trail.rows("coalesce_events") if e["event_type"] == "late_arrival"]
+    assert sorted(e["late_branch"] for e in late) == ["a", "a", "a", "a", "b", "b", "b", "b"]
+    assert all(e["late_by_ms"] == pytest.approx(2000.0) for e in late)
+
+
+def test_a_branch_row_a_sink_refuses_is_a_lost_branch(tmp_path: Path) -> None:
+    """Branch c sends all but the garden row to a CSV sink; the toys row gains a field on the way, so the sink
+    (its header fixed by the books row before it) refuses it. The coalesce learns at once that c will not come
+    from that row; it used to wait until end of source and then end the run failed."""
+    (tmp_path / "mark.py").write_text("def mark(row):\n    return {**row, 'extra': 1} if row['category'] == 'toys' "
+                                      "else row\n")
+    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"))
+    pipeline["gates"][0]["fork_to"] = ["a", "b", "c_in"]
+    pipeline["coalesce"][0]["branches"] = {"a": "out_a", "b": "out_b", "c_in": "out_c"}
+    pipeline["gates"].append({"name": "c_gate", "input": "c_in", "condition": "row['category'] != 'garden'",
+                              "routes": {"true": "c_side", "false": "c"}})
+    pipeline["transforms"].append({"name": "c_mark", "plugin": "python", "input": "c_side", "on_success": "refusing",
+                                   "options": {"function": f"{tmp_path / 'mark.py'}:mark"}})
+    pipeline["sinks"]["refusing"] = {"plugin": "csv", "options": {"path": str(tmp_path / "refused.csv")}}
+    trail = run_in_memory(pipeline)
+    assert trail.result.status == "completed", trail.result.error
+    assert_one_terminal_outcome_per_token(trail)
+    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
+    decisions = {rows[e["row_id"]]: e for e in trail.rows("coalesce_events")}
+    assert {i: (e["event_type"], e["trigger"], e["lost_reasons"]) for i, e in decisions.items()} == {
+        0: ("failed", "branch_lost", ["routed_to_sink"]), TOYS: ("failed", "branch_lost", ["sink_write_failed"]),
+        2: ("failed", "branch_lost", ["routed_to_sink"]), 3: ("merged", "all_arrived", [])}
+    lost = json.loads(decisions[TOYS]["context_json"])["branches_lost"]["c_in"]
+    assert (lost["reason"], lost["sink"]) == ("sink_write_failed", "refusing")
+
+
+def test_a_join_still_pending_at_end_of_source_fails_without_failing_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss the coalesce never hears of leaves the join to end of source: it is decided there and the run
+    completes (it used to end failed with 'row(s) still have live tokens after end of source')."""
+    from elspeth_nb.engine.tokens import EngineContext
+
+    monkeypatch.setattr(EngineContext, "lose", lambda self, token, reason, at: None)  # the loss goes unheard
+    trail = run_in_memory(fork_pipeline(write_csv(tmp_path / "input.csv"), lose_c_for="toys"))
+    assert trail.result.status == "completed", trail.result.error
+    assert_one_terminal_outcome_per_token(trail)
+    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
+    [toys] = [e for e in trail.rows("coalesce_events") if rows[e["row_id"]] == TOYS]
+    assert (toys["event_type"], toys["trigger"], toys["failure_reason"]) == (
+        "failed", "end_of_source", "incomplete_branches")
