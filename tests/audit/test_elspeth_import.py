@@ -333,7 +333,7 @@ def test_failures_come_from_error_json_and_config(failures: tuple[Path, dict[str
     assert late_event["decision_event_id"] == timeout["event_id"] and late_event["late_token_id"] == late["path_c"]
     assert late_event["late_by_ms"] > 0 and late_event["failure_reason"] == "incomplete_branches"
     outcomes = {o["token_id"]: o for o in rows_of(imported, "token_outcomes")}
-    assert outcomes[late["path_c"]]["outcome"] == "failed"  # after a failed decision it stays failed
+    assert outcomes[late["path_c"]]["outcome"] == "late_arrival"  # late, as our engine records it: not a failure
     assert json.loads(outcomes[late["path_c"]]["context_json"])["decision"]["merged"] is False
     for token in (lost["path_a"], lost["path_b"]):
         assert outcomes[token]["outcome"] == "failed"
@@ -373,6 +373,21 @@ def test_triggers_are_inferred_from_the_node_policy(tmp_path: Path, config: dict
     imported = read_landscape(db)
     assert {e["trigger"] for e in events(imported, "merged")} == {trigger}
     assert {e["policy"] for e in events(imported, "merged")} == {config["policy"]}
+
+
+@pytest.mark.parametrize("config", ["not json", '{"schema": {"mode": "observed"}}'])
+def test_a_coalesce_config_that_says_nothing_defers_to_the_merges_own_record(tmp_path: Path, config: str) -> None:
+    """Unreadable, the node used to vanish (no merges at all); without keys, require_all/union were assumed for
+    merges whose context says quorum/nested. Either way the import now says so."""
+    db = copy_sample(QUORUM, tmp_path)
+    mutate(db, "UPDATE nodes SET config_json = ? WHERE node_type = 'coalesce'", params=(config,))
+    imported = read_landscape(db)
+    merged = events(imported, "merged")
+    assert len(merged) == 100 and {(e["policy"], e["merge_strategy"]) for e in merged} == {("quorum", "nested")}
+    assert len(events(imported, "late_arrival")) == 82
+    flagged = [p for p in imported.problems if "config_json" in p]
+    assert flagged == ["1 coalesce node(s) whose config_json is unreadable or names no policy (require_all and "
+                       "union assumed where a merge's own context does not say)"]
 
 
 @pytest.mark.parametrize(("raw", "reason", "detail"), [

@@ -72,22 +72,27 @@ _ARRIVAL_ORDER = """jarr(list_transform(range(1, n_arrived + 1), lambda i: conca
             ',"branch":', coalesce(jstr(branches_arrived[i]), 'null'),
             ',"token_id":', coalesce(jstr(arrived_token_ids[i]), 'null'), '}')))"""
 
-_CTX_SCHEMA = ('{"expected_branches":["VARCHAR"],"branches_arrived":["VARCHAR"],'
+_CTX_SCHEMA = ('{"policy":"VARCHAR","merge_strategy":"VARCHAR","expected_branches":["VARCHAR"],'
+               '"branches_arrived":["VARCHAR"],'
                '"arrival_order":[{"branch":"VARCHAR","arrival_offset_ms":"DOUBLE"}],"wait_duration_ms":"DOUBLE",'
                '"branches_lost":"JSON","union_field_collisions":"JSON"}')
 
 STAGE_1 = [
     # coalesce nodes and their real settings (config_json), expected branches in config order when a list
+    # (an unreadable config_json keeps the node, with ELSPETH's defaults, and is reported: config_policy NULL)
     """CREATE TEMP TABLE c_nodes AS
+    WITH n AS (SELECT *, CASE WHEN json_valid(config_json) THEN config_json END AS cfg
+               FROM x_nodes WHERE node_type = 'coalesce')
     SELECT run_id, node_id, node_name AS coalesce_name,
-        coalesce(jx(config_json, '$.policy'), 'require_all') AS policy,
-        coalesce(jx(config_json, '$.merge'), 'union') AS merge_strategy,
-        TRY_CAST(jx(config_json, '$.quorum_count') AS INTEGER) AS quorum_count,
-        TRY_CAST(jx(config_json, '$.timeout_seconds') AS DOUBLE) AS timeout_seconds,
-        jx(config_json, '$.select_branch') AS select_branch,
-        CASE json_type(config_json, '$.branches') WHEN 'OBJECT' THEN json_keys(config_json, '$.branches')
-            WHEN 'ARRAY' THEN json_extract_string(config_json, '$.branches[*]') END AS config_branches
-    FROM x_nodes WHERE node_type = 'coalesce' AND json_valid(config_json)""",
+        coalesce(jx(cfg, '$.policy'), 'require_all') AS policy,
+        coalesce(jx(cfg, '$.merge'), 'union') AS merge_strategy,
+        TRY_CAST(jx(cfg, '$.quorum_count') AS INTEGER) AS quorum_count,
+        TRY_CAST(jx(cfg, '$.timeout_seconds') AS DOUBLE) AS timeout_seconds,
+        jx(cfg, '$.select_branch') AS select_branch,
+        CASE json_type(cfg, '$.branches') WHEN 'OBJECT' THEN json_keys(cfg, '$.branches')
+            WHEN 'ARRAY' THEN json_extract_string(cfg, '$.branches[*]') END AS config_branches,
+        jx(cfg, '$.policy') AS config_policy, jx(cfg, '$.merge') AS config_merge
+    FROM n""",
     # every state at a coalesce node, narrow: its token's row and branch, a hash of its context
     """CREATE TEMP TABLE c_states AS
     SELECT s.state_id, s.token_id, s.run_id, s.node_id, s.status, s.started_at, s.duration_ms,
@@ -137,7 +142,9 @@ STAGE_1 = [
     FROM g LEFT JOIN l_node_states s ON s.state_id = g.ctx_state""",
     """CREATE TEMP TABLE c_merges AS
     WITH g AS (
-        SELECT g.* EXCLUDE (c), n.* EXCLUDE (run_id, node_id), g.c IS NOT NULL AS has_ctx,
+        SELECT g.* EXCLUDE (c), n.* EXCLUDE (run_id, node_id, policy, merge_strategy), g.c IS NOT NULL AS has_ctx,
+            coalesce(n.config_policy, g.c.policy, n.policy) AS policy,  -- the merge's own record if config says nothing
+            coalesce(n.config_merge, g.c.merge_strategy, n.merge_strategy) AS merge_strategy,
             list_transform(g.c.arrival_order, lambda a: a.branch) AS ctx_arrived,
             list_transform(g.c.arrival_order, lambda a: a.arrival_offset_ms) AS ctx_offsets,
             coalesce(nullif(g.c.expected_branches, []), n.config_branches) AS expected_branches,
@@ -352,8 +359,7 @@ STAGE_3 = [
     FROM c_fail_members fm JOIN c_fail_events e
         ON e.run_id = fm.run_id AND e.node_id = fm.node_id AND e.row_id = fm.row_id AND e.error_json = fm.error_json
     UNION ALL
-    SELECT state_id, token_id, event_id, 'late_arrival', CASE WHEN merged THEN 'late_arrival' END,
-        CASE WHEN merged THEN join_group_id END
+    SELECT state_id, token_id, event_id, 'late_arrival', 'late_arrival', CASE WHEN merged THEN join_group_id END
     FROM c_late_events""",
 ]
 
@@ -444,6 +450,9 @@ PROBLEM_CHECKS = {
         "SELECT count(*) FROM c_late_events WHERE decision_event_id IS NULL",
     "late arrival(s) that started before the decision they were matched to (late_by_ms < 0)":
         "SELECT count(*) FROM c_late_events WHERE late_by_ms < 0",
+    "coalesce node(s) whose config_json is unreadable or names no policy (require_all and union assumed where a "
+    "merge's own context does not say)":
+        "SELECT count(*) FROM c_nodes WHERE config_policy IS NULL",
     "coalesce state(s) still open (the run was interrupted while joins were pending)":
         "SELECT count(*) FROM c_states WHERE status NOT IN ('completed', 'failed')",
 }
