@@ -190,6 +190,28 @@ INVARIANTS: dict[str, Invariant] = {
                   'coalesced outcome of token ' || token_id || ' has no join_group_id' AS detail
            FROM token_outcomes WHERE run_id = $run AND outcome = 'coalesced' AND join_group_id IS NULL""",
     ),
+    "outcome_required_fields": Invariant(
+        "each outcome carries what ELSPETH's own rules require of it: completed and routed a sink_name, forked a "
+        "fork_group_id, failed and quarantined an error_hash",
+        """SELECT 'token_outcomes' AS "table", outcome_id AS record_id,
+                  outcome || ' outcome of token ' || token_id || ' has no ' ||
+                  CASE WHEN outcome IN ('completed', 'routed') THEN 'sink_name'
+                       WHEN outcome = 'forked' THEN 'fork_group_id' ELSE 'error_hash' END AS detail
+           FROM token_outcomes WHERE run_id = $run AND (
+               (outcome IN ('completed', 'routed') AND sink_name IS NULL)
+               OR (outcome = 'forked' AND fork_group_id IS NULL)
+               OR (outcome IN ('failed', 'quarantined') AND error_hash IS NULL))""",
+    ),
+    "one_group_per_token": Invariant(
+        "a token belongs to at most one of a fork, a join and an expansion group",
+        """SELECT 'tokens' AS "table", token_id AS record_id,
+                  'token has ' || concat_ws(' and ', CASE WHEN fork_group_id IS NOT NULL THEN 'a fork_group_id' END,
+                                            CASE WHEN join_group_id IS NOT NULL THEN 'a join_group_id' END,
+                                            CASE WHEN expand_group_id IS NOT NULL THEN 'an expand_group_id' END)
+                  AS detail
+           FROM tokens WHERE run_id = $run AND (fork_group_id IS NOT NULL)::INT + (join_group_id IS NOT NULL)::INT
+                                               + (expand_group_id IS NOT NULL)::INT > 1""",
+    ),
     "sink_output_hash": Invariant(
         "every row a sink wrote has a completed sink state with its output_hash",
         """SELECT 'node_states' AS "table", s.state_id AS record_id,

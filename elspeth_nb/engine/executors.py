@@ -108,7 +108,7 @@ class TransformExecutor(NodeExecutor):
                                    "divert", stable_hash(details), None, ended)
             ctx.lose(token, loss, ended)
             receive, arg = routing.route
-            ctx.stack.append((receive, token, (arg, ctx.loss_context(token, loss))))
+            ctx.stack.append((receive, token, (arg, ctx.loss_context(token, loss), None)))
             return
         if routing.destination == "discard":
             loss = {"reason": "error_discarded", "node": self.name, "detail": summary}
@@ -258,7 +258,8 @@ class SinkExecutor(NodeExecutor):
     A row the sink refuses (SinkWriteError) fails that token; anything else the sink raises fails the run.
 
     ``arg`` is the outcome (``completed`` on the normal path, ``routed`` when a gate or error
-    routing sent it), or ``(outcome, context_json)`` when the token left a branch early.
+    routing sent it), or ``(outcome, context_json, error_hash)`` when the token left a branch early
+    or was quarantined (a quarantined outcome carries its error_hash, as ELSPETH requires).
     """
 
     def __init__(self, ctx: EngineContext, name: str, node_id: str, step: int, sink: Sink) -> None:
@@ -269,7 +270,7 @@ class SinkExecutor(NodeExecutor):
 
     def receive(self, token: Token, arg: Any) -> None:
         ctx = self.ctx
-        outcome, context = arg if type(arg) is tuple else (arg, None)
+        outcome, context, grouping = arg if type(arg) is tuple else (arg, None, None)
         started = ctx.now()
         state_id = ctx.new_state_id()
         if self.first_state_id is None:
@@ -291,7 +292,7 @@ class SinkExecutor(NodeExecutor):
             loss = {"reason": "routed_to_sink", "node": self.name, "sink": self.name}
             context = ctx.loss_context(token, loss)
             ctx.lose(token, loss, ended)
-        ctx.finish(token, outcome, ended, sink_name=self.name, context_json=context)
+        ctx.finish(token, outcome, ended, sink_name=self.name, error_hash=grouping, context_json=context)
 
     def _fail(self, token: Token, state_id: int, started: float, context: str | None, reason: str,
               exc: Exception) -> None:

@@ -200,7 +200,7 @@ class RowProcessor:
         ctx.rec.routing_events(ctx.new_event_id(), state_id, self.edge_ids[("source", "__quarantine__")],
                                ctx.new_group_id(), 0, "divert", stable_hash(details), None, now)
         receive, _ = self.quarantine_route
-        ctx.stack.append((receive, token, (Outcome.QUARANTINED, None)))
+        ctx.stack.append((receive, token, (Outcome.QUARANTINED, None, error_hash(problem.violation_type))))
 
     # -- wiring -----------------------------------------------------------------------------------
     def _wire(self) -> None:

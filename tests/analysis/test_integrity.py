@@ -93,7 +93,7 @@ def test_each_invariant_reports_its_own_breach(run: Run) -> None:
     run.append("token_outcomes", [{**twice, "outcome_id": twice["outcome_id"] + "x", "outcome": "failed"}])
     run.append("tokens", [
         {**fork_child, "token_id": stray, "fork_group_id": None, "branch_name": None},           # no outcome
-        {**fork_child, "token_id": orphan},                                                       # group, no parents
+        {**fork_child, "token_id": orphan, "join_group_id": "g-two"},                             # 2 groups, no parents
         {**fork_child, "token_id": unnamed},                                                      # coalesced, unnamed
         {**fork_child, "token_id": ungrouped, "fork_group_id": None},                            # coalesced, no group
     ])
@@ -130,6 +130,9 @@ def test_each_invariant_reports_its_own_breach(run: Run) -> None:
         ("coalesce_state_context", "e-edited"),
         ("no_open_states", "s-open"),
         ("coalesced_has_join_group", "o-ungrouped"),
+        ("outcome_required_fields", twice["outcome_id"] + "x"),  # failed, no error_hash
+        ("outcome_required_fields", "o-orphan"),
+        ("one_group_per_token", orphan),
         ("sink_output_hash", "s-sink"),
         ("record_counts_match", run.run_id),  # the records added above are more than the run wrote
     }
@@ -138,7 +141,9 @@ def test_each_invariant_reports_its_own_breach(run: Run) -> None:
     assert "ghost is not a token of the run" in str(result.violations.filter(
         result.violations["invariant"] == "coalesce_tokens_consistent")["detail"].to_list())
     text = repr(result)
-    assert "violation(s) of 11 of 11 invariants" in text and "Violations:" in text
+    assert "violation(s) of 13 of 13 invariants" in text and "Violations:" in text
+    assert details[("one_group_per_token", orphan)] == "token has a fork_group_id and a join_group_id"
+    assert details[("outcome_required_fields", "o-orphan")] == f"failed outcome of token {orphan} has no error_hash"
     counted = result.violations.filter(result.violations["invariant"] == "record_counts_match")
     assert sorted(counted["table"]) == ["coalesce_events", "node_states", "token_outcomes", "token_parents", "tokens"]
     assert all(" record(s), the store holds " in d for d in counted["detail"])
@@ -183,7 +188,8 @@ def test_a_run_still_being_written_reports_no_records_not_yet_written(run: Run) 
                           "parent_links_iff_group": "limited", "parent_exists": "skipped",
                           "fork_child_accounted": "limited", "coalesce_tokens_consistent": "limited",
                           "coalesce_state_context": "skipped", "no_open_states": "skipped",
-                          "coalesced_has_join_group": "full", "sink_output_hash": "limited",
+                          "coalesced_has_join_group": "full", "outcome_required_fields": "full",
+                          "one_group_per_token": "full", "sink_output_hash": "limited",
                           "record_counts_match": "skipped"}
         left_out = {name for name, scope in scopes.items() if scope != "full"}
         frame = result.to_polars()
@@ -191,7 +197,7 @@ def test_a_run_still_being_written_reports_no_records_not_yet_written(run: Run) 
         assert all(d.startswith("not a violation: ") and "still being written" in d for d in frame["detail"])
         text, html = repr(result), result._repr_html_()
         assert text.startswith(f"Check of run {run.run_id} (running): no violation so far; the run is still being "
-                               f"written, so this check is partial: 2 invariants checked in full, 4 limited, "
+                               f"written, so this check is partial: 4 invariants checked in full, 4 limited, "
                                f"5 skipped until it finishes")
         assert "parent_exists (skipped): a parent's token record may land after the links to it" in text
         assert "still being written" in html and "Limited or skipped while the run is written" in html
@@ -201,7 +207,7 @@ def test_a_run_still_being_written_reports_no_records_not_yet_written(run: Run) 
     assert dict(stopped.invariants.select("invariant", "scope").iter_rows()) == scopes
     assert repr(stopped).startswith(f"Check of run {run.run_id} (interrupted): no violation so far; the run was "
                                     f"interrupted, so its trail ends where it stopped, so this check is partial: "
-                                    f"2 invariants checked in full, 4 limited, 5 skipped\n")
+                                    f"4 invariants checked in full, 4 limited, 5 skipped\n")
     assert "Limited or skipped because the run was interrupted" in stopped._repr_html_()
     assert all("because the run was interrupted" in d for d in stopped.to_polars()["detail"])
     # a finished run with the same records missing is checked in full: there they are violations
@@ -228,9 +234,10 @@ def test_a_run_still_being_written_reports_what_no_later_record_can_fix(run: Run
     with AuditStore(live.store).writing(run.run_id):
         result = open_audit(live.store).check(run.run_id)
     assert _found(result) == {("one_terminal_outcome", fork_child["token_id"]),
-                              ("fork_child_accounted", "t-sinkless"), ("sink_output_hash", "s-unhashed")}
+                              ("fork_child_accounted", "t-sinkless"), ("sink_output_hash", "s-unhashed"),
+                              ("outcome_required_fields", "o-twice"), ("outcome_required_fields", "o-sinkless")}
     assert result.partial and not result.ok
-    assert repr(result).startswith(f"Check of run {run.run_id} (running): 3 violation(s) so far; the run is still")
+    assert repr(result).startswith(f"Check of run {run.run_id} (running): 5 violation(s) so far; the run is still")
 
 
 def _damage_last_row_group(path: Path) -> None:
