@@ -181,7 +181,11 @@ class _Tree:
     def render(self) -> list[str]:
         row = self.lineage.row
         source = {"stored": row.get("payload_json") is not None, "payload_json": row.get("payload_json")}
-        lines = [f"source row {row['row_index']}: " + _row_text(source, row["source_data_hash"])]
+        text = _row_text(source, row["source_data_hash"])
+        if not source["stored"] and self.lineage.payload_mode in SOURCE_KEPT:  # the run kept it: now it is gone
+            text = text.replace("(hashes only)", "(payload missing: purged, not copied or not matching its hash; "
+                                                 "verify() says which)", 1)
+        lines = [f"source row {row['row_index']}: " + text]
         roots = self.children.get(None, [])
         for i, item in enumerate(roots):
             self._item(item, lines, "", i == len(roots) - 1, top=True)
@@ -203,6 +207,10 @@ class _Tree:
         lines += [note_prefix + n for n in notes]
         for i, child in enumerate(children):
             self._item(child, lines, child_prefix, i == len(children) - 1)
+
+
+#: Payload modes that keep every source row: a source row without its payload is missing, not "hashes only".
+SOURCE_KEPT = frozenset({"all", "boundaries", "source"})
 
 
 def _row_text(record: dict[str, Any] | None, digest: Any) -> str:

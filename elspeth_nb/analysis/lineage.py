@@ -108,7 +108,7 @@ class Lineage(Displayable):
 
     @property
     def source_row(self) -> dict[str, Any] | None:
-        """The source row as stored, or None when the run kept hashes only."""
+        """The source row as stored, or None when the run kept hashes only or its payload is missing."""
         text = self.row.get("payload_json")
         return json.loads(text) if text else None
 

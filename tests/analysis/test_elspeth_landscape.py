@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -91,6 +92,22 @@ def test_payload_mode_says_what_elspeth_kept(landscape: Audit, tmp_path: Path) -
     assert landscape.runs()["payload_mode"].to_list() == ["source"]
     assert landscape.run_summary().header["payload_mode"] == "source"
     assert open_audit(LOSSY / "audit.db").runs()["payload_mode"].to_list() == ["hashes"]
+
+
+def test_a_source_row_whose_payload_is_gone_is_missing_not_hashes_only(tmp_path: Path) -> None:
+    """ELSPETH keeps every source row ('source'): one whose payload file was purged is missing, and says so."""
+    copy = tmp_path / "lossy"
+    shutil.copytree(LOSSY, copy)
+    with sqlite3.connect(copy / "audit.db") as con:
+        [(ref,)] = con.execute("SELECT source_data_ref FROM rows WHERE row_index = 1").fetchall()
+    [payload] = [p for p in (copy / "payloads").rglob(ref) if p.is_file()]
+    payload.unlink()
+    audit = open_audit(copy / "audit.db", payloads=copy / "payloads")
+    gone, kept = audit.lineage(row_index=1), audit.lineage(row_index=2)
+    assert gone.source_row is None and kept.source_row is not None
+    assert repr(gone).splitlines()[1] == ("source row 1: (payload missing: purged, not copied or not matching its "
+                                          f"hash; verify() says which) sha256 {ref[:16]}…")
+    assert "(hashes only)" in repr(open_audit(copy / "audit.db").lineage(row_index=1))  # no folder given: by choice
 
 
 def test_without_the_payload_folder_only_hashes_are_shown(tmp_path: Path) -> None:
