@@ -390,6 +390,17 @@ def test_a_coalesce_config_that_says_nothing_defers_to_the_merges_own_record(tmp
                        "union assumed where a merge's own context does not say)"]
 
 
+def test_a_late_arrival_without_error_json_is_told_by_its_error_hash(tmp_path: Path) -> None:
+    """Its outcome's error_hash is ELSPETH's late-arrival key: a late arrival, not a failed decision of 'unknown'."""
+    db = copy_sample(QUORUM, tmp_path)
+    [(state,)] = sql(db, "SELECT s.state_id FROM node_states s JOIN tokens t USING (token_id) JOIN rows r "
+                         "USING (row_id) WHERE s.status = 'failed' AND s.node_id LIKE 'coalesce%' AND r.row_index = 5")
+    mutate(db, "UPDATE node_states SET error_json = NULL WHERE state_id = ?", params=(state,))
+    imported = read_landscape(db)
+    assert len(events(imported, "merged")) == 100 and events(imported, "failed") == []
+    assert len(events(imported, "late_arrival")) == 82 and imported.problems == []
+
+
 @pytest.mark.parametrize(("raw", "reason", "detail"), [
     ("error_routed:ValueError('boom')", "error_routed", "ValueError('boom')"),
     ("quarantined:blocked_content", "quarantined", "blocked_content"),

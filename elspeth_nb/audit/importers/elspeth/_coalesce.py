@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import duckdb
 
+from elspeth_nb.audit.hashing import error_hash
 from elspeth_nb.audit.importers.elspeth._lost import reason_table
 
 LATE_REASON = "late_arrival_after_merge"
+LATE_HASH = error_hash(LATE_REASON)
 #: Members are ordered by sorting structs whose leading fields are the sort keys (arrival ordinal, start,
 #: state id): far cheaper than an ordered aggregate. A missing ordinal or start sorts last.
 LAST_US = 9223372036854775807
@@ -93,16 +95,20 @@ STAGE_1 = [
             WHEN 'ARRAY' THEN json_extract_string(cfg, '$.branches[*]') END AS config_branches,
         jx(cfg, '$.policy') AS config_policy, jx(cfg, '$.merge') AS config_merge
     FROM n""",
-    # every state at a coalesce node, narrow: its token's row and branch, a hash of its context
-    """CREATE TEMP TABLE c_states AS
+    # every state at a coalesce node, narrow: its token's row and branch, a hash of its context (a failed state
+    # without error_json is a late arrival when its outcome carries the late arrival's error_hash)
+    f"""CREATE TEMP TABLE c_states AS
     SELECT s.state_id, s.token_id, s.run_id, s.node_id, s.status, s.started_at, s.duration_ms,
         hash(s.context_after_json) AS ctx_hash,
         CASE WHEN s.status = 'failed' THEN s.error_json END AS error_json,
-        CASE WHEN s.status = 'failed' THEN jx(s.error_json, '$.failure_reason') END AS failure_raw,
+        CASE WHEN s.status = 'failed' THEN coalesce(jx(s.error_json, '$.failure_reason'),
+            CASE WHEN o.error_hash = '{LATE_HASH}' THEN '{LATE_REASON}' END) END AS failure_raw,
         t.row_id, t.branch_name, t.fork_group_id
     FROM l_node_states s
     JOIN c_nodes c ON c.run_id = s.run_id AND c.node_id = s.node_id
-    JOIN l_tokens t ON t.token_id = s.token_id""",
+    JOIN l_tokens t ON t.token_id = s.token_id
+    LEFT JOIN l_token_outcomes o ON o.token_id = s.token_id AND o.is_terminal = 1 AND s.status = 'failed'
+        AND s.error_json IS NULL""",
     # consumed token -> the merged token created from it (parent ordinal = arrival order)
     """CREATE TEMP TABLE c_children AS
     SELECT tp.parent_token_id AS token_id, tp.token_id AS merged_token_id, tp.ordinal, m.join_group_id
