@@ -197,7 +197,7 @@ class GateExecutor(NodeExecutor):
         if kind == "sink" and token.duties:
             loss = {"reason": "gate_routed_to_sink", "node": self.name, "sink": self.routes[label]}
             ctx.lose(token, loss, ended)
-            route_arg = (route_arg, ctx.loss_context(token, loss))
+            route_arg = (route_arg, ctx.loss_context(token, loss), None)
         ctx.stack.append((receive, token, route_arg))
 
     def _decision(self, result: Any, label: str) -> tuple[str, str, str | None]:

@@ -322,3 +322,22 @@ def test_a_join_still_pending_at_end_of_source_fails_without_failing_the_run(
     [toys] = [e for e in trail.rows("coalesce_events") if rows[e["row_id"]] == TOYS]
     assert (toys["event_type"], toys["trigger"], toys["failure_reason"]) == (
         "failed", "end_of_source", "incomplete_branches")
+
+
+def test_a_gate_in_a_branch_that_routes_to_a_sink_loses_the_branch(tmp_path: Path) -> None:
+    """Branch c's gate sends the toys row straight to a sink: routed there, and lost to the coalesce at once."""
+    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"))
+    pipeline["gates"][0]["fork_to"] = ["a", "b", "c_in"]
+    pipeline["coalesce"][0]["branches"] = {"a": "out_a", "b": "out_b", "c_in": "out_c"}
+    pipeline["gates"].append({"name": "c_gate", "input": "c_in", "condition": "row['category'] == 'toys'",
+                              "routes": {"true": "side", "false": "c"}})
+    pipeline["sinks"]["side"] = {"plugin": "jsonl", "options": {"path": str(tmp_path / "side.jsonl")}}
+    trail = run_in_memory(pipeline)
+    assert trail.result.status == "completed", trail.result.error
+    assert_one_terminal_outcome_per_token(trail)
+    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
+    decisions = {rows[e["row_id"]]: e for e in trail.rows("coalesce_events")}
+    assert (decisions[TOYS]["event_type"], decisions[TOYS]["lost_reasons"]) == ("failed", ["gate_routed_to_sink"])
+    routed = [o for o in trail.rows("token_outcomes") if o["sink_name"] == "side"]
+    assert [o["outcome"] for o in routed] == ["routed"]
+    assert json.loads(routed[0]["context_json"])["lost_branch"]["reason"] == "gate_routed_to_sink"
