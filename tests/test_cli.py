@@ -28,7 +28,11 @@ def test_ctrl_c_ends_a_run_with_one_line_and_exit_130(tmp_path: Path) -> None:
     pipeline = _pipeline(tmp_path, slow={"a": 40.0})  # 400 rows one at a time, a 40 ms call each: 16 s
     child = subprocess.Popen([*CLI, "run", str(pipeline)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)
+    locks = tmp_path / "audit" / ".locks"  # the run holds its lock file while it writes: it has started
+    deadline = time.monotonic() + 60
+    while not (locks.is_dir() and any(locks.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130, (out, err)

@@ -47,6 +47,8 @@ from elspeth_nb.audit.store import (
     duckdb_type,
     mark_interrupted,
     quote_ident,
+    unreadable_data,
+    unreadable_footers,
 )
 from elspeth_nb.errors import AuditStoreError, AuditStoreWarning, RunNotFoundError, SchemaVersionError
 
@@ -102,32 +104,6 @@ def detect_kind(path: Path) -> str:
     if head[8:12] == DUCKDB_MAGIC:
         return DUCKDB
     raise AuditStoreError(f"{path} is neither a DuckDB nor an SQLite database (unrecognised file header); {EXPECTED}")
-
-
-def _unreadable_footers(paths: Iterable[Path]) -> dict[Path, str]:
-    """The segments among ``paths`` whose footer cannot be read, with what reading it said."""
-    import pyarrow.parquet as pq
-
-    found = {}
-    for path in paths:
-        try:
-            pq.read_metadata(path)
-        except (OSError, pa.ArrowException) as exc:
-            found[path] = str(exc).splitlines()[0]
-    return found
-
-
-def _unreadable_data(con: duckdb.DuckDBPyConnection, paths: Iterable[Path]) -> dict[Path, str]:
-    """The segments among ``paths`` that DuckDB cannot read to the end (a damaged data page), with its error."""
-    found = {}
-    for path in paths:
-        try:
-            reader = con.sql("SELECT * FROM read_parquet($path)", params={"path": str(path)}).to_arrow_reader()
-            for _ in reader or ():
-                pass
-        except (duckdb.Error, OSError, pa.ArrowException) as exc:  # raised by the query, or by a later batch
-            found[path] = str(exc).splitlines()[0]
-    return found
 
 
 def _tables_read_by(sql: str | None) -> list[str]:
@@ -410,7 +386,7 @@ class Database:
         ``runs`` segments whose data does not (the only data read then). False when no segment is to blame."""
         if self.kind != STORE or not _is_reading_error(exc):
             return False
-        found = _unreadable_footers(self._segments()) or _unreadable_data(self.con, self._segments("runs"))
+        found = unreadable_footers(self._segments()) or unreadable_data(self.con, self._segments("runs"))
         self.unreadable.update(found)
         return bool(found)
 
@@ -442,15 +418,15 @@ class Database:
         segments = self._segments()
         given = [p for p in segments if str(p) in _files_given(params)]
         if given:
-            return _unreadable_data(con, given)
+            return unreadable_data(con, given)
         tables = _tables_read_by(sql)
         read = [p for p in segments if p.parts[-3] in tables]
-        found = _unreadable_footers(read)
+        found = unreadable_footers(read)
         if found:
             return found
         runs = _runs_read_by(params)
         partitions = None if runs is None else {f"{PARTITION_COLUMN}={r}" for r in runs}
-        return _unreadable_data(con, [p for p in read if partitions is None or p.parent.name in partitions])
+        return unreadable_data(con, [p for p in read if partitions is None or p.parent.name in partitions])
 
     def _import_landscape(self) -> None:
         from elspeth_nb.audit.importers.elspeth import read_landscape

@@ -121,6 +121,30 @@ class SyncResult:
         return not self.pending and not self.failed
 
 
+def unreadable_footers(paths: Iterable[Path]) -> dict[Path, str]:
+    """The segments among ``paths`` whose footer cannot be read, with what reading it said."""
+    found = {}
+    for path in paths:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as exc:
+            found[path] = str(exc).splitlines()[0]
+    return found
+
+
+def unreadable_data(con: duckdb.DuckDBPyConnection, paths: Iterable[Path]) -> dict[Path, str]:
+    """The segments among ``paths`` that DuckDB cannot read to the end (a damaged data page), with its error."""
+    found = {}
+    for path in paths:
+        try:
+            reader = con.sql("SELECT * FROM read_parquet($path)", params={"path": str(path)}).to_arrow_reader()
+            for _ in reader or ():
+                pass
+        except (duckdb.Error, OSError, pa.ArrowException) as exc:  # raised by the query, or by a later batch
+            found[path] = str(exc).splitlines()[0]
+    return found
+
+
 def _skipped_message(skipped: Mapping[str, str]) -> str:
     """Why runs were left out of audit.duckdb (empty when none were)."""
     if not skipped:
@@ -481,7 +505,7 @@ class AuditStore:
             try:
                 self._copy_run(con, run_id)
             except duckdb.Error:
-                damaged = self.unreadable_segments(run_id)
+                damaged = self.unreadable_segments(run_id, con)
                 if not damaged:
                     raise
                 path, why = next(iter(damaged.items()))
@@ -498,17 +522,11 @@ class AuditStore:
             con.execute(f"DELETE FROM {quote_ident(table)} WHERE run_id = $run_id", {"run_id": run_id})  # noqa: S608
         con.execute(f"DELETE FROM {COPIED_SEGMENTS} WHERE run_id = $run_id", {"run_id": run_id})  # noqa: S608
 
-    def unreadable_segments(self, run_id: str) -> dict[Path, str]:
-        """Segment files of the run whose Parquet footer does not read, with the reader's first line."""
-        found: dict[Path, str] = {}
-        for table in TABLES:
-            directory = partition_dir(self.parquet_root, table, run_id)
-            for path in sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []:
-                try:
-                    pq.read_metadata(path)
-                except (OSError, pa.ArrowException) as exc:
-                    found[path] = str(exc).splitlines()[0]
-        return found
+    def unreadable_segments(self, run_id: str, con: duckdb.DuckDBPyConnection) -> dict[Path, str]:
+        """Segment files of the run that do not read (footer first, then data pages), with the reader's first line."""
+        paths = [path for table in TABLES for path in sorted(partition_dir(self.parquet_root, table, run_id)
+                                                             .glob("part-*.parquet"))]
+        return unreadable_footers(paths) or unreadable_data(con, paths)
 
     def _ensure_tables(self, con: duckdb.DuckDBPyConnection) -> None:
         existing = {

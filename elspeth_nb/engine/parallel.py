@@ -42,7 +42,7 @@ class ShardResult:
     outcome_counts: dict[str, int] = field(default_factory=dict)
     records: dict[str, int] = field(default_factory=dict)
     parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # sink -> (part path, rows)
-    failed_sinks: list[str] = field(default_factory=list)  # sinks that failed in this worker (no part)
+    failed_sinks: list[str] = field(default_factory=list)  # sinks that failed in this worker (part kept, no artifact)
     seconds: dict[str, float] = field(default_factory=dict)  # where the worker's time went
     stopped: bool = False  # it stopped because the parent asked (an interrupt, another worker's failure)
     died: bool = False  # it sent nothing back: killed, or crashed in native code

@@ -167,12 +167,7 @@ def run_pipeline(
     'completed'
     """
     check_duckdb_update(sync_duckdb)
-    if isinstance(pipeline, Pipeline):
-        loaded = pipeline
-    elif isinstance(pipeline, Mapping):
-        loaded = Pipeline.from_dict(pipeline)
-    else:
-        loaded = load_pipeline(path_argument(pipeline, "pipeline"))
+    loaded = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
     audit_root = loaded.resolve_path(loaded.config.audit.path) if audit is None else path_argument(audit, "audit")
     engine = Engine(
         loaded,
