@@ -282,17 +282,23 @@ def test_a_join_opened_by_a_loss_times_out_from_the_loss(tmp_path: Path) -> None
     assert all(e["late_by_ms"] == pytest.approx(2000.0) for e in late)
 
 
+def _branch_c_behind_a_gate(tmp_path: Path, condition: str, when_true: str) -> dict[str, Any]:
+    """fork_pipeline whose branch c (``c_in``) first meets gate ``c_gate``: ``when_true`` if ``condition``, else on."""
+    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"))
+    pipeline["gates"][0]["fork_to"] = ["a", "b", "c_in"]
+    pipeline["coalesce"][0]["branches"] = {"a": "out_a", "b": "out_b", "c_in": "out_c"}
+    pipeline["gates"].append({"name": "c_gate", "input": "c_in", "condition": condition,
+                              "routes": {"true": when_true, "false": "c"}})
+    return pipeline
+
+
 def test_a_branch_row_a_sink_refuses_is_a_lost_branch(tmp_path: Path) -> None:
     """Branch c sends all but the garden row to a CSV sink; the toys row gains a field on the way, so the sink
     (its header fixed by the books row before it) refuses it. The coalesce learns at once that c will not come
     from that row; it used to wait until end of source and then end the run failed."""
     (tmp_path / "mark.py").write_text("def mark(row):\n    return {**row, 'extra': 1} if row['category'] == 'toys' "
                                       "else row\n")
-    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"))
-    pipeline["gates"][0]["fork_to"] = ["a", "b", "c_in"]
-    pipeline["coalesce"][0]["branches"] = {"a": "out_a", "b": "out_b", "c_in": "out_c"}
-    pipeline["gates"].append({"name": "c_gate", "input": "c_in", "condition": "row['category'] != 'garden'",
-                              "routes": {"true": "c_side", "false": "c"}})
+    pipeline = _branch_c_behind_a_gate(tmp_path, "row['category'] != 'garden'", "c_side")
     pipeline["transforms"].append({"name": "c_mark", "plugin": "python", "input": "c_side", "on_success": "refusing",
                                    "options": {"function": f"{tmp_path / 'mark.py'}:mark"}})
     pipeline["sinks"]["refusing"] = {"plugin": "csv", "options": {"path": str(tmp_path / "refused.csv")}}
@@ -326,11 +332,7 @@ def test_a_join_still_pending_at_end_of_source_fails_without_failing_the_run(
 
 def test_a_gate_in_a_branch_that_routes_to_a_sink_loses_the_branch(tmp_path: Path) -> None:
     """Branch c's gate sends the toys row straight to a sink: routed there, and lost to the coalesce at once."""
-    pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"))
-    pipeline["gates"][0]["fork_to"] = ["a", "b", "c_in"]
-    pipeline["coalesce"][0]["branches"] = {"a": "out_a", "b": "out_b", "c_in": "out_c"}
-    pipeline["gates"].append({"name": "c_gate", "input": "c_in", "condition": "row['category'] == 'toys'",
-                              "routes": {"true": "side", "false": "c"}})
+    pipeline = _branch_c_behind_a_gate(tmp_path, "row['category'] == 'toys'", "side")
     pipeline["sinks"]["side"] = {"plugin": "jsonl", "options": {"path": str(tmp_path / "side.jsonl")}}
     trail = run_in_memory(pipeline)
     assert trail.result.status == "completed", trail.result.error
