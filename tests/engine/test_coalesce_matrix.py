@@ -255,6 +255,15 @@ def test_a_timeout_due_before_a_late_processed_arrival_decides_first(tmp_path: P
     assert len(late) == len(decisions) and all(e["late_branch"] == "c" and e["late_by_ms"] > 0 for e in late)
 
 
+def _completed_run(pipeline: dict[str, Any]) -> tuple[Trail, dict[int, dict[str, Any]]]:
+    """Run in memory; the run completed with one terminal outcome per token; its decisions by source row index."""
+    trail = run_in_memory(pipeline)
+    assert trail.result.status == "completed", trail.result.error
+    assert_one_terminal_outcome_per_token(trail)
+    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
+    return trail, {rows[e["row_id"]]: e for e in trail.rows("coalesce_events") if e["event_type"] != "late_arrival"}
+
+
 def test_a_join_opened_by_a_loss_times_out_from_the_loss(tmp_path: Path) -> None:
     """ELSPETH opens the pending join on a loss too: its timeout runs from then, not from a later arrival.
 
@@ -263,11 +272,7 @@ def test_a_join_opened_by_a_loss_times_out_from_the_loss(tmp_path: Path) -> None
     """
     pipeline = fork_pipeline(write_csv(tmp_path / "input.csv"), policy="best_effort", timeout_seconds=1.0,
                              lose_c_for="toys", slow={"a": 3000, "b": 3000})
-    trail = run_in_memory(pipeline)
-    assert trail.result.status == "completed"
-    assert_one_terminal_outcome_per_token(trail)
-    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
-    decisions = {rows[e["row_id"]]: e for e in trail.rows("coalesce_events") if e["event_type"] != "late_arrival"}
+    trail, decisions = _completed_run(pipeline)
     toys = decisions[TOYS]
     assert (toys["event_type"], toys["trigger"], toys["failure_reason"]) == (
         "failed", "timeout", "best_effort_timeout_no_arrivals")
@@ -302,11 +307,7 @@ def test_a_branch_row_a_sink_refuses_is_a_lost_branch(tmp_path: Path) -> None:
     pipeline["transforms"].append({"name": "c_mark", "plugin": "python", "input": "c_side", "on_success": "refusing",
                                    "options": {"function": f"{tmp_path / 'mark.py'}:mark"}})
     pipeline["sinks"]["refusing"] = {"plugin": "csv", "options": {"path": str(tmp_path / "refused.csv")}}
-    trail = run_in_memory(pipeline)
-    assert trail.result.status == "completed", trail.result.error
-    assert_one_terminal_outcome_per_token(trail)
-    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
-    decisions = {rows[e["row_id"]]: e for e in trail.rows("coalesce_events")}
+    _, decisions = _completed_run(pipeline)
     assert {i: (e["event_type"], e["trigger"], e["lost_reasons"]) for i, e in decisions.items()} == {
         0: ("failed", "branch_lost", ["routed_to_sink"]), TOYS: ("failed", "branch_lost", ["sink_write_failed"]),
         2: ("failed", "branch_lost", ["routed_to_sink"]), 3: ("merged", "all_arrived", [])}
@@ -321,11 +322,9 @@ def test_a_join_still_pending_at_end_of_source_fails_without_failing_the_run(
     from elspeth_nb.engine.tokens import EngineContext
 
     monkeypatch.setattr(EngineContext, "lose", lambda self, token, reason, at: None)  # the loss goes unheard
-    trail = run_in_memory(fork_pipeline(write_csv(tmp_path / "input.csv"), lose_c_for="toys"))
-    assert trail.result.status == "completed", trail.result.error
-    assert_one_terminal_outcome_per_token(trail)
-    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
-    [toys] = [e for e in trail.rows("coalesce_events") if rows[e["row_id"]] == TOYS]
+    trail, decisions = _completed_run(fork_pipeline(write_csv(tmp_path / "input.csv"), lose_c_for="toys"))
+    toys = decisions[TOYS]
+    assert len([e for e in trail.rows("coalesce_events") if e["row_id"] == toys["row_id"]]) == 1
     assert (toys["event_type"], toys["trigger"], toys["failure_reason"]) == (
         "failed", "end_of_source", "incomplete_branches")
 
@@ -334,11 +333,7 @@ def test_a_gate_in_a_branch_that_routes_to_a_sink_loses_the_branch(tmp_path: Pat
     """Branch c's gate sends the toys row straight to a sink: routed there, and lost to the coalesce at once."""
     pipeline = _branch_c_behind_a_gate(tmp_path, "row['category'] == 'toys'", "side")
     pipeline["sinks"]["side"] = {"plugin": "jsonl", "options": {"path": str(tmp_path / "side.jsonl")}}
-    trail = run_in_memory(pipeline)
-    assert trail.result.status == "completed", trail.result.error
-    assert_one_terminal_outcome_per_token(trail)
-    rows = {r["row_id"]: r["row_index"] for r in trail.rows("rows")}
-    decisions = {rows[e["row_id"]]: e for e in trail.rows("coalesce_events")}
+    trail, decisions = _completed_run(pipeline)
     assert (decisions[TOYS]["event_type"], decisions[TOYS]["lost_reasons"]) == ("failed", ["gate_routed_to_sink"])
     routed = [o for o in trail.rows("token_outcomes") if o["sink_name"] == "side"]
     assert [o["outcome"] for o in routed] == ["routed"]
