@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -29,6 +30,7 @@ from elspeth_nb.audit.importers.elspeth import (
     read_landscape,
     verify_landscape,
 )
+from elspeth_nb.audit.importers.elspeth._sqlite import LANDSCAPE_TABLES
 from elspeth_nb.audit.schema import TABLES
 from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.errors import AuditStoreError, RunNotFoundError, SchemaVersionError
@@ -726,9 +728,9 @@ def test_reading_never_writes(tmp_path: Path) -> None:
 
 
 # -- the benchmark's generator ---------------------------------------------------------------------
-def _bench_module() -> Any:
-    path = Path(__file__).resolve().parents[2] / "bench" / "import_throughput.py"
-    spec = importlib.util.spec_from_file_location("import_throughput", path)
+def _bench_module(name: str = "import_throughput") -> Any:
+    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -749,6 +751,28 @@ def test_bench_replication_keeps_foreign_keys(tmp_path: Path) -> None:
     for token in rows_of(imported, "tokens"):
         if token["token_id"] in first_states:
             assert first_states[token["token_id"]]["input_hash"] == rows[token["row_id"]]["source_data_hash"]
+
+
+def test_import_floor_times_each_piece_on_everything_an_import_touches(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    floor = _bench_module("import_floor")
+    figures = floor.measure(300, 1, tmp_path)
+    db, payloads = _bench_module().build_landscape(300, sample=QUORUM, stores=tmp_path)
+    with sqlite3.connect(db) as con:
+        records = sum(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in LANDSCAPE_TABLES)
+    counted = [count for _, _, count in figures.values()]
+    imported = read_landscape(db, payloads=payloads)
+    assert counted[0] == records  # every record of every table read
+    assert counted[1] == 300  # every source row's payload file matched its ref
+    assert counted[2] > 0 and all(cpu > 0 for _, cpu, _ in figures.values())
+    written = int(list(figures)[2].split()[1].replace(",", ""))  # "write N records as Parquet"
+    assert written >= sum(t.num_rows for t in imported.tables.values())  # every imported record, plus digests
+    monkeypatch.setattr(floor, "measure", lambda rows, repeat, stores: figures)
+    assert floor.main(["--rows", "300", "--repeat", "1", "--stores", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    total_cpu = sum(cpu for _, cpu, _ in figures.values())
+    assert f"{300 / (total_cpu / (os.cpu_count() or 1)):,.0f} source rows/s" in out
+    assert "rerun: .venv/bin/python bench/import_floor.py --rows 300" in out
 
 
 def test_stdlib_sqlite3_fallback_reads_the_same_tables(monkeypatch: pytest.MonkeyPatch) -> None:
