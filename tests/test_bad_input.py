@@ -758,21 +758,45 @@ def _recorded_transform_error(ctx: Ctx, result: RunResult) -> None:
 
 
 def _recorded_failed_run(in_flight: int) -> Callable[[Ctx, RunFailedError], None]:
-    """The run is stored failed, and its ``in_flight`` tokens ended failed, saying why: check() passes."""
+    """The run is stored failed, and its ``in_flight`` tokens ended failed, saying why: check() passes.
+
+    With two in flight, branch a was held at the coalesce while b failed: a's state there shows it
+    arrived, how long it waited and what its join held.
+    """
     def then(ctx: Ctx, error: RunFailedError) -> None:
         assert error.result.status == "failed"
         with open_audit(ctx.store) as audit:
             params = {"run": error.result.run_id}
             [(status, message)] = audit.sql("SELECT status, error_message FROM runs WHERE run_id = $run",
                                             params).rows()
-            ended = audit.sql("SELECT o.outcome, o.context_json, t.branch_name FROM token_outcomes o JOIN tokens t "
-                              "USING (run_id, token_id) WHERE run_id = $run AND o.context_json LIKE '%run_failed%' "
-                              "ORDER BY t.branch_name", params).rows()
+            ended = audit.sql("SELECT o.outcome, o.context_json, t.branch_name, o.token_id FROM token_outcomes o "
+                              "JOIN tokens t USING (run_id, token_id) WHERE run_id = $run "
+                              "AND o.context_json LIKE '%run_failed%' ORDER BY t.branch_name", params).rows()
+            held_states = audit.sql(
+                "SELECT s.token_id, s.status, s.context_after_json, s.error_json, s.started_at, s.completed_at, "
+                "s.duration_ms FROM node_states s JOIN nodes n ON n.run_id = s.run_id AND n.node_id = s.node_id "
+                "WHERE s.run_id = $run AND n.node_type = 'coalesce'", params).rows()
             assert audit.check(error.result.run_id).ok
         assert status == "failed" and message == "SystemExit: 3"
-        assert [(o, json.loads(c)) for o, c, _ in ended] == [
-            ("failed", {"run_failed": {"error": "SystemExit: 3"}})] * in_flight
-        assert in_flight == 1 or [b for _, _, b in ended] == ["a", "b"]  # held at the coalesce; failing
+        assert [o for o, _, _, _ in ended] == ["failed"] * in_flight
+        contexts = [json.loads(c) for _, c, _, _ in ended]
+        assert all(c["run_failed"] == {"error": "SystemExit: 3"} for c in contexts)
+        if in_flight == 1:
+            assert contexts == [{"run_failed": {"error": "SystemExit: 3"}}] and held_states == []
+            return
+        assert [b for _, _, b, _ in ended] == ["a", "b"]
+        held, failing = contexts
+        assert failing == {"run_failed": {"error": "SystemExit: 3"}}  # b never reached the coalesce
+        [(token_id, state, state_context, error_json, started, completed, duration_ms)] = held_states
+        assert token_id == ended[0][3] and state == "failed" and json.loads(state_context) == held
+        assert held["held_at_coalesce"]["branches_arrived"] == ["a"]
+        assert held["held_at_coalesce"]["arrival_order"] == [
+            {"branch": "a", "token_id": token_id, "arrival_offset_ms": 0.0}]
+        assert held["held_at_coalesce"]["branches_lost"] == {}
+        assert held["held_at_coalesce"]["expected_branches"] == ["a", "b"]
+        assert json.loads(error_json)["failure_reason"] == "run_failed"
+        assert started <= completed
+        assert duration_ms == pytest.approx((completed - started).total_seconds() * 1000, abs=1)
 
     return then
 

@@ -182,6 +182,7 @@ class CoalesceExecutor(NodeExecutor):
             if value is not None:
                 self._settings[key] = json_number(value) if isinstance(value, float) else value
         self.merges = self.failures = self.late_arrivals = 0
+        ctx.coalesces.append(self)
 
     # -- events ----------------------------------------------------------------------------
     def receive(self, token: Token, branch: str) -> None:
@@ -255,6 +256,36 @@ class CoalesceExecutor(NodeExecutor):
         verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost),
                                  Trigger.END_OF_SOURCE)
         self._decide(rc, entry, verdict, self.ctx.now())  # type: ignore[arg-type]
+
+    def abandon_held(self, error: str, now: float) -> dict[int, str]:
+        """The run failed while rows' branches waited here: record each held token's state; token id -> context.
+
+        The state runs from the token's arrival to now and fails with ``run_failed``; its context (also the
+        token's outcome context) says what the join held: branches arrived and when, branches lost, wait so far.
+        """
+        ctx, contexts = self.ctx, {}
+        for rc in list(ctx.open_rows):
+            entry = rc.joins.get(self.name)
+            if not isinstance(entry, PendingJoin) or not entry.arrivals:
+                continue
+            if entry.timer is not None:
+                entry.timer.cancelled = True
+            first, waited_ms = entry.first_at, (now - entry.opened_at) * 1000.0
+            held = {"coalesce": self.name, **self._settings, "expected_branches": self.branches,
+                    "branches_arrived": entry.arrived(),
+                    "arrival_order": [{"branch": b, "token_id": ctx.text("token", t.id),
+                                       "arrival_offset_ms": (at - first) * 1000.0}  # type: ignore[operator]
+                                      for b, t, at in entry.arrivals],
+                    "branches_lost": entry.lost, "waited_ms": waited_ms}
+            context_json = canonical_json({"run_failed": {"error": error}, "held_at_coalesce": held})
+            error_json = canonical_json({"failure_reason": "run_failed", "error": error, "coalesce": self.name,
+                                         "waited_ms": waited_ms})
+            for _, token, arrived_at in entry.arrivals:
+                ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.FAILED,
+                                    token.hash, None, None, context_json, (now - arrived_at) * 1000.0, error_json,
+                                    None, arrived_at, now)
+                contexts[token.id] = context_json
+        return contexts
 
     # -- decisions --------------------------------------------------------------------------
     def _decide(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, now: float) -> None:

@@ -87,6 +87,8 @@ class EngineContext:
         self.timers: list[tuple[float, int, Timer]] = []
         self._timer_seq = itertools.count()
         self.open_rows: set[RowContext] = set()
+        #: coalesces of the run, so a failing run can record the tokens they hold (see ``abandon``)
+        self.coalesces: list[CoalesceExecutor] = []
         #: tokens without a terminal outcome yet, by id: a failing run ends them (see ``abandon``)
         self.live_tokens: dict[int, Token] = {}
         self.outcome_counts: dict[str, int] = {}
@@ -137,15 +139,19 @@ class EngineContext:
         """End every token still in flight as ``failed`` because the run failed with ``error``; returns how many.
 
         Held at a coalesce, waiting on a call or queued: each gets its one terminal outcome, whose context
-        says the run failed and why, so a failed run's trail accounts for every token it created.
+        says the run failed and why, so a failed run's trail accounts for every token it created. A token
+        held at a coalesce also gets its state there, which shows when it arrived and what its join held.
         """
         if not self.live_tokens:
             return 0
         now, context = self.now(), canonical_json({"run_failed": {"error": error}})
+        held: dict[int, str] = {}
+        for coalesce in self.coalesces:
+            held.update(coalesce.abandon_held(error, now))
         grouping = error_hash("run_failed")
         abandoned = list(self.live_tokens.values())
         for token in abandoned:
-            self.finish(token, Outcome.FAILED, now, error_hash=grouping, context_json=context)
+            self.finish(token, Outcome.FAILED, now, error_hash=grouping, context_json=held.get(token.id, context))
         return len(abandoned)
 
     def lose(self, token: Token, reason: dict[str, Any], at: float) -> None:
