@@ -13,6 +13,7 @@ The class body is a table of contents; each helper lives in the module of its to
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,8 +99,15 @@ class Audit:
 
     @property
     def import_problems(self) -> list[str]:
-        """Non-fatal findings of the ELSPETH importer (empty for our own stores)."""
-        return list(self._database.import_problems)
+        """What the ELSPETH importer worked around or left out (purged payloads, unreadable configs, ...).
+
+        Kept with each imported run (``runs.import_problems_json``), so a store still shows them long
+        after the import; empty for our own runs.
+        """
+        kept = self._db.con.execute("SELECT import_problems_json FROM runs WHERE import_problems_json IS NOT NULL "
+                                    "ORDER BY run_id").fetchall()
+        found = [*self._database.import_problems, *(p for (text,) in kept for p in json.loads(text))]
+        return list(dict.fromkeys(found))
 
     def refresh(self) -> None:
         """Re-create the views and re-read run liveness: picks up new runs, tables and columns.
@@ -151,24 +159,30 @@ class Audit:
     def _closed_title(self) -> str:
         return f"Audit ({self.kind}) {self.path}: closed"
 
-    def _problems_note(self) -> str:
-        return f"{len(self.problems)} segment(s) cannot be read and are left out:" if self.problems else ""
+    def _notes(self) -> list[tuple[str, list[str]]]:
+        """(heading, lines) for what the reader should know about this trail: unreadable segments, import findings."""
+        notes = []
+        if self.problems:
+            notes.append((f"{len(self.problems)} segment(s) cannot be read and are left out:", self.problems))
+        if imported := self.import_problems:
+            notes.append((f"{len(imported)} finding(s) of the ELSPETH import:", imported))
+        return notes
 
     def __repr__(self) -> str:
         if self.closed:
             return self._closed_title()
         title, runs = self._listing()
         lines = [title, text_table(runs, indent="  ")] if runs.height else [title]
-        if self.problems:
-            lines += [self._problems_note(), *(f"  {problem}" for problem in self.problems)]
+        for heading, found in self._notes():
+            lines += [heading, *(f"  {line}" for line in found)]
         return "\n".join(lines)
 
     def to_html(self) -> str:
         if self.closed:
             return html_block(self._closed_title())
         title, runs = self._listing()
-        problems = html_table(pl.DataFrame({"problem": self.problems}), self._problems_note()) if self.problems else ""
-        return html_block(title, html_table(runs), problems)
+        notes = [html_table(pl.DataFrame({"problem": found}), heading) for heading, found in self._notes()]
+        return html_block(title, html_table(runs), *notes)
 
     def _repr_html_(self) -> str:
         return self.to_html()

@@ -282,12 +282,12 @@ class Recorder:
              schema_contract_hash: str | None = None, revision: int = 0, schema_version: int = 1,
              producer: str | None = None, pipeline_path: str | None = None, payload_mode: str | None = None,
              counts_json: str | None = None, error_message: str | None = None,
-             merkle_root: str | None = None) -> None:
+             merkle_root: str | None = None, import_problems_json: str | None = None) -> None:
         self._add("runs", started_at, completed_at, config_hash, settings_json, reproducibility_grade,
                   canonical_version, source_schema_json, source_field_resolution_json, status, export_status,
                   export_error, exported_at, export_format, export_sink, schema_contract_json, schema_contract_hash,
                   revision, schema_version, producer, pipeline_path, payload_mode, counts_json, error_message,
-                  merkle_root)
+                  merkle_root, import_problems_json)
 
     def nodes(self, node_id: str, plugin_name: str, node_type: str, plugin_version: str, determinism: str,
               config_hash: str, config_json: str, schema_hash: str | None, sequence_in_pipeline: int | None,

@@ -74,6 +74,7 @@ RUNS = _table(
     # ours
     ("revision", _I32), ("schema_version", _I32), ("producer", _S), ("pipeline_path", _S),
     ("payload_mode", _S), ("counts_json", _S), ("error_message", _S), ("merkle_root", _S),
+    ("import_problems_json", _S),
 )
 
 NODES = _table(

@@ -634,6 +634,34 @@ def test_reimporting_without_payloads_says_it_drops_them(tmp_path: Path) -> None
     assert again.problems[0].startswith(f"run {run_id}: re-imported without payloads, so the 104 payload(s)")
 
 
+def test_the_store_keeps_the_findings_of_the_import_that_wrote_each_run(tmp_path: Path) -> None:
+    """Once the import report is gone, the store still says what the import worked around; a re-import replaces it."""
+    from elspeth_nb.analysis import open_audit
+
+    db = copy_sample(QUORUM, tmp_path)
+    [(purged,)] = sql(db, "SELECT source_data_ref FROM rows ORDER BY row_index LIMIT 1")
+    saved = (db.parent / "payloads" / purged[:2] / purged).read_bytes()
+    (db.parent / "payloads" / purged[:2] / purged).unlink()
+    audit_dir = tmp_path / "audit"
+    report = import_into_store(db, audit_dir, payloads=db.parent / "payloads")
+    assert len(report.problems) == 1 and purged in report.problems[0]
+    for parquet_only in (False, True):
+        if parquet_only:
+            (audit_dir / "audit.duckdb").unlink()
+        with open_audit(audit_dir) as audit:
+            assert audit.import_problems == report.problems
+            [(kept,)] = audit.sql("SELECT import_problems_json FROM runs").rows()
+            assert json.loads(kept) == report.problems
+            assert f"1 finding(s) of the ELSPETH import:\n  {report.problems[0]}" in repr(audit)
+            assert "finding(s) of the ELSPETH import" in audit._repr_html_()
+    (db.parent / "payloads" / purged[:2] / purged).write_bytes(saved)
+    import_into_store(db, audit_dir, payloads=db.parent / "payloads")
+    with open_audit(audit_dir) as audit:
+        assert audit.import_problems == [] and "finding" not in repr(audit)
+    with open_audit(db, payloads=db.parent / "payloads") as landscape:  # opened directly: the same list
+        assert landscape.import_problems == []
+
+
 def test_import_is_deterministic() -> None:
     a = read_landscape(QUORUM / "audit.db", payloads=QUORUM / "payloads")
     b = read_landscape(QUORUM / "audit.db", payloads=QUORUM / "payloads")

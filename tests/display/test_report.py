@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import sqlite3
 from pathlib import Path
 
 import nbformat
@@ -114,12 +116,18 @@ def test_an_empty_run_renders_and_markup_in_its_path_stays_text(tmp_path: Path) 
 @pytest.mark.slow
 def test_the_report_of_a_landscape_reads_its_payload_folder(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    sample = Path(__file__).resolve().parents[1] / "data" / "elspeth" / "quorum2_nested_timeout5_lossy"
+    """The lineage shows stored source rows; a purged payload is listed as a finding of the import."""
+    original = Path(__file__).resolve().parents[1] / "data" / "elspeth" / "quorum2_nested_timeout5_lossy"
+    sample = Path(shutil.copytree(original, tmp_path / "sample"))
+    with sqlite3.connect(sample / "audit.db") as con:
+        [(last_ref,)] = con.execute("SELECT source_data_ref FROM rows ORDER BY row_index DESC LIMIT 1").fetchall()
+    (sample / "payloads" / last_ref[:2] / last_ref).unlink()
     output = tmp_path / "landscape.html"
     assert main(["report", "--audit", str(sample / "audit.db"), "--payloads", str(sample / "payloads"),
                  "-o", str(output)]) == 0
     page = output.read_text()
     assert "payloads: source" in page and "item-0000001" in page  # the source row itself, read from its payload
+    assert "Findings of the ELSPETH import:" in page and f"payload {last_ref} is purged or missing" in page
     with enb.open_audit(sample / "audit.db", payloads=sample / "payloads") as audit:  # an opened Audit: its own
         from elspeth_nb.report import _resolve
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -73,6 +74,12 @@ def replace(table: pa.Table, name: str, values: pa.ChunkedArray | pa.Array) -> p
 def constant(table: pa.Table, value: object, type_: pa.DataType) -> pa.Array:
     """A column of ``value`` as long as ``table``."""
     return pa.array([value] * table.num_rows, type_) if value is not None else pa.nulls(table.num_rows, type_)
+
+
+def with_import_problems(runs: pa.Table, problems: list[str]) -> pa.Table:
+    """``runs`` carrying the import's findings (a JSON list; NULL when there were none), kept with each run."""
+    text = json.dumps(problems, ensure_ascii=False) if problems else None
+    return replace(runs, "import_problems_json", constant(runs, text, pa.string()))
 
 
 def conform(table: pa.Table, name: str) -> pa.Table:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from elspeth_nb.audit.importers.elspeth import _derive, _sqlite
+from elspeth_nb.audit.importers.elspeth._arrow import with_import_problems
 from elspeth_nb.audit.importers.elspeth._model import LandscapeImport
 from elspeth_nb.audit.importers.elspeth._payloads import MISMATCH, payload_table, read_refs, used_refs
 from elspeth_nb.audit.importers.elspeth._payloads import payload_problems as payload_problems_of
@@ -57,8 +58,9 @@ def read_landscape(
     timings["total_s"] = time.perf_counter() - started
     ordered = {name: tables[name] if name in tables else TABLES[name].schema.empty_table() for name in TABLES}
     payload_problems = payload_problems_of(payload_dir, issues) if payload_dir is not None else []
-    return LandscapeImport(ordered, selected, problems + derive_problems + payload_problems, db.resolve(),
-                           payload_dir, issues, timings)
+    problems += derive_problems + payload_problems
+    ordered["runs"] = with_import_problems(ordered["runs"], problems)
+    return LandscapeImport(ordered, selected, problems, db.resolve(), payload_dir, issues, timings)
 
 
 def _derive_with_payloads(db: Path, raw: dict[str, pa.Table], payload_dir: Path | None

@@ -27,7 +27,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Our own columns appended to Landscape tables; everything else is read from ELSPETH.
 OUR_COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": ("revision", "schema_version", "producer", "pipeline_path", "payload_mode", "counts_json",
-             "error_message", "merkle_root"),
+             "error_message", "merkle_root", "import_problems_json"),
     "nodes": ("node_name",),
     "token_parents": (PARTITION_COLUMN,),
     "routing_events": (PARTITION_COLUMN,),

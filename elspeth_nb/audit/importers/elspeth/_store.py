@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from elspeth_nb.audit.importers.elspeth._arrow import with_import_problems
 from elspeth_nb.audit.importers.elspeth._model import ImportReport, LandscapeImport
 from elspeth_nb.audit.importers.elspeth._read import read_landscape
 from elspeth_nb.audit.integrity import run_root
@@ -59,11 +60,12 @@ def import_into_store(
     with store.importing():
         recover_staging(store)
         for run_id in imported.run_ids:
-            problems += _payloads_dropped(store, imported, run_id)
+            dropped = _payloads_dropped(store, imported, run_id)
+            problems += dropped
             store.mark_pending(run_id)  # a re-import: from the swap on, audit.duckdb's rows of the run are stale
             try:
                 with store.writing(run_id):
-                    _replace_run(store, imported, run_id)
+                    _replace_run(store, imported, run_id, [*imported.problems, *dropped])
             except BlockingIOError as exc:
                 raise AuditStoreError(f"run {run_id} is being written to {store.root} by another process; "
                                       "import it again when that process has finished") from exc
@@ -90,8 +92,12 @@ def _payloads_dropped(store: AuditStore, imported: LandscapeImport, run_id: str)
             "replaced by hashes only; import again with --payloads to keep them"]
 
 
-def _replace_run(store: AuditStore, imported: LandscapeImport, run_id: str) -> None:
-    """Stage the run's segments, mark them complete, then swap every table's partition."""
+def _replace_run(store: AuditStore, imported: LandscapeImport, run_id: str, problems: list[str]) -> None:
+    """Stage the run's segments, mark them complete, then swap every table's partition.
+
+    The run's row keeps ``problems``, the import's findings, so the store still shows them once the
+    import report is gone.
+    """
     staging = store.root / STAGING / f"{run_id}.{uuid.uuid4().hex[:12]}"
     batches = {name: _run_rows(imported.tables[name], run_id) for name in TABLES}
     staged = [name for name in TABLES if batches[name].num_rows or name == "segment_digests"]
@@ -99,7 +105,7 @@ def _replace_run(store: AuditStore, imported: LandscapeImport, run_id: str) -> N
     with ThreadPoolExecutor(max_workers=2) as pool:  # pyarrow writes Parquet without the GIL
         list(pool.map(lambda lane: _write(staging, run_id, lane[1], batches, f"t{lane[0]}-"),
                       enumerate((by_size[0::2], by_size[1::2]))))
-    _write_runs_with_root(staging, run_id, batches["runs"])
+    _write_runs_with_root(staging, run_id, with_import_problems(batches["runs"], problems))
     marker = staging / f".{READY}.tmp"
     marker.write_text(json.dumps({"run_id": run_id, "staged": staged}))
     os.replace(marker, staging / READY)
