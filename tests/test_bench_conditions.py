@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,3 +49,17 @@ def test_steal_is_a_share_of_machine_time(tmp_path: Path, monkeypatch: pytest.Mo
     assert conditions.shares().startswith("CPU steal 15%, other processes ")
     stat.unlink()
     assert machine.Conditions().start().stop().steal_pct is None  # no /proc/stat: unknown, not 0
+
+
+@pytest.mark.slow
+def test_engine_floor_prints_each_stage_of_the_trail_in_order(tmp_path: Path) -> None:
+    """Four stages, each measured on the real pipeline; the full trail costs more than none (fixed costs blur the
+    middle stages at this size)."""
+    out = subprocess.run([sys.executable, str(BENCH / "engine_floor.py"), "--rows", "2000", "--repeat", "1",
+                          "--work", str(tmp_path)], check=True, capture_output=True, text=True).stdout
+    stages = {line[:12].strip(): int(line[12:24]) for line in out.splitlines()
+              if line[:12].strip() in ("no trail", "buffered", "in Arrow", "full trail")}
+    assert list(stages) == ["no trail", "buffered", "in Arrow", "full trail"]
+    assert all(cost > 0 for cost in stages.values()) and stages["no trail"] < stages["full trail"]
+    assert (tmp_path / "floor_2000" / "output.jsonl").read_text().count("\n") == 2000  # the pipeline really ran
+    assert "rerun: .venv/bin/python bench/engine_floor.py --rows 2000 --repeat 1" in out
