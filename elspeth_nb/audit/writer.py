@@ -13,6 +13,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -128,14 +129,14 @@ class ParquetSegmentWriter:
         ], schema=SEGMENT_DIGESTS.file_schema)
         self.write_segment(SEGMENT_DIGESTS, run_id, batch)
 
-    def adopt(self, run_id: str, prefixes: Sequence[str], listed: set[tuple[str, str]]) -> dict[str, int]:
-        """Digest the segments of ``run_id`` that writers which died left on disk: records per table adopted.
+    def adopt(self, run_id: str, prefixes: Sequence[str], listed: set[tuple[str, str]]) -> Adopted:
+        """Digest the segments of ``run_id`` that writers which died left on disk, and count what they hold.
 
         A segment file is complete once renamed into place, but its writer's digests died with it: these
         segments (``part-<prefix>...``, not in ``listed``) join the digests written next, so the run's Merkle
-        root covers every record on disk.
+        root covers every record on disk, and the run's counts include their outcomes and decisions.
         """
-        adopted: dict[str, int] = defaultdict(int)
+        adopted = Adopted()
         for name in DIGESTED_TABLES:
             directory = partition_dir(self.parquet_root, name, run_id)
             if not directory.is_dir():
@@ -150,8 +151,8 @@ class ParquetSegmentWriter:
                 self._digests[run_id].append((name, path.name, records.num_rows, hashlib.sha256(data).hexdigest(),
                                               packed, time.time()))
                 self._digest_bytes[run_id] += len(packed)
-                adopted[name] += records.num_rows
-        return dict(adopted)
+                adopted.count(name, records)
+        return adopted
 
     def close(self) -> None:
         for run_id in list(self._digests):
@@ -159,6 +160,27 @@ class ParquetSegmentWriter:
         if self.fsync:
             for table, run_id in self._next_part:
                 _fsync_dir(partition_dir(self.parquet_root, table, run_id))
+
+
+@dataclass
+class Adopted:
+    """What the adopted segments of dead writers hold: records per table, outcomes, decisions per coalesce."""
+
+    records: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    outcomes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    decisions: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+
+    def count(self, table: str, records: pa.Table) -> None:
+        self.records[table] += records.num_rows
+        if table == "token_outcomes":
+            counted = records.group_by("outcome").aggregate([("outcome", "count")])
+            for outcome, n in zip(*counted.select(["outcome", "outcome_count"]).to_pydict().values(), strict=True):
+                self.outcomes[outcome] += n
+        elif table == "coalesce_events":
+            counted = records.group_by(["coalesce_name", "event_type"]).aggregate([("event_type", "count")])
+            columns = counted.select(["coalesce_name", "event_type", "event_type_count"]).to_pydict().values()
+            for name, event_type, n in zip(*columns, strict=True):
+                self.decisions[name][event_type] += n
 
 
 class MemoryWriter:

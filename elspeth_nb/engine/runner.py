@@ -25,9 +25,9 @@ from elspeth_nb._version import __version__
 from elspeth_nb.audit.hashing import canonical_json, stable_hash
 from elspeth_nb.audit.integrity import run_root
 from elspeth_nb.audit.recorder import Recorder
-from elspeth_nb.audit.schema import CANONICAL_VERSION, SCHEMA_VERSION, RunStatus
+from elspeth_nb.audit.schema import CANONICAL_VERSION, SCHEMA_VERSION, CoalesceEventType, RunStatus
 from elspeth_nb.audit.store import AuditStore, check_duckdb_update, mark_interrupted
-from elspeth_nb.audit.writer import ParquetSegmentWriter, SegmentWriter
+from elspeth_nb.audit.writer import Adopted, ParquetSegmentWriter, SegmentWriter
 from elspeth_nb.engine.clock import Clock, SystemClock
 from elspeth_nb.engine.dag import Pipeline, load_pipeline
 from elspeth_nb.engine.plugins import build_sink, build_source, build_transform
@@ -346,12 +346,13 @@ class Engine:
                            artifact.content_hash, None, None)
         stats = outcome.stats
         adopted = self._adopt_lost_segments(rec, outcome)
-        stats.rows += adopted.get("rows", 0)
+        _count_adopted(outcome, adopted)
         started, ended = stats.source_started or now, stats.source_ended or now
         rec.operations(ctx.new_operation_id(), self.graph.nodes[0].node_id, "source_load", started, ended,
                        "completed" if outcome.status == RunStatus.COMPLETED else "failed",
                        self.source.path.resolve().as_uri(), None, None, None, outcome.error, (ended - started) * 1000.0)
-        records = {t: n + outcome.records.get(t, 0) + adopted.get(t, 0) for t, n in rec.pending_counts().items()}
+        records = {t: n + outcome.records.get(t, 0) + adopted.records.get(t, 0)
+                   for t, n in rec.pending_counts().items()}
         counts = {"rows": stats.rows, "quarantined": stats.quarantined,
                   "outcomes": dict(sorted(outcome.outcome_counts.items())), "coalesce": stats.coalesce,
                   "records": records, "workers": self.workers}
@@ -361,10 +362,10 @@ class Engine:
         rec.close()
         return records
 
-    def _adopt_lost_segments(self, rec: Recorder, outcome: RunOutcome) -> dict[str, int]:
-        """Digest what the workers that died left on disk (records per table), so the run's root covers it."""
+    def _adopt_lost_segments(self, rec: Recorder, outcome: RunOutcome) -> Adopted:
+        """Digest what the workers that died left on disk, so the run's root and counts cover it."""
         if not outcome.lost_workers or not isinstance(rec.writer, ParquetSegmentWriter):
-            return {}
+            return Adopted()
         listed = {(d.table_name, d.part_file) for d in self.store.segment_digests(self.run_id)}
         return rec.writer.adopt(self.run_id, [f"w{i}-" for i in outcome.lost_workers], listed)
 
@@ -375,6 +376,19 @@ class Engine:
             return None
         rec.writer.write_digests(self.run_id)
         return run_root(self.store.segment_digests(self.run_id))
+
+
+def _count_adopted(outcome: RunOutcome, adopted: Adopted) -> None:
+    """Add the rows, outcomes and decisions in dead workers' segments to the run's counts."""
+    stats = outcome.stats
+    stats.rows += adopted.records.get("rows", 0)
+    for name, n in adopted.outcomes.items():
+        outcome.outcome_counts[name] = outcome.outcome_counts.get(name, 0) + n
+    for coalesce, events in adopted.decisions.items():
+        decided = stats.coalesce.setdefault(coalesce, {"merged": 0, "failed": 0, "late_arrivals": 0})
+        for event_type, n in events.items():
+            key = "late_arrivals" if event_type == CoalesceEventType.LATE_ARRIVAL else event_type
+            decided[key] = decided.get(key, 0) + n
 
 
 def abandon_in_flight(ctx: EngineContext, error: str) -> None:

@@ -182,10 +182,20 @@ def test_a_worker_that_dies_leaves_an_interrupted_run_whose_root_covers_what_it_
     assert verified.mismatches.height == 0, verified.mismatches  # the dead worker's segments are in the root
     header = trail["header"]
     assert header["status"] == "interrupted" and header["artifacts"] == 0
-    assert json.loads(header["counts_json"])["rows"] == header["rows"]  # what worker 0 flushed counts too
+    counts = json.loads(header["counts_json"])
+    assert counts["rows"] == header["rows"]  # what worker 0 flushed counts too
     with open_audit(folder / "audit") as audit:
         adopted = audit.sql("SELECT count(*) AS n, sum(record_count) AS records FROM segment_digests "
                             "WHERE run_id = $run AND part_file LIKE 'part-w0-%'", {"run": result.run_id}).row(0)
+        params = {"run": result.run_id}
+        stored_outcomes = dict(audit.sql("SELECT outcome, count(*) FROM token_outcomes WHERE run_id = $run "
+                                         "GROUP BY outcome", params).rows())
+        stored_decisions = dict(audit.sql("SELECT event_type, count(*) FROM coalesce_events WHERE run_id = $run "
+                                          "GROUP BY event_type", params).rows())
+    assert counts["outcomes"] == stored_outcomes  # worker 0's flushed outcomes are counted, not only worker 1's
+    [decided] = counts["coalesce"].values()
+    assert {k: v for k, v in decided.items() if v} == {
+        "late_arrivals" if k == "late_arrival" else k: v for k, v in stored_decisions.items()}
     assert adopted[0] > 0 and adopted[1] > 0  # the dead worker's segments, digested by the parent
     assert not list(folder.glob(".output.jsonl.*"))  # parts joined into output.jsonl, not left behind
 
