@@ -57,8 +57,10 @@ def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None)
     digests = ordered(store.segment_digests(run_id))
     result = RunVerification(run_id, stored_root, None, expected_root, segments=len(digests))  # type: ignore[arg-type]
     if not digests:
-        result.findings.append(Finding("segment_digests", None, None, "no_digests",
-                                       "the run has no segment digests (it is still running or was interrupted)"))
+        why = ("its segment digests are gone, yet it was sealed with a Merkle root (removed or tampered with)"
+               if stored_root is not None
+               else "the run has no segment digests (it is still running or was interrupted)")
+        result.findings.append(Finding("segment_digests", None, None, "no_digests", why))
         return result
     fingerprint_lists = _stored_fingerprints(store, run_id)
     recomputed = []
@@ -72,7 +74,8 @@ def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None)
     result.computed_root = run_root(recomputed)
     if stored_root is not None and run_root(digests) != stored_root:
         result.findings.append(Finding("segment_digests", None, None, "digests_changed",
-                                       "the segment digests no longer give the run's stored Merkle root"))
+                                       "the segment digests no longer give runs.merkle_root: the digests or the "
+                                       "stored root were changed"))
     if expected_root is not None and result.computed_root != expected_root:
         result.findings.append(Finding("runs", None, None, "root_changed",
                                        f"the Merkle root is {result.computed_root}, not the expected {expected_root}"))

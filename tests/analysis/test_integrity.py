@@ -20,7 +20,7 @@ from elspeth_nb.audit.store import AuditStore
 from elspeth_nb.audit.writer import ParquetSegmentWriter
 from elspeth_nb.engine.clock import FakeClock
 from elspeth_nb.engine.runner import run_pipeline
-from elspeth_nb.errors import AuditStoreError
+from elspeth_nb.errors import AuditStoreError, AuditStoreWarning
 from tests.analysis import raw
 from tests.analysis.conftest import JITTER, Matrix
 from tests.cases import fork_pipeline, write_csv
@@ -269,6 +269,34 @@ def test_a_damaged_data_page_is_named_by_check_and_reported_by_verify(run: Run) 
     assert rows[0][:3] == ("segment_unreadable", "node_states", segment.name)
     assert rows[0][3].startswith(f"{segment} cannot be read (") and "; not verified: sink file " in rows[0][3]
     assert ("merkle_segment_added", "node_states", segment.name) in [r[:3] for r in rows]
+
+
+def test_a_segment_left_out_when_opened_stops_the_checks_that_read_its_table(run: Run) -> None:
+    """A truncated node_states segment used to make every line of the intact sink file a mismatch."""
+    [segment] = sorted((run.store / "parquet" / "node_states" / f"run_id={run.run_id}").glob("part-*.parquet"))[:1]
+    segment.write_bytes(segment.read_bytes()[: segment.stat().st_size // 2])
+    with pytest.warns(AuditStoreWarning, match=f"cannot be read: {segment}: "):
+        verified = open_audit(run.store).verify(run.run_id)
+    rows = verified.mismatches.select("check", "table", "record_id", "detail").rows()
+    assert not verified.ok and "artifact_line" not in {r[0] for r in rows}
+    assert rows[0][:3] == ("segment_unreadable", "node_states", segment.name)
+    assert rows[0][3].endswith("; it was left out of every table when the audit was opened; not verified: sink files")
+    assert verified.checked["source_rows"] > 0 and "artifacts" not in verified.checked  # the others still ran
+
+
+def test_verify_does_not_blame_a_live_run_or_only_the_digests_for_tampering(run: Run) -> None:
+    """A sealed run whose digests are gone is tampered with, not still running; a forged root may be either side."""
+    for segment in (run.store / "parquet" / "runs" / f"run_id={run.run_id}").glob("part-*.parquet"):
+        table = pq.read_table(segment, schema=TABLES["runs"].file_schema)
+        forged = table.set_column(table.schema.get_field_index("merkle_root"), "merkle_root",
+                                  pa.array(["ab" * 32] * table.num_rows, pa.string()))
+        pq.write_table(forged, segment, store_schema=False)
+    (run.store / "audit.duckdb").unlink(missing_ok=True)  # the helpers read the Parquet that was edited
+    details = {r["check"]: r["detail"] for r in open_audit(run.store).verify(run.run_id).mismatches.to_dicts()}
+    assert details["merkle_digests_changed"].endswith("the digests or the stored root were changed")
+    shutil.rmtree(run.store / "parquet" / "segment_digests" / f"run_id={run.run_id}")
+    details = {r["check"]: r["detail"] for r in open_audit(run.store).verify(run.run_id).mismatches.to_dicts()}
+    assert "gone, yet it was sealed with a Merkle root" in details["merkle_no_digests"]
 
 
 def test_verify_recomputes_payload_and_source_hashes(run: Run) -> None:
