@@ -12,13 +12,18 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from elspeth_nb.audit.schema import DIGESTED_TABLES, TABLES
+from elspeth_nb.audit.hashing import canonical_bytes
+from elspeth_nb.audit.schema import DIGESTED_TABLES, RUNS, TABLES
+
+#: The ``runs`` columns the run's own Merkle leaf covers: all but the root itself and the timestamps.
+RUN_ROW_ATTESTED = tuple(f.name for f in RUNS.file_schema
+                         if f.name != "merkle_root" and not pa.types.is_timestamp(f.type))
 
 _local = threading.local()
 
@@ -63,9 +68,26 @@ def unpack_fingerprints(packed: bytes) -> list[int]:
     return [int.from_bytes(packed[i:i + 8], "little", signed=True) for i in range(0, len(packed), 8)]
 
 
-def segment_leaf(table: str, part_file: str, record_count: int, file_sha256: str) -> bytes:
-    """The Merkle leaf of one segment: what it is, how many records, which bytes."""
-    return f"{table}\x00{part_file}\x00{record_count}\x00{file_sha256}".encode()
+def segment_leaf(table: str, part_file: str, record_count: int, file_sha256: str,
+                 fingerprints_sha256: str | None = None) -> bytes:
+    """The Merkle leaf of one segment: what it is, how many records, which bytes (and, since schema 2, which
+    record fingerprints: a forged fingerprint would otherwise name the wrong record as changed)."""
+    leaf = f"{table}\x00{part_file}\x00{record_count}\x00{file_sha256}"
+    return (leaf if fingerprints_sha256 is None else f"{leaf}\x00{fingerprints_sha256}").encode()
+
+
+#: Schema version from which a run's root covers its own ``runs`` row and its record fingerprints.
+ROOT_COVERS_RUN_ROW = 2
+
+
+def run_leaf(run_id: str, row: Mapping[str, Any]) -> bytes:
+    """The Merkle leaf of the run's own row: every column but the root itself and the times, canonical JSON.
+
+    Status, configuration, counts and errors are thus as tamper-evident as the records. Times are left out:
+    the row is written after the root, and its times are only known once converted to the stored form.
+    """
+    fields = {name: row.get(name) for name in RUN_ROW_ATTESTED}
+    return b"runs\x00" + canonical_bytes({"run_id": run_id, **fields})
 
 
 def merkle_root(leaves: Sequence[bytes]) -> str:
@@ -97,10 +119,12 @@ class SegmentDigest:
     part_file: str
     record_count: int
     file_sha256: str
+    fingerprints_sha256: str | None = None
 
     @property
     def leaf(self) -> bytes:
-        return segment_leaf(self.table_name, self.part_file, self.record_count, self.file_sha256)
+        return segment_leaf(self.table_name, self.part_file, self.record_count, self.file_sha256,
+                            self.fingerprints_sha256)
 
 
 def ordered(digests: Iterable[SegmentDigest]) -> list[SegmentDigest]:
@@ -109,12 +133,20 @@ def ordered(digests: Iterable[SegmentDigest]) -> list[SegmentDigest]:
     return sorted(digests, key=lambda d: (order.get(d.table_name, len(order)), d.part_file))
 
 
-def run_root(digests: Iterable[SegmentDigest]) -> str:
-    """The run's Merkle root over its segment digests."""
-    return merkle_root([d.leaf for d in ordered(digests)])
+def run_root(digests: Iterable[SegmentDigest], run: tuple[str, Mapping[str, Any]] | None = None) -> str:
+    """The run's Merkle root over its segment digests, and over its own row (``run``: id, row) from schema 2."""
+    leaves = [d.leaf for d in ordered(digests)]
+    if run is not None:
+        leaves.append(run_leaf(*run))
+    return merkle_root(leaves)
+
+
+def covers_run_row(row: Mapping[str, Any] | None) -> bool:
+    """Whether the root of the run whose latest ``runs`` row is ``row`` covers that row (schema 2 and later)."""
+    return row is not None and int(row.get("schema_version") or 1) >= ROOT_COVERS_RUN_ROW
 
 
 __all__ = [
-    "DIGESTED_TABLES", "SegmentDigest", "fingerprints", "merkle_root", "ordered", "pack_fingerprints", "run_root",
-    "segment_leaf", "unpack_fingerprints",
+    "DIGESTED_TABLES", "ROOT_COVERS_RUN_ROW", "RUN_ROW_ATTESTED", "SegmentDigest", "covers_run_row", "fingerprints",
+    "merkle_root", "ordered", "pack_fingerprints", "run_leaf", "run_root", "segment_leaf", "unpack_fingerprints",
 ]

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 #: Bumped whenever a table gains a column or a table is added. Readers refuse a newer version.
-SCHEMA_VERSION = 1
+#: 2: runs.import_problems_json and segment_digests.fingerprints_sha256; a run of version 2 has a Merkle
+#: root that also covers its record fingerprints and its own runs row (see audit.integrity).
+SCHEMA_VERSION = 2
 #: Hash scheme of every ``*_hash`` column, identical to ELSPETH's.
 CANONICAL_VERSION = "sha256-rfc8785-v1"
 #: Name of the hive partition column of every table.
@@ -220,9 +222,10 @@ SEGMENT_DIGESTS = _table(
     "segment_digests", ("table_name", "part_file"),
     "Tamper evidence: one row per Parquet segment of the run (every table except runs): its SHA-256 and "
     "record count, leaves of the run's Merkle root (runs.merkle_root), and a 64-bit fingerprint per record "
-    "in file order (packed little-endian int64s), which locates a changed, missing or moved record.",
+    "in file order (packed little-endian int64s), which locates a changed, missing or moved record; "
+    "fingerprints_sha256 (in the leaf since schema 2) makes the fingerprints themselves tamper-evident.",
     ("table_name", _S), ("part_file", _S), ("record_count", _I64), ("file_sha256", _S),
-    ("fingerprints", pa.binary()), ("written_at", _TS),
+    ("fingerprints", pa.binary()), ("written_at", _TS), ("fingerprints_sha256", _S),
     ("run_id", _S),
     origin="extension",
 )

@@ -286,8 +286,8 @@ class AuditStore:
 
     def segment_digests(self, run_id: str) -> list[SegmentDigest]:
         """The run's segment digests (the leaves of its Merkle root), without their fingerprints (8 bytes a record)."""
-        rows = self.read_partition("segment_digests", run_id,
-                                   ["table_name", "part_file", "record_count", "file_sha256"]).to_pylist()
+        rows = self.read_partition("segment_digests", run_id, ["table_name", "part_file", "record_count",
+                                                               "file_sha256", "fingerprints_sha256"]).to_pylist()
         return [SegmentDigest(**row) for row in rows]
 
     # -- liveness ----------------------------------------------------------------------------------

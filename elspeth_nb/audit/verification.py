@@ -15,7 +15,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from elspeth_nb.audit.integrity import SegmentDigest, fingerprints, ordered, run_root, unpack_fingerprints
+from elspeth_nb.audit.integrity import (
+    SegmentDigest,
+    covers_run_row,
+    fingerprints,
+    ordered,
+    run_root,
+    unpack_fingerprints,
+)
 from elspeth_nb.audit.schema import DIGESTED_TABLES, TABLES
 from elspeth_nb.audit.store import AuditStore, latest_run_rows
 from elspeth_nb.audit.writer import partition_dir
@@ -53,7 +60,9 @@ class RunVerification:
 def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None) -> RunVerification:
     """Recompute the run's Merkle root from its segment files and locate every difference."""
     runs = latest_run_rows(store)
-    stored_root = runs[run_id].get("merkle_root") if run_id in runs else None
+    row = runs.get(run_id)
+    stored_root = row.get("merkle_root") if row is not None else None
+    run = (run_id, row) if row is not None and covers_run_row(row) else None
     digests = ordered(store.segment_digests(run_id))
     result = RunVerification(run_id, stored_root, None, expected_root, segments=len(digests))  # type: ignore[arg-type]
     if not digests:
@@ -62,20 +71,29 @@ def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None)
                else "the run has no segment digests (it is still running or was interrupted)")
         result.findings.append(Finding("segment_digests", None, None, "no_digests", why))
         return result
-    fingerprint_lists = _stored_fingerprints(store, run_id)
+    stored_prints = _stored_fingerprints(store, run_id)
     recomputed = []
     for digest in digests:
         path = partition_dir(store.parquet_root, digest.table_name, run_id) / digest.part_file
         actual = _file_sha256(path)
-        recomputed.append(SegmentDigest(digest.table_name, digest.part_file, digest.record_count, actual or "missing"))
+        prints, prints_sha256 = stored_prints.get((digest.table_name, digest.part_file), (None, None))
+        if digest.fingerprints_sha256 is not None and prints_sha256 != digest.fingerprints_sha256:
+            result.findings.append(Finding("segment_digests", digest.part_file, None, "fingerprints_changed",
+                                           f"the record fingerprints of {digest.table_name} no longer match their "
+                                           "hash, so they cannot locate a changed record"))
+            prints = None
+        recomputed.append(SegmentDigest(digest.table_name, digest.part_file, digest.record_count, actual or "missing",
+                                        prints_sha256 if digest.fingerprints_sha256 is not None else None))
         if actual != digest.file_sha256:
-            result.findings.append(_locate(path, digest, fingerprint_lists.get((digest.table_name, digest.part_file))))
+            result.findings.append(_locate(path, digest, prints))
     result.findings += _unlisted_segments(store, run_id, digests)
-    result.computed_root = run_root(recomputed)
-    if stored_root is not None and run_root(digests) != stored_root:
+    result.computed_root = run_root(recomputed, run)
+    if stored_root is not None and run_root(digests, run) != stored_root:
+        what = "the segment digests and the run's own row (status, configuration, counts, error)" if run else \
+            "the segment digests"
         result.findings.append(Finding("segment_digests", None, None, "digests_changed",
-                                       "the segment digests no longer give runs.merkle_root: the digests or the "
-                                       "stored root were changed"))
+                                       f"{what} no longer give runs.merkle_root: one of them or the stored root "
+                                       "was changed"))
     if expected_root is not None and result.computed_root != expected_root:
         result.findings.append(Finding("runs", None, None, "root_changed",
                                        f"the Merkle root is {result.computed_root}, not the expected {expected_root}"))
@@ -92,9 +110,12 @@ def _file_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _stored_fingerprints(store: AuditStore, run_id: str) -> dict[tuple[str, str], list[int]]:
+def _stored_fingerprints(store: AuditStore, run_id: str) -> dict[tuple[str, str], tuple[list[int], str]]:
+    """(table, part file) -> (stored record fingerprints, SHA-256 of them as they are now)."""
     table = store.read_partition("segment_digests", run_id).select(["table_name", "part_file", "fingerprints"])
-    return {(r["table_name"], r["part_file"]): unpack_fingerprints(r["fingerprints"] or b"") for r in table.to_pylist()}
+    return {(r["table_name"], r["part_file"]): (unpack_fingerprints(r["fingerprints"] or b""),
+                                                hashlib.sha256(r["fingerprints"] or b"").hexdigest())
+            for r in table.to_pylist()}
 
 
 def _locate(path: Path, digest: SegmentDigest, stored: list[int] | None) -> Finding:

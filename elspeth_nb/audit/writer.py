@@ -69,7 +69,7 @@ class ParquetSegmentWriter:
         self.compression_level = compression_level
         self.fsync = fsync
         self._next_part: dict[tuple[str, str], int] = {}
-        self._digests: dict[str, list[tuple[str, str, int, str, bytes, float]]] = defaultdict(list)
+        self._digests: dict[str, list[tuple[str, str, int, str, bytes, float, str]]] = defaultdict(list)
         self._digest_bytes: dict[str, int] = defaultdict(int)
         self.files_written = 0
         self.bytes_written = 0
@@ -104,7 +104,7 @@ class ParquetSegmentWriter:
         if table.name in DIGESTED_TABLES:
             packed = pack_fingerprints(fingerprints(batch))
             self._digests[run_id].append((table.name, name, batch.num_rows, hashlib.sha256(data).hexdigest(),
-                                          packed, time.time()))
+                                          packed, time.time(), hashlib.sha256(packed).hexdigest()))
             self._digest_bytes[run_id] += len(packed)
             if self._digest_bytes[run_id] >= DIGEST_FLUSH_BYTES:  # memory stays flat however long the run
                 self.write_digests(run_id)
@@ -121,11 +121,11 @@ class ParquetSegmentWriter:
         self._digest_bytes.pop(run_id, None)
         if not entries:
             return
-        names, parts, counts, hashes, prints, times = zip(*entries, strict=True)
+        names, parts, counts, hashes, prints, times, print_hashes = zip(*entries, strict=True)
         batch = pa.Table.from_arrays([
             pa.array(names, pa.string()), pa.array(parts, pa.string()), pa.array(counts, pa.int64()),
             pa.array(hashes, pa.string()), pa.array(prints, pa.binary()),
-            pa.array([int(t * 1e6) for t in times], pa.timestamp("us", tz="UTC")),
+            pa.array([int(t * 1e6) for t in times], pa.timestamp("us", tz="UTC")), pa.array(print_hashes, pa.string()),
         ], schema=SEGMENT_DIGESTS.file_schema)
         self.write_segment(SEGMENT_DIGESTS, run_id, batch)
 
@@ -149,7 +149,7 @@ class ParquetSegmentWriter:
                 records = pq.read_table(pa.BufferReader(data), schema=TABLES[name].file_schema)
                 packed = pack_fingerprints(fingerprints(records))
                 self._digests[run_id].append((name, path.name, records.num_rows, hashlib.sha256(data).hexdigest(),
-                                              packed, time.time()))
+                                              packed, time.time(), hashlib.sha256(packed).hexdigest()))
                 self._digest_bytes[run_id] += len(packed)
                 adopted.count(name, records)
         return adopted

@@ -356,9 +356,10 @@ class Engine:
         counts = {"rows": stats.rows, "quarantined": stats.quarantined,
                   "outcomes": dict(sorted(outcome.outcome_counts.items())), "coalesce": stats.coalesce,
                   "records": records, "workers": self.workers}
-        self.merkle_root = self._seal_trail(rec)
-        rec.runs(completed_at=ctx.now(), status=outcome.status, revision=1, counts_json=orjson.dumps(counts).decode(),
-                 error_message=outcome.error, merkle_root=self.merkle_root, **self._run_row)
+        final = {**self._run_row, "status": outcome.status, "revision": 1, "counts_json": orjson.dumps(counts).decode(),
+                 "error_message": outcome.error}
+        self.merkle_root = self._seal_trail(rec, final)
+        rec.runs(completed_at=ctx.now(), merkle_root=self.merkle_root, **final)
         rec.close()
         return records
 
@@ -369,13 +370,13 @@ class Engine:
         listed = {(d.table_name, d.part_file) for d in self.store.segment_digests(self.run_id)}
         return rec.writer.adopt(self.run_id, [f"w{i}-" for i in outcome.lost_workers], listed)
 
-    def _seal_trail(self, rec: Recorder) -> str | None:
-        """Write every record but the final run revision, then compute the run's Merkle root."""
+    def _seal_trail(self, rec: Recorder, final: dict[str, Any]) -> str | None:
+        """Write every record but the final run revision, then compute the run's Merkle root (over that row too)."""
         rec.drain()
         if not isinstance(rec.writer, ParquetSegmentWriter):
             return None
         rec.writer.write_digests(self.run_id)
-        return run_root(self.store.segment_digests(self.run_id))
+        return run_root(self.store.segment_digests(self.run_id), (self.run_id, final))
 
 
 def _count_adopted(outcome: RunOutcome, adopted: Adopted) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,10 +293,70 @@ def test_verify_does_not_blame_a_live_run_or_only_the_digests_for_tampering(run:
         pq.write_table(forged, segment, store_schema=False)
     (run.store / "audit.duckdb").unlink(missing_ok=True)  # the helpers read the Parquet that was edited
     details = {r["check"]: r["detail"] for r in open_audit(run.store).verify(run.run_id).mismatches.to_dicts()}
-    assert details["merkle_digests_changed"].endswith("the digests or the stored root were changed")
+    assert details["merkle_digests_changed"].endswith("one of them or the stored root was changed")
     shutil.rmtree(run.store / "parquet" / "segment_digests" / f"run_id={run.run_id}")
     details = {r["check"]: r["detail"] for r in open_audit(run.store).verify(run.run_id).mismatches.to_dicts()}
     assert "gone, yet it was sealed with a Merkle root" in details["merkle_no_digests"]
+
+
+def _rewrite(run: Run, table: str, change: Callable[[pa.Table], pa.Table]) -> None:
+    """Rewrite every segment of ``table`` in place, as a tamperer with write access would."""
+    for segment in (run.store / "parquet" / table / f"run_id={run.run_id}").glob("part-*.parquet"):
+        pq.write_table(change(pq.read_table(segment, schema=TABLES[table].file_schema)), segment, store_schema=False)
+
+
+def _with(table: pa.Table, column: str, value: Any) -> pa.Table:
+    field = table.schema.field(column)
+    return table.set_column(table.schema.get_field_index(column), field, pa.array([value] * table.num_rows, field.type))
+
+
+def test_the_root_covers_the_runs_own_row(run: Run) -> None:
+    """Status, error, configuration or counts forged in the runs segment: the root no longer matches."""
+    for column, value in (("status", "failed"), ("error_message", "forged"), ("config_hash", "0" * 64),
+                          ("counts_json", "{}")):
+        saved = {p: p.read_bytes() for p in (run.store / "parquet" / "runs").rglob("part-*.parquet")}
+        _rewrite(run, "runs", lambda t, c=column, v=value: _with(t, c, v))
+        verified = open_audit(run.store).verify(run.run_id)
+        assert not verified.ok and verified.merkle == "mismatch", column
+        [detail] = [r["detail"] for r in verified.mismatches.to_dicts() if r["check"] == "merkle_digests_changed"]
+        assert "the run's own row (status, configuration, counts, error)" in detail
+        for path, data in saved.items():
+            path.write_bytes(data)
+        assert open_audit(run.store).verify(run.run_id).ok, column
+
+
+def test_forged_fingerprints_are_found_and_not_used_to_name_a_record(run: Run) -> None:
+    [segment] = (run.store / "parquet" / "token_outcomes" / f"run_id={run.run_id}").glob("part-*.parquet")
+
+    def zero_first_fingerprint(digests: pa.Table) -> pa.Table:
+        blobs = [b"\0" * 8 + blob[8:] if name == "token_outcomes" else blob for name, blob in
+                 zip(digests["table_name"].to_pylist(), digests["fingerprints"].to_pylist(), strict=True)]
+        return digests.set_column(digests.schema.get_field_index("fingerprints"), "fingerprints",
+                                  pa.array(blobs, pa.binary()))
+
+    _rewrite(run, "segment_digests", zero_first_fingerprint)
+    records = pq.read_table(segment, schema=TABLES["token_outcomes"].file_schema).to_pylist()
+    records[5]["sink_name"] = "elsewhere"
+    pq.write_table(pa.Table.from_pylist(records, schema=TABLES["token_outcomes"].file_schema), segment)
+    found = {r["check"]: r for r in open_audit(run.store).verify(run.run_id).mismatches.to_dicts()}
+    assert found["merkle_fingerprints_changed"]["table"] == "segment_digests"
+    assert segment.name in found["merkle_fingerprints_changed"]["detail"]
+    assert "merkle_record_changed" not in found  # the forged fingerprints would have named position 0
+    assert found["merkle_bytes_changed"]["table"] == "token_outcomes"
+
+
+def test_a_run_sealed_before_schema_2_still_verifies(run: Run) -> None:
+    """Its root covers the segments only, and its digests have no fingerprint hashes."""
+    from elspeth_nb.audit.integrity import run_root
+    from elspeth_nb.audit.store import AuditStore
+
+    _rewrite(run, "segment_digests", lambda t: _with(t, "fingerprints_sha256", None))
+    old_root = run_root(AuditStore.open(run.store).segment_digests(run.run_id))
+    _rewrite(run, "runs", lambda t: _with(_with(t, "schema_version", 1), "merkle_root", old_root))
+    verified = open_audit(run.store).verify(run.run_id)
+    assert verified.ok and verified.merkle_root == old_root, verified.mismatches
+    _rewrite(run, "runs", lambda t: _with(t, "status", "failed"))
+    assert open_audit(run.store).verify(run.run_id).ok  # what schema 1 could not see, and why 2 covers the row
 
 
 def test_verify_recomputes_payload_and_source_hashes(run: Run) -> None:

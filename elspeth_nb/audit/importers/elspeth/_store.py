@@ -122,8 +122,9 @@ def _write(staging: Path, run_id: str, names: list[str], batches: dict[str, pa.T
 
 
 def _write_runs_with_root(staging: Path, run_id: str, runs: pa.Table) -> None:
-    """The imported run rows, carrying the Merkle root of the segments staged for the run."""
-    root = run_root(AuditStore(staging).segment_digests(run_id))
+    """The imported run rows, carrying the Merkle root of the segments staged for the run and of its latest row."""
+    latest = max(runs.to_pylist(), key=lambda row: int(row["revision"] or 0))
+    root = run_root(AuditStore(staging).segment_digests(run_id), (run_id, latest))
     runs = runs.set_column(runs.schema.get_field_index("merkle_root"), "merkle_root",
                            pa.array([root] * runs.num_rows, pa.string()))
     writer = ParquetSegmentWriter(staging / "parquet", part_prefix="r-")
