@@ -70,9 +70,14 @@ def _check(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from elspeth_nb.analysis.audit import open_audit
 
-    result = open_audit(args.audit).verify(args.run, expected_root=args.root)
+    audit = open_audit(args.audit)
+    result = audit.verify(args.run, expected_root=args.root)
     print(result)
-    return 0 if result.ok else 1
+    orphans = audit.orphaned_runs
+    for run_id, tables in orphans.items():
+        print(f"run {run_id} has records in {', '.join(tables)} but no runs row: its runs partition was removed "
+              "(tampered with?)", file=sys.stderr)
+    return 0 if result.ok and not orphans else 1
 
 
 def _import(args: argparse.Namespace) -> int:

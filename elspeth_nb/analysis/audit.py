@@ -159,11 +159,22 @@ class Audit:
     def _closed_title(self) -> str:
         return f"Audit ({self.kind}) {self.path}: closed"
 
+    @property
+    def orphaned_runs(self) -> dict[str, list[str]]:
+        """Runs with records in the store but no ``runs`` row (its partition removed): run id -> those tables.
+
+        Every helper ignores such a run, so it is listed here and by ``repr(audit)``; empty for a sound store.
+        """
+        return self._db.store.orphaned_runs() if self._db.store is not None else {}
+
     def _notes(self) -> list[tuple[str, list[str]]]:
         """(heading, lines) for what the reader should know about this trail: unreadable segments, import findings."""
         notes = []
         if self.problems:
             notes.append((f"{len(self.problems)} segment(s) cannot be read and are left out:", self.problems))
+        if orphans := self.orphaned_runs:
+            notes.append((f"{len(orphans)} run(s) have records but no runs row (removed or tampered with):",
+                          [f"{run_id}: {', '.join(tables)}" for run_id, tables in orphans.items()]))
         if imported := self.import_problems:
             notes.append((f"{len(imported)} finding(s) of the ELSPETH import:", imported))
         return notes

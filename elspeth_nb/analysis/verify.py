@@ -27,9 +27,11 @@ from urllib.parse import unquote, urlparse
 import polars as pl
 
 from elspeth_nb._arguments import require
+from elspeth_nb.analysis._connection import RUN_REVISIONS
 from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table, verdict_html
 from elspeth_nb.audit.hashing import stable_hash
-from elspeth_nb.audit.schema import RunStatus
+from elspeth_nb.audit.schema import TABLES, RunStatus, Table
+from elspeth_nb.audit.store import quote_ident
 from elspeth_nb.audit.verification import verify_run
 from elspeth_nb.errors import AuditStoreError, CanonicalizationError
 
@@ -260,6 +262,41 @@ def _merkle(self: Audit, run: str, expected_root: str | None) -> tuple[list[dict
     return found, "verified" if result.ok else "mismatch", result.computed_root
 
 
+def _copy_checksum_sql(table: Table, source: str) -> str:
+    """Records and an order-free checksum of one table's rows of ``$run``: the latest ``runs`` revision only, and
+    distinct ``payloads`` (the copy keeps one row per content hash where a sharded run wrote a few twice)."""
+    columns = ", ".join(quote_ident(name) for name in table.file_columns)
+    latest = (f" AND revision = (SELECT max(revision) FROM {source} WHERE run_id = $run)"  # noqa: S608
+              if table.name == "runs" else "")
+    distinct = "DISTINCT " if table.name == "payloads" else ""
+    return (f"SELECT count(*), sum(hash({columns})::HUGEINT) FROM "  # noqa: S608
+            f"(SELECT {distinct}{columns} FROM {source} WHERE run_id = $run{latest})")
+
+
+def _native_copy(self: Audit, run: str) -> list[dict[str, Any]]:
+    """Tables whose rows of ``run`` in audit.duckdb, which the helpers read for a finished run, differ from the
+    Parquet segments that the Merkle root covers (a copy edited by hand would otherwise go unseen)."""
+    db = self._db
+    if db.native is None:
+        return []
+    tables = [t for t in TABLES.values() if t.name != "segment_digests"]
+    with db.native.reading(db._states_of([run])) as (con, held):
+        if con is None or run not in held:
+            return []  # the helpers read this run from the segments themselves
+        copy = {t.name: con.execute(_copy_checksum_sql(t, t.name), {"run": run}).fetchall()[0] for t in tables}
+    found = []
+    for table in tables:
+        source = RUN_REVISIONS if table.name == "runs" else table.name
+        [truth] = db.rows(_copy_checksum_sql(table, source), {"run": run})
+        if tuple(truth) != tuple(copy[table.name]):
+            found.append({"check": "duckdb_copy", "table": table.name, "record_id": run,
+                          "expected": f"{truth[0]} record(s)", "actual": f"{copy[table.name][0]} record(s)",
+                          "detail": f"audit.duckdb, which the helpers read for this run, no longer holds the same "
+                                    f"{table.name} records as the verified segments; `elspeth-nb rebuild` "
+                                    "recreates it"})
+    return found
+
+
 def _status(self: Audit, run: str) -> str:
     """The run's status now (``interrupted`` when its writer is gone; ``unknown`` if its runs rows do not read)."""
     self._db.update_liveness()
@@ -350,6 +387,12 @@ def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = N
     _unless_unreadable(payloads, "payload hashes", damaged, left_out, frozenset({"payloads", "runs"}))
     _unless_unreadable(source_rows, "source row hashes", damaged, left_out, frozenset({"rows", "payloads"}))
     _unless_unreadable(artifacts, "sink files", damaged, left_out, frozenset({"artifacts", "nodes", "node_states"}))
+    if not left_out:  # a copy is only read while every segment of the run reads
+        try:
+            found.extend(_native_copy(self, run))
+        except AuditStoreError as exc:  # a segment stopped reading: the Merkle check below names it
+            if not exc.segments:
+                raise
     found += _damage_found(damaged, left_out)
     merkle_found, merkle, root = _merkle(self, run, expected_root)
     found += merkle_found

@@ -246,6 +246,25 @@ class AuditStore:
             os.replace(temporary, target)
 
     # -- what is on disk -----------------------------------------------------------------------
+    def orphaned_runs(self) -> dict[str, list[str]]:
+        """Run ids with records in some table but no ``runs`` segment -> those tables (a removed run partition).
+
+        Such a run is invisible to every helper, so a store that shows none of its records is no proof it was
+        never there.
+        """
+        known = set(self.run_ids())
+        found: dict[str, list[str]] = {}
+        for name in TABLES:
+            directory = self.parquet_root / name
+            if name == "runs" or not directory.is_dir():
+                continue
+            for partition in sorted(directory.iterdir()):
+                run_id = partition.name.split("=", 1)[1] if partition.name.startswith(f"{PARTITION_COLUMN}=") else None
+                if run_id not in (None, SCHEMA_PARTITION) and run_id not in known and \
+                        any(partition.glob("part-*.parquet")):
+                    found.setdefault(run_id, []).append(name)
+        return found
+
     def run_ids(self) -> list[str]:
         """Run ids with at least one segment in the ``runs`` table, oldest partition first."""
         runs_dir = self.parquet_root / "runs"

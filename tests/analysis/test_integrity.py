@@ -359,6 +359,24 @@ def test_a_run_sealed_before_schema_2_still_verifies(run: Run) -> None:
     assert open_audit(run.store).verify(run.run_id).ok  # what schema 1 could not see, and why 2 covers the row
 
 
+def test_a_run_whose_runs_partition_was_removed_is_listed_not_silently_ignored(
+        run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    """Plain `elspeth-nb verify` used to check the other run and exit 0."""
+    from elspeth_nb.cli import main
+
+    other = run_pipeline(fork_pipeline(run.folder / "input.csv"), audit=run.store, clock=FakeClock(),
+                         sync_duckdb=False)
+    shutil.rmtree(run.store / "parquet" / "runs" / f"run_id={run.run_id}")
+    with open_audit(run.store) as audit:
+        assert audit.runs()["run_id"].to_list() == [other.run_id]
+        orphans = audit.orphaned_runs
+        assert list(orphans) == [run.run_id] and {"rows", "tokens", "node_states"} <= set(orphans[run.run_id])
+        assert f"1 run(s) have records but no runs row (removed or tampered with):\n  {run.run_id}: " in repr(audit)
+    capsys.readouterr()
+    assert main(["verify", "--audit", str(run.store)]) == 1  # the other run verifies; the orphan fails the command
+    assert f"run {run.run_id} has records in " in capsys.readouterr().err
+
+
 def test_verify_recomputes_payload_and_source_hashes(run: Run) -> None:
     row = next(r for r in run.raw("rows") if r["row_index"] == 2)
     [segment] = (run.store / "parquet" / "payloads" / f"run_id={run.run_id}").glob("part-*.parquet")

@@ -83,6 +83,28 @@ def _empty_the_copy(store: AuditStore, run: str) -> None:
         con.execute("DELETE FROM coalesce_events WHERE run_id = $run", {"run": run})
 
 
+def test_verify_compares_the_copy_the_helpers_read_with_the_segments(tmp_path: Path) -> None:
+    """A copy edited by hand changed what the helpers showed while verify, reading the segments, said OK."""
+    store, run, _ = _store(tmp_path)
+    with open_audit(store.root) as audit:
+        assert audit.verify(run).ok  # a fresh copy: no false finding
+    with duckdb.connect(str(store.duckdb_path)) as con:
+        con.execute("UPDATE node_states SET status = 'failed' WHERE run_id = $run AND state_id IN "
+                    "(SELECT state_id FROM node_states WHERE run_id = $run AND status = 'completed' LIMIT 3)",
+                    {"run": run})
+        con.execute("UPDATE runs SET error_message = 'forged' WHERE run_id = $run", {"run": run})
+    with open_audit(store.root) as audit:
+        assert audit.run_summary(run).header["status"] == "completed"  # the helpers still read the copy
+        verified = audit.verify(run)
+        found = verified.mismatches.filter(pl.col("check") == "duckdb_copy")
+        assert not verified.ok and verified.merkle == "verified"  # the segments themselves are intact
+        assert sorted(found["table"]) == ["node_states", "runs"]
+        assert all("`elspeth-nb rebuild` recreates it" in detail for detail in found["detail"])
+    assert store.rebuild_duckdb().ok
+    with open_audit(store.root) as audit:
+        assert audit.verify(run).ok
+
+
 def test_the_copy_is_read_only_while_it_holds_the_run_as_on_disk(tmp_path: Path) -> None:
     store, run, decisions = _store(tmp_path)
     _empty_the_copy(store, run)  # what each answer comes from is now visible in it
