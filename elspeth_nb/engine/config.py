@@ -796,6 +796,8 @@ def collect_warnings(config: PipelineConfig, locator: Locator | None = None) -> 
 
 # -- loading --------------------------------------------------------------------------------
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
 
 @dataclass(frozen=True)
 class Locator:
@@ -803,6 +805,8 @@ class Locator:
 
     filename: str
     root: yaml.Node | None = None
+    #: (location, line, first line) of each key given twice, found before YAML merge keys were applied.
+    duplicates: tuple[tuple[Loc, int, int], ...] = ()
 
     def line(self, loc: Sequence[str | int]) -> int | None:
         """1-based line of the deepest part of ``loc`` present in the file."""
@@ -826,14 +830,14 @@ class Locator:
         """Keys given twice in one mapping (YAML keeps the last one silently)."""
         return [
             f"{self.filename}:{line}: {render_loc(loc)}: duplicate key, overrides the value at line {first}"
-            for loc, line, first in _duplicates(self.root, ())
+            for loc, line, first in self.duplicates
         ]
 
 
 def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
-    """The (line, node) of ``part`` in a mapping or sequence node."""
+    """The (line, node) of ``part`` in a mapping or sequence node; of a key given twice, the last (it wins)."""
     if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
+        for key, value in reversed(node.value):
             if isinstance(key, yaml.ScalarNode) and key.value == str(part):
                 return key.start_mark.line + 1, value
     elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
@@ -842,20 +846,33 @@ def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
     return None
 
 
-def _duplicates(node: yaml.Node | None, loc: Loc) -> Iterator[tuple[Loc, int, int]]:
-    """(location, line, first line) of every duplicated mapping key under ``node``."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            name = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
-            line = key.start_mark.line + 1
-            if name in seen:
-                yield (*loc, name), line, seen[name]
-            seen.setdefault(name, line)
-            yield from _duplicates(value, (*loc, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _duplicates(item, (*loc, i))
+def _duplicates(root: yaml.Node | None) -> Iterator[tuple[Loc, int, int]]:
+    """(location, line, first line) of every key given twice in one mapping under ``root``.
+
+    Run before YAML merge keys (``<<: *base``) are applied: keys they bring in may be overridden. A node
+    reached again through an alias is not walked again (aliases of aliases would make that exponential).
+    """
+    walked: set[int] = set()
+    pending: list[tuple[yaml.Node | None, Loc]] = [(root, ())]
+    while pending:
+        node, loc = pending.pop()
+        if node is None or id(node) in walked:
+            continue
+        walked.add(id(node))
+        children: list[tuple[yaml.Node, Loc]] = []
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
+                line = key.start_mark.line + 1
+                if key.tag != _MERGE_TAG:
+                    if name in seen:
+                        yield (*loc, name), line, seen[name]
+                    seen.setdefault(name, line)
+                children.append((value, (*loc, name)))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, (*loc, i)) for i, item in enumerate(node.value)]
+        pending.extend(reversed(children))
 
 
 def read_settings(path: str | Path) -> tuple[Any, Locator]:
@@ -870,6 +887,7 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
+        duplicates = tuple(_duplicates(root))
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -883,7 +901,7 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
         raise ConfigError([f"{path.name}: invalid YAML: {exc}"], str(path)) from None
     finally:
         loader.dispose()
-    return data, Locator(path.name, root)
+    return data, Locator(path.name, root, duplicates)
 
 
 def load_config(path: str | Path) -> tuple[PipelineConfig, tuple[str, ...]]:

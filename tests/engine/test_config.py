@@ -797,3 +797,62 @@ def test_empty_sections_are_empty_lists(tmp_path: Path) -> None:
     )
     config, _ = load_config(write(tmp_path, text))
     assert config.transforms == () and config.gates == ()
+
+
+MERGED_SINKS = """\
+source: {plugin: csv, on_success: rows, options: {path: in.csv}}
+gates:
+  - {name: g, input: rows, condition: "row['name'] == 'bob'", routes: {'true': a, 'false': b}}
+sinks:
+  a: &s {plugin: jsonl, options: {path: out/a.jsonl}}
+  b:
+    <<: *s
+    options: {path: out/b.jsonl}
+"""
+
+MERGED_TRANSFORMS = """\
+source: {plugin: csv, on_success: raw, options: {path: in.csv}}
+transforms:
+  - &t {name: t1, plugin: truncate, input: raw, on_success: mid, options: {fields: {note: 8}}}
+  - <<: *t
+    name: t2
+    input: mid
+    on_success: out
+sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}
+"""
+
+
+def test_yaml_merge_keys_are_not_duplicates_and_explicit_keys_win(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, MERGED_SINKS))
+    assert (config.sinks["a"].options.path, config.sinks["b"].options.path) == ("out/a.jsonl", "out/b.jsonl")
+    config, _ = load_config(write(tmp_path, MERGED_TRANSFORMS))
+    assert [(t.name, t.input, t.on_success) for t in config.transforms] == [
+        ("t1", "raw", "mid"),
+        ("t2", "mid", "out"),
+    ]
+
+
+def test_merge_keys_do_not_hide_real_duplicates_or_locations(tmp_path: Path) -> None:
+    text = MERGED_SINKS.replace("    options: {path: out/b.jsonl}", "    plugin: csv\n    plugin: xlsx")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems == [
+        "settings.yaml:9: sinks.b.plugin: duplicate key, overrides the value at line 8",
+        "settings.yaml:9: sinks.b.plugin: unknown plugin; expected one of 'csv', 'json', 'jsonl', 'parquet' "
+        "(got 'xlsx')",
+    ]
+
+
+def test_duplicate_walk_visits_each_aliased_node_once(tmp_path: Path) -> None:
+    text = "x: &x {k: 1, k: 2}\ny: [*x, *x, *x]\n" + minimal_yaml()
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems[0] == "settings.yaml:1: x.k: duplicate key, overrides the value at line 1"
+    assert sum("duplicate key" in p for p in info.value.problems) == 1
+
+
+def minimal_yaml() -> str:
+    return (
+        "source: {plugin: csv, on_success: out, options: {path: in.csv}}\n"
+        "sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}\n"
+    )
