@@ -477,6 +477,9 @@ case("config-settings-file-empty", _settings_file("empty.yaml", b""),
      Fails(ConfigError, r"empty\.yaml: the settings are empty"))
 case("config-settings-file-not-utf8", _settings_file("latin.yaml", b"# caf\xe9\n"),
      Fails(ConfigError, r".*latin\.yaml: cannot read the settings file: 'utf-8' codec can't decode byte 0xe9 .*"))
+case("config-settings-nested-too-deeply", _settings_file("deep.yaml", b"source: " + b"[" * 800 + b"]" * 800 + b"\n"),
+     Fails(ConfigError, r"deep\.yaml:1: nested too deeply \(more than 100 levels of lists and mappings inside one "
+                        r"another\)"))
 
 
 def _mapping_with_two_problems(ctx: Ctx) -> Any:

@@ -797,6 +797,34 @@ def collect_warnings(config: PipelineConfig, locator: Locator | None = None) -> 
 # -- loading --------------------------------------------------------------------------------
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+#: Lists and mappings inside one another; settings need about 8, and PyYAML recurses once per level.
+MAX_NESTING_DEPTH = 100
+
+
+class _TooDeep(Exception):
+    """Raised by the loader at the first node nested deeper than MAX_NESTING_DEPTH."""
+
+    def __init__(self, mark: Any) -> None:
+        super().__init__(mark)
+        self.mark = mark
+
+
+class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """PyYAML's safe loader, refusing nesting deeper than MAX_NESTING_DEPTH before its recursion overflows."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Compose one node, counting how deep it is."""
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 @dataclass(frozen=True)
@@ -884,7 +912,7 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
         raise ConfigError([f"{path}: settings file not found"], str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read the settings file: {exc}"], str(path)) from None
-    loader = yaml.SafeLoader(text)
+    loader = _SettingsLoader(text)
     try:
         root = loader.get_single_node()
         duplicates = tuple(_duplicates(root))
@@ -899,6 +927,12 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
         raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}{context}"], str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path.name}: invalid YAML: {exc}"], str(path)) from None
+    except _TooDeep as exc:
+        where, levels = f"{path.name}:{exc.mark.line + 1}", MAX_NESTING_DEPTH
+        raise ConfigError(
+            [f"{where}: nested too deeply (more than {levels} levels of lists and mappings inside one another)"],
+            str(path),
+        ) from None
     finally:
         loader.dispose()
     return data, Locator(path.name, root, duplicates)

@@ -856,3 +856,11 @@ def minimal_yaml() -> str:
         "source: {plugin: csv, on_success: out, options: {path: in.csv}}\n"
         "sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}\n"
     )
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "source: " + "[" * 800 + "]" * 800 + "\n", "deep.yaml"))
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("deep.yaml:1: ")
+    assert "nested too deeply" in info.value.problems[0]
