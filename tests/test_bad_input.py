@@ -480,6 +480,13 @@ case("config-settings-file-not-utf8", _settings_file("latin.yaml", b"# caf\xe9\n
 case("config-settings-nested-too-deeply", _settings_file("deep.yaml", b"source: " + b"[" * 800 + b"]" * 800 + b"\n"),
      Fails(ConfigError, r"deep\.yaml:1: nested too deeply \(more than 100 levels of lists and mappings inside one "
                         r"another\)"))
+_LAUGHS = b"".join([b'a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]\n',
+                    *[b"a%d: &a%d [%s]\n" % (i, i, b", ".join([b"*a%d" % (i - 1)] * 10)) for i in range(1, 9)],
+                    b"source: *a8\n"])
+case("config-settings-aliases-expand-to-billions", _settings_file("laughs.yaml", _LAUGHS),  # fails in ms, not minutes
+     Fails(ConfigError, r"laughs\.yaml:5: a4: the aliases expand to too many values \(more than 100,000\)"))
+case("config-settings-alias-contains-itself", _settings_file("loop.yaml", b"source: &s {plugin: csv, options: *s}\n"),
+     Fails(ConfigError, r"loop\.yaml:1: source\.options: the alias \*s refers to a value that contains it"))
 
 
 def _mapping_with_two_problems(ctx: Ctx) -> Any:

@@ -799,6 +799,8 @@ def collect_warnings(config: PipelineConfig, locator: Locator | None = None) -> 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 #: Lists and mappings inside one another; settings need about 8, and PyYAML recurses once per level.
 MAX_NESTING_DEPTH = 100
+#: Values (keys included) once every alias is expanded; ten lines of nested aliases can make billions.
+MAX_EXPANDED_NODES = 100_000
 
 
 class _TooDeep(Exception):
@@ -815,16 +817,93 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.depth = 0
+        self.anchor_names: dict[int, str] = {}  # id(node) -> its anchor, to name aliases in messages
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        """Compose one node, counting how deep it is."""
+        """Compose one node, counting how deep it is and remembering its anchor."""
         self.depth += 1
         try:
+            event = self.peek_event()
             if self.depth > MAX_NESTING_DEPTH:
-                raise _TooDeep(self.peek_event().start_mark)
-            return super().compose_node(parent, index)
+                raise _TooDeep(event.start_mark)
+            node = super().compose_node(parent, index)
+            if event.anchor is not None and not isinstance(event, yaml.AliasEvent):
+                self.anchor_names[id(node)] = event.anchor
+            return node
         finally:
             self.depth -= 1
+
+
+def _children(node: yaml.Node) -> list[tuple[str | int, int, yaml.Node]]:
+    """(path part, line, node) of each key and value of a mapping node, or of each item of a sequence node."""
+    if isinstance(node, yaml.MappingNode):
+        return [
+            (str(key.value) if isinstance(key, yaml.ScalarNode) else "", key.start_mark.line + 1, child)
+            for key, value in node.value
+            for child in (key, value)
+        ]
+    if isinstance(node, yaml.SequenceNode):
+        return [(i, item.start_mark.line + 1, item) for i, item in enumerate(node.value)]
+    return []
+
+
+@dataclass
+class _Frame:
+    """One node being sized: its children, the next one to look at, and the size so far."""
+
+    node: yaml.Node
+    children: list[tuple[str | int, int, yaml.Node]]
+    next: int = 0
+    size: int = 1
+
+
+def _expanded_sizes(root: yaml.Node) -> tuple[dict[int, int], set[tuple[int, int]]]:
+    """Each node's value count with aliases expanded (capped past the limit), and the (node, child index) of
+    each alias to a node that contains it. Each node is sized once, however many aliases reach it."""
+    sizes: dict[int, int] = {}
+    loops: set[tuple[int, int]] = set()
+    frames = [_Frame(root, _children(root))]
+    on_path = {id(root)}
+    while frames:
+        frame = frames[-1]
+        if frame.next == len(frame.children):
+            frames.pop()
+            on_path.discard(id(frame.node))
+            sizes[id(frame.node)] = min(frame.size, MAX_EXPANDED_NODES + 1)
+            if frames:
+                frames[-1].size += sizes[id(frame.node)]
+            continue
+        child = frame.children[frame.next][2]
+        frame.next += 1
+        if id(child) in on_path:
+            loops.add((id(frame.node), frame.next - 1))
+            frame.size += MAX_EXPANDED_NODES + 1
+        elif id(child) in sizes:
+            frame.size += sizes[id(child)]
+        else:
+            on_path.add(id(child))
+            frames.append(_Frame(child, _children(child)))
+    return sizes, loops
+
+
+def _expansion_problem(root: yaml.Node, anchor_names: Mapping[int, str]) -> tuple[Loc, int, str] | None:
+    """(location, line, message) of an alias that expands to too many values or to a value containing
+    itself: the innermost value that is too large alone, or the looping alias; None when the file is fine."""
+    sizes, loops = _expanded_sizes(root)
+    if sizes[id(root)] <= MAX_EXPANDED_NODES:
+        return None
+    node, line = root, root.start_mark.line + 1
+    loc: Loc = ()
+    while True:
+        for i, (part, child_line, child) in enumerate(_children(node)):
+            if (id(node), i) in loops:
+                name = anchor_names.get(id(child), "")
+                return (*loc, part), child_line, f"the alias *{name} refers to a value that contains it"
+            if sizes[id(child)] > MAX_EXPANDED_NODES:
+                node, loc, line = child, (*loc, part), child_line
+                break
+        else:
+            return loc, line, f"the aliases expand to too many values (more than {MAX_EXPANDED_NODES:,})"
 
 
 @dataclass(frozen=True)
@@ -915,6 +994,10 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
     loader = _SettingsLoader(text)
     try:
         root = loader.get_single_node()
+        expansion = _expansion_problem(root, loader.anchor_names) if root is not None else None
+        if expansion is not None:
+            loc, line, message = expansion
+            raise ConfigError([f"{path.name}:{line}: {format_problem(loc, message)}"], str(path))
         duplicates = tuple(_duplicates(root))
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -864,3 +865,26 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith("deep.yaml:1: ")
     assert "nested too deeply" in info.value.problems[0]
+
+
+def _laughs(levels: int) -> str:
+    lines = ["a0: &a0 [" + ", ".join(['"x"'] * 10) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return "\n".join([*lines, f"source: *a{levels}"]) + "\n"
+
+
+@pytest.mark.parametrize("levels", [6, 8])
+def test_alias_expansion_is_bounded_and_fails_fast(tmp_path: Path, levels: int) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, _laughs(levels), "laughs.yaml"))
+    assert time.perf_counter() - started < 1
+    assert info.value.problems == [
+        "laughs.yaml:5: a4: the aliases expand to too many values (more than 100,000)"
+    ]
+
+
+def test_a_self_containing_alias_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "a: &a [1, *a]\nsource: *a\n", "loop.yaml"))
+    assert info.value.problems == ["loop.yaml:1: a[1]: the alias *a refers to a value that contains it"]
