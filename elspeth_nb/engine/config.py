@@ -819,6 +819,12 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
         self.depth = 0
         self.anchor_names: dict[int, str] = {}  # id(node) -> its anchor, to name aliases in messages
 
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        """Stop at the bracket that nests too deeply: the scanner looks ahead over every open one."""
+        if self.flow_level >= MAX_NESTING_DEPTH:
+            raise _TooDeep(self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         """Compose one node, counting how deep it is and remembering its anchor."""
         self.depth += 1

@@ -867,6 +867,15 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
     assert "nested too deeply" in info.value.problems[0]
 
 
+def test_the_scanner_stops_at_the_bracket_nested_too_deeply(tmp_path: Path) -> None:
+    """PyYAML scans ahead over every open bracket (quadratic time); the error must come before the bad quote."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "source: " + "[" * 900 + '"unclosed\n', "deep.yaml"))
+    assert info.value.problems == [
+        "deep.yaml:1: nested too deeply (more than 100 levels of lists and mappings inside one another)"
+    ]
+
+
 def _laughs(levels: int) -> str:
     lines = ["a0: &a0 [" + ", ".join(['"x"'] * 10) + "]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
