@@ -812,7 +812,8 @@ class _TooDeep(Exception):
 
 
 class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
-    """PyYAML's safe loader, refusing nesting deeper than MAX_NESTING_DEPTH before its recursion overflows."""
+    """PyYAML's safe loader, reading YAML 1.2 exponent floats as floats and refusing nesting deeper than
+    MAX_NESTING_DEPTH before its recursion overflows."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -838,6 +839,11 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
             return node
         finally:
             self.depth -= 1
+
+
+#: YAML 1.2 floats with an exponent that YAML 1.1 reads as strings: ``5e-2``, ``1e3``, ``-2E+5``, ``1.0e300``.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+_SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
 
 
 def _children(node: yaml.Node) -> list[tuple[str | int, int, yaml.Node]]:

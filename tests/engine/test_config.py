@@ -8,6 +8,7 @@ from typing import Any
 
 import pydantic
 import pytest
+import yaml
 
 from elspeth_nb.engine.config import (
     CoalesceConfig,
@@ -18,6 +19,7 @@ from elspeth_nb.engine.config import (
     GateConfig,
     JsonSink,
     KeywordFilterOptions,
+    LatencyOptions,
     PassthroughTransform,
     PipelineConfig,
     PythonOptions,
@@ -25,6 +27,7 @@ from elspeth_nb.engine.config import (
     TruncateOptions,
     config_from_mapping,
     load_config,
+    read_settings,
 )
 from elspeth_nb.errors import ConfigError
 
@@ -897,3 +900,30 @@ def test_a_self_containing_alias_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "a: &a [1, *a]\nsource: *a\n", "loop.yaml"))
     assert info.value.problems == ["loop.yaml:1: a[1]: the alias *a refers to a value that contains it"]
+
+
+def test_yaml_1_2_exponent_floats_are_numbers(tmp_path: Path) -> None:
+    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
+        "gates:\n  - {name: g, input: raw, condition: 'True', routes: {'true': fork, 'false': out}, "
+        "fork_to: [a, b]}\n"
+        "transforms:\n  - {name: t, plugin: latency, input: a, on_success: oa, "
+        "options: {mean_ms: 1.0e300, max_ms: 1e3, seed: 1}}\n"
+        "coalesce:\n  - {name: m, branches: {a: oa, b: b}, policy: best_effort, timeout_seconds: 5e-2, "
+        "on_success: out}\n"
+    )
+    config, _ = load_config(write(tmp_path, text))
+    options = config.transforms[0].options
+    assert isinstance(options, LatencyOptions)
+    assert (options.mean_ms, options.max_ms, config.coalesce[0].timeout_seconds) == (1e300, 1000.0, 0.05)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text.replace("timeout_seconds: 5e-2", "timeout_seconds: '5e-2'")))
+    assert info.value.problems == [
+        "settings.yaml:8: coalesce[0].timeout_seconds: must be a valid number (got '5e-2')"
+    ]
+
+
+@pytest.mark.parametrize("text", ["5e-2", "1e3", "-2E+5", "+1.5e10", ".5e1", "1e300"])
+def test_exponent_forms_read_as_floats_by_the_settings_loader_only(tmp_path: Path, text: str) -> None:
+    data, _ = read_settings(write(tmp_path, f"a: {text}\nb: '{text}'\n"))
+    assert data == {"a": float(text), "b": text}
+    assert yaml.safe_load(f"a: {text}") == {"a": text}  # yaml.SafeLoader itself is left as it is
