@@ -362,6 +362,8 @@ config_case("wrong-type-length", (('    options: {fields: {note: 8}, suffix: "..
             r"\(got 'eight'\)")
 config_case("wrong-type-timeout", (("    merge: union", "    merge: union\n    timeout_seconds: soon"),),
             r"pipeline\.yaml:31: coalesce\[0\]\.timeout_seconds: must be a valid number \(got 'soon'\)")
+config_case("infinite-timeout", (("    policy: require_all", "    policy: best_effort\n    timeout_seconds: .inf"),),
+            r"pipeline\.yaml:30: coalesce\[0\]\.timeout_seconds: must be a finite number \(got inf\)")
 config_case("unknown-transform-plugin", (("    plugin: passthrough", "    plugin: passthru"),),
             r"pipeline\.yaml:18: transforms\[0\]\.plugin: unknown plugin; expected one of 'passthrough', "
             r"'field_mapper', 'truncate', 'keyword_filter', 'latency', 'python' \(got 'passthru'\)")

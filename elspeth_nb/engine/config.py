@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    AllowInfNan,
     BaseModel,
     ConfigDict,
     Field,
@@ -129,9 +130,10 @@ Encoding = Annotated[str, AfterValidator(_encoding)]
 Regex = Annotated[str, AfterValidator(_regex)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 OneChar = Annotated[str, Field(min_length=1, max_length=1)]
-#: Numbers that refuse YAML booleans (``quorum_count: true`` is a mistake, not 1).
+#: Numbers that refuse YAML booleans (``quorum_count: true`` is a mistake, not 1); floats must be finite
+#: (``.inf`` and ``.nan`` cannot be hashed into a node id, and are refused at their key).
 Whole = Annotated[int, Strict()]
-Number = Annotated[float, Strict()]
+Number = Annotated[float, Strict(), AllowInfNan(False)]
 
 
 class _Model(BaseModel):

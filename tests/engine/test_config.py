@@ -927,3 +927,19 @@ def test_exponent_forms_read_as_floats_by_the_settings_loader_only(tmp_path: Pat
     data, _ = read_settings(write(tmp_path, f"a: {text}\nb: '{text}'\n"))
     assert data == {"a": float(text), "b": text}
     assert yaml.safe_load(f"a: {text}") == {"a": text}  # yaml.SafeLoader itself is left as it is
+
+
+def test_infinite_numbers_are_refused_at_their_key(tmp_path: Path) -> None:
+    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
+        "gates:\n  - {name: g, input: raw, condition: 'True', routes: {'true': fork, 'false': out}, "
+        "fork_to: [a, b]}\n"
+        "transforms:\n  - {name: t, plugin: latency, input: a, on_success: oa, options: {mean_ms: .inf}}\n"
+        "coalesce:\n  - {name: m, branches: {a: oa, b: b}, policy: best_effort, timeout_seconds: .inf, "
+        "on_success: out}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems == [
+        "settings.yaml:6: transforms[0].options.mean_ms: must be a finite number (got inf)",
+        "settings.yaml:8: coalesce[0].timeout_seconds: must be a finite number (got inf)",
+    ]
