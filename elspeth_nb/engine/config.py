@@ -69,7 +69,7 @@ def _node_name(value: str) -> str:
     if len(value) > MAX_NODE_NAME_LENGTH:
         raise ValueError(f"must be at most {MAX_NODE_NAME_LENGTH} characters (it has {len(value)})")
     if not _NODE_NAME_RE.match(value):
-        raise ValueError("must start with a letter and contain only letters, digits, '_' and '-'")
+        raise ValueError("must start with an ASCII letter and contain only ASCII letters, digits, '_' and '-'")
     return _not_reserved(value)
 
 
@@ -79,7 +79,7 @@ def _connection_name(value: str) -> str:
         raise ValueError(f"must be at most {MAX_CONNECTION_NAME_LENGTH} characters (it has {len(value)})")
     if not _CONNECTION_NAME_RE.match(value):
         raise ValueError(
-            "must start with a letter, digit or '_' and contain only letters, digits, '_' and '-'"
+            "must start with an ASCII letter, digit or '_' and contain only ASCII letters, digits, '_' and '-'"
         )
     return _not_reserved(value)
 
@@ -1132,10 +1132,15 @@ def _describe(error: Mapping[str, Any], data: Any) -> tuple[Loc, str, Any]:
 
 
 def _user_loc(loc: Sequence[str | int], data: Any) -> Loc:
-    """Keep the parts of a pydantic location that exist in the input (drops union tags and ``[key]``)."""
+    """Keep the parts of a pydantic location that exist in the input (drops union tags and ``[key]``).
+
+    A list a validator turned into a mapping (``branches: [a, b]``) is located by index: ``branches[0]``.
+    """
     out: list[str | int] = []
     node = data
-    for i, part in enumerate(loc):
+    for i, given in enumerate(loc):
+        listed = isinstance(node, list | tuple) and isinstance(given, str) and given in node
+        part = node.index(given) if listed else given
         in_mapping = isinstance(node, Mapping) and part in node
         in_list = isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node)
         if in_mapping or in_list:

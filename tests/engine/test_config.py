@@ -232,7 +232,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "quarantine name",
         minimal(source=source(on_validation_failure="bad sink")),
         "source.options.on_validation_failure",
-        "must start with a letter, digit or '_'",
+        "must start with an ASCII letter, digit or '_'",
     ),
     (
         "source on_success reserved",
@@ -251,7 +251,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "transform name chars",
         minimal(transforms=[transform("passthrough", name="3bad")]),
         "transforms[0].name",
-        "must start with a letter and contain only letters, digits, '_' and '-' (got '3bad')",
+        "must start with an ASCII letter and contain only ASCII letters, digits, '_' and '-' (got '3bad')",
     ),
     (
         "transform name length",
@@ -269,7 +269,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "transform name dunder",
         minimal(transforms=[transform("passthrough", name="__t")]),
         "transforms[0].name",
-        "must start with a letter",
+        "must start with an ASCII letter",
     ),
     (
         "transform input reserved",
@@ -287,7 +287,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "on_error name",
         minimal(transforms=[transform("passthrough", on_error="bad sink")]),
         "transforms[0].on_error",
-        "must start with a letter, digit or '_'",
+        "must start with an ASCII letter, digit or '_'",
     ),
     (
         "unknown key",
@@ -435,7 +435,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "gates[0].fork_to[1]",
         "'fork' is reserved",
     ),
-    ("gate name", minimal(gates=[gate(name="g!")]), "gates[0].name", "must start with a letter"),
+    ("gate name", minimal(gates=[gate(name="g!")]), "gates[0].name", "must start with an ASCII letter"),
     (
         "quorum needs count",
         minimal(coalesce=[coalesce(policy="quorum")]),
@@ -500,7 +500,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "branch name",
         minimal(coalesce=[coalesce(branches={"a b": "x", "c": "y"})]),
         "coalesce[0].branches['a b']",
-        "must start with a letter, digit or '_'",
+        "must start with an ASCII letter, digit or '_'",
     ),
     (
         "policy",
@@ -942,4 +942,19 @@ def test_infinite_numbers_are_refused_at_their_key(tmp_path: Path) -> None:
     assert info.value.problems == [
         "settings.yaml:6: transforms[0].options.mean_ms: must be a finite number (got inf)",
         "settings.yaml:8: coalesce[0].timeout_seconds: must be a finite number (got inf)",
+    ]
+
+
+def test_non_ascii_names_are_refused_as_not_ascii_once(tmp_path: Path) -> None:
+    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
+        "gates:\n  - {name: g, input: raw, condition: 'True', routes: {'true': fork, 'false': out}, "
+        "fork_to: [ä, b]}\n"
+        "coalesce:\n  - {name: m, branches: [ä, b], on_success: out}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    rule = "must start with an ASCII letter, digit or '_' and contain only ASCII letters, digits, '_' and '-'"
+    assert info.value.problems == [
+        f"settings.yaml:4: gates[0].fork_to[0]: {rule} (got 'ä')",
+        f"settings.yaml:6: coalesce[0].branches[0]: {rule} (got 'ä')",
     ]
