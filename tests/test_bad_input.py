@@ -441,6 +441,11 @@ case("config-sink-inside-the-audit-store",
 config_case("node-named-like-a-sink", (("  - name: a_pass", "  - name: bad"),),
             r"pipeline\.yaml:17: transforms\[0\]\.name: a sink has the same name; node and sink names must "
             r"differ \(got 'bad'\)")
+config_case("sink-named-source", (("  bad: {plugin: jsonl, options: {path: bad.jsonl}}",
+                                   "  source: {plugin: jsonl, options: {path: bad.jsonl}}"),
+                                  ("    on_validation_failure: bad", "    on_validation_failure: source")),
+            r"pipeline\.yaml:34: sinks\.source: 'source' is the name of the source node; it cannot name a sink "
+            r"\(got 'source'\)")  # not a cycle source → source
 config_case("duplicate-fork-branch", (("    fork_to: [a, b]", "    fork_to: [a, b, a]"),),
             r"pipeline\.yaml:15: gates\[0\]\.fork_to: duplicate branch names: a \(got \[\"a\", \"b\", \"a\"\]\)")
 config_case("cycle", (("transforms:", "transforms:\n  - {name: x1, plugin: passthrough, input: lp1, on_success: lp2}"

@@ -85,7 +85,9 @@ def _connection_name(value: str) -> str:
 
 
 def _sink_name(value: str) -> str:
-    """A sink name; ``discard`` is taken by on_error / on_validation_failure."""
+    """A sink name; ``discard`` is taken by on_error / on_validation_failure, ``source`` by the source node."""
+    if value == "source":
+        raise ValueError("'source' is the name of the source node; it cannot name a sink")
     if value == "discard":
         raise ValueError(
             "'discard' is reserved: it means 'drop the row' in on_error and on_validation_failure"

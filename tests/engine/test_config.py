@@ -958,3 +958,16 @@ def test_non_ascii_names_are_refused_as_not_ascii_once(tmp_path: Path) -> None:
         f"settings.yaml:4: gates[0].fork_to[0]: {rule} (got 'ä')",
         f"settings.yaml:6: coalesce[0].branches[0]: {rule} (got 'ä')",
     ]
+
+
+def test_a_sink_cannot_be_called_source(tmp_path: Path) -> None:
+    text = (
+        "source: {plugin: csv, on_success: source, options: {path: in.csv}}\n"
+        "sinks:\n  source: {plugin: jsonl, options: {path: out.jsonl}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems == [
+        "settings.yaml:3: sinks.source: 'source' is the name of the source node; it cannot name a sink "
+        "(got 'source')"
+    ]
