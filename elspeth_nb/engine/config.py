@@ -47,8 +47,8 @@ RESERVED_LABELS = frozenset({"continue", "fork", "on_success"})
 MAX_NODE_NAME_LENGTH = 38
 MAX_CONNECTION_NAME_LENGTH = 64
 FIELD_TYPES = ("int", "float", "str", "bool", "any")
-_NODE_NAME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
-_CONNECTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_-]*$")
+_NODE_NAME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]*")
+_CONNECTION_NAME_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_-]*")
 _CALLABLE = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
 _FUNCTION_RE = re.compile(rf"^({_CALLABLE}|[^:\s][^:]*\.py):{_CALLABLE}$")
 
@@ -68,7 +68,7 @@ def _node_name(value: str) -> str:
     """A transform, gate or coalesce name: it becomes part of a node id of at most 64 characters."""
     if len(value) > MAX_NODE_NAME_LENGTH:
         raise ValueError(f"must be at most {MAX_NODE_NAME_LENGTH} characters (it has {len(value)})")
-    if not _NODE_NAME_RE.match(value):
+    if not _NODE_NAME_RE.fullmatch(value):
         raise ValueError("must start with an ASCII letter and contain only ASCII letters, digits, '_' and '-'")
     return _not_reserved(value)
 
@@ -77,7 +77,7 @@ def _connection_name(value: str) -> str:
     """A connection, route label, fork branch or sink name."""
     if len(value) > MAX_CONNECTION_NAME_LENGTH:
         raise ValueError(f"must be at most {MAX_CONNECTION_NAME_LENGTH} characters (it has {len(value)})")
-    if not _CONNECTION_NAME_RE.match(value):
+    if not _CONNECTION_NAME_RE.fullmatch(value):
         raise ValueError(
             "must start with an ASCII letter, digit or '_' and contain only ASCII letters, digits, '_' and '-'"
         )
@@ -417,7 +417,7 @@ class PythonOptions(PluginOptions):
     @classmethod
     def _function_shape(cls, value: str) -> str:
         """Check the shape only; the function is imported when the pipeline runs."""
-        if not _FUNCTION_RE.match(value):
+        if not _FUNCTION_RE.fullmatch(value):
             raise ValueError("must be 'package.module:function' or 'relative/path.py:function'")
         return value
 
@@ -1073,7 +1073,7 @@ def render_loc(loc: Sequence[str | int]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif _SIMPLE_KEY.match(part):
+        elif _SIMPLE_KEY.fullmatch(part):
             out += f".{part}" if out else part
         else:
             out += f"[{part!r}]"

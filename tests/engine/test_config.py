@@ -971,3 +971,15 @@ def test_a_sink_cannot_be_called_source(tmp_path: Path) -> None:
         "settings.yaml:3: sinks.source: 'source' is the name of the source node; it cannot name a sink "
         "(got 'source')"
     ]
+
+
+def test_a_name_ending_in_a_newline_is_refused() -> None:
+    """``$`` matches before a final newline; ``name: |`` gives ``"t\\n"``, which would end up in a node id."""
+    assert problems_of(minimal(transforms=[transform("passthrough", name="t\n", input="out")])) == [
+        "transforms[0].name: must start with an ASCII letter and contain only ASCII letters, digits, '_' and '-' "
+        "(got 't\\n')"
+    ]
+    assert problems_of(minimal(sinks={"out\n": {"plugin": "jsonl", "options": {"path": "o.jsonl"}}}))[0] == (
+        "sinks['out\\n']: must start with an ASCII letter, digit or '_' and contain only ASCII letters, digits, "
+        "'_' and '-' (got 'out\\n')"
+    )
