@@ -970,11 +970,8 @@ def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
 
 
 def _duplicates(root: yaml.Node | None) -> Iterator[tuple[Loc, int, int]]:
-    """(location, line, first line) of every key given twice in one mapping under ``root``.
-
-    Run before YAML merge keys (``<<: *base``) are applied: keys they bring in may be overridden. A node
-    reached again through an alias is not walked again (aliases of aliases would make that exponential).
-    """
+    """(location, line, first line) of each key given twice in one mapping, before ``<<: *base`` merges (whose
+    keys may be overridden) are applied; a node reached again through an alias is not walked again."""
     walked: set[int] = set()
     pending: list[tuple[yaml.Node | None, Loc]] = [(root, ())]
     while pending:
@@ -1134,10 +1131,8 @@ def _describe(error: Mapping[str, Any], data: Any) -> tuple[Loc, str, Any]:
 
 
 def _user_loc(loc: Sequence[str | int], data: Any) -> Loc:
-    """Keep the parts of a pydantic location that exist in the input (drops union tags and ``[key]``).
-
-    A list a validator turned into a mapping (``branches: [a, b]``) is located by index: ``branches[0]``.
-    """
+    """Keep the parts of a pydantic location that exist in the input (drops union tags and ``[key]``); in a list
+    a validator made a mapping (``branches: [a, b]``), a name is located by its index."""
     out: list[str | int] = []
     node = data
     for i, given in enumerate(loc):
