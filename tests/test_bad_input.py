@@ -362,6 +362,8 @@ config_case("wrong-type-length", (('    options: {fields: {note: 8}, suffix: "..
             r"\(got 'eight'\)")
 config_case("wrong-type-timeout", (("    merge: union", "    merge: union\n    timeout_seconds: soon"),),
             r"pipeline\.yaml:31: coalesce\[0\]\.timeout_seconds: must be a valid number \(got 'soon'\)")
+config_case("infinite-timeout", (("    policy: require_all", "    policy: best_effort\n    timeout_seconds: .inf"),),
+            r"pipeline\.yaml:30: coalesce\[0\]\.timeout_seconds: must be a finite number \(got inf\)")
 config_case("unknown-transform-plugin", (("    plugin: passthrough", "    plugin: passthru"),),
             r"pipeline\.yaml:18: transforms\[0\]\.plugin: unknown plugin; expected one of 'passthrough', "
             r"'field_mapper', 'truncate', 'keyword_filter', 'latency', 'python' \(got 'passthru'\)")
@@ -439,6 +441,11 @@ case("config-sink-inside-the-audit-store",
 config_case("node-named-like-a-sink", (("  - name: a_pass", "  - name: bad"),),
             r"pipeline\.yaml:17: transforms\[0\]\.name: a sink has the same name; node and sink names must "
             r"differ \(got 'bad'\)")
+config_case("sink-named-source", (("  bad: {plugin: jsonl, options: {path: bad.jsonl}}",
+                                   "  source: {plugin: jsonl, options: {path: bad.jsonl}}"),
+                                  ("    on_validation_failure: bad", "    on_validation_failure: source")),
+            r"pipeline\.yaml:34: sinks\.source: 'source' is the name of the source node; it cannot name a sink "
+            r"\(got 'source'\)")  # not a cycle source → source
 config_case("duplicate-fork-branch", (("    fork_to: [a, b]", "    fork_to: [a, b, a]"),),
             r"pipeline\.yaml:15: gates\[0\]\.fork_to: duplicate branch names: a \(got \[\"a\", \"b\", \"a\"\]\)")
 config_case("cycle", (("transforms:", "transforms:\n  - {name: x1, plugin: passthrough, input: lp1, on_success: lp2}"
@@ -477,6 +484,16 @@ case("config-settings-file-empty", _settings_file("empty.yaml", b""),
      Fails(ConfigError, r"empty\.yaml: the settings are empty"))
 case("config-settings-file-not-utf8", _settings_file("latin.yaml", b"# caf\xe9\n"),
      Fails(ConfigError, r".*latin\.yaml: cannot read the settings file: 'utf-8' codec can't decode byte 0xe9 .*"))
+case("config-settings-nested-too-deeply", _settings_file("deep.yaml", b"source: " + b"[" * 800 + b"]" * 800 + b"\n"),
+     Fails(ConfigError, r"deep\.yaml:1: nested too deeply \(more than 100 levels of lists and mappings inside one "
+                        r"another\)"))
+_LAUGHS = b"".join([b'a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]\n',
+                    *[b"a%d: &a%d [%s]\n" % (i, i, b", ".join([b"*a%d" % (i - 1)] * 10)) for i in range(1, 9)],
+                    b"source: *a8\n"])
+case("config-settings-aliases-expand-to-billions", _settings_file("laughs.yaml", _LAUGHS),  # fails in ms, not minutes
+     Fails(ConfigError, r"laughs\.yaml:5: a4: the aliases expand to too many values \(more than 100,000\)"))
+case("config-settings-alias-contains-itself", _settings_file("loop.yaml", b"source: &s {plugin: csv, options: *s}\n"),
+     Fails(ConfigError, r"loop\.yaml:1: source\.options: the alias \*s refers to a value that contains it"))
 
 
 def _mapping_with_two_problems(ctx: Ctx) -> Any:

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    AllowInfNan,
     BaseModel,
     ConfigDict,
     Field,
@@ -46,8 +47,8 @@ RESERVED_LABELS = frozenset({"continue", "fork", "on_success"})
 MAX_NODE_NAME_LENGTH = 38
 MAX_CONNECTION_NAME_LENGTH = 64
 FIELD_TYPES = ("int", "float", "str", "bool", "any")
-_NODE_NAME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
-_CONNECTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_-]*$")
+_NODE_NAME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]*")
+_CONNECTION_NAME_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_-]*")
 _CALLABLE = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
 _FUNCTION_RE = re.compile(rf"^({_CALLABLE}|[^:\s][^:]*\.py):{_CALLABLE}$")
 
@@ -67,8 +68,8 @@ def _node_name(value: str) -> str:
     """A transform, gate or coalesce name: it becomes part of a node id of at most 64 characters."""
     if len(value) > MAX_NODE_NAME_LENGTH:
         raise ValueError(f"must be at most {MAX_NODE_NAME_LENGTH} characters (it has {len(value)})")
-    if not _NODE_NAME_RE.match(value):
-        raise ValueError("must start with a letter and contain only letters, digits, '_' and '-'")
+    if not _NODE_NAME_RE.fullmatch(value):
+        raise ValueError("must start with an ASCII letter and contain only ASCII letters, digits, '_' and '-'")
     return _not_reserved(value)
 
 
@@ -76,15 +77,17 @@ def _connection_name(value: str) -> str:
     """A connection, route label, fork branch or sink name."""
     if len(value) > MAX_CONNECTION_NAME_LENGTH:
         raise ValueError(f"must be at most {MAX_CONNECTION_NAME_LENGTH} characters (it has {len(value)})")
-    if not _CONNECTION_NAME_RE.match(value):
+    if not _CONNECTION_NAME_RE.fullmatch(value):
         raise ValueError(
-            "must start with a letter, digit or '_' and contain only letters, digits, '_' and '-'"
+            "must start with an ASCII letter, digit or '_' and contain only ASCII letters, digits, '_' and '-'"
         )
     return _not_reserved(value)
 
 
 def _sink_name(value: str) -> str:
-    """A sink name; ``discard`` is taken by on_error / on_validation_failure."""
+    """A sink name; ``discard`` is taken by on_error / on_validation_failure, ``source`` by the source node."""
+    if value == "source":
+        raise ValueError("'source' is the name of the source node; it cannot name a sink")
     if value == "discard":
         raise ValueError(
             "'discard' is reserved: it means 'drop the row' in on_error and on_validation_failure"
@@ -129,9 +132,10 @@ Encoding = Annotated[str, AfterValidator(_encoding)]
 Regex = Annotated[str, AfterValidator(_regex)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 OneChar = Annotated[str, Field(min_length=1, max_length=1)]
-#: Numbers that refuse YAML booleans (``quorum_count: true`` is a mistake, not 1).
+#: Numbers that refuse YAML booleans (``quorum_count: true`` is a mistake, not 1); floats must be finite
+#: (``.inf`` and ``.nan`` cannot be hashed into a node id, and are refused at their key).
 Whole = Annotated[int, Strict()]
-Number = Annotated[float, Strict()]
+Number = Annotated[float, Strict(), AllowInfNan(False)]
 
 
 class _Model(BaseModel):
@@ -413,7 +417,7 @@ class PythonOptions(PluginOptions):
     @classmethod
     def _function_shape(cls, value: str) -> str:
         """Check the shape only; the function is imported when the pipeline runs."""
-        if not _FUNCTION_RE.match(value):
+        if not _FUNCTION_RE.fullmatch(value):
             raise ValueError("must be 'package.module:function' or 'relative/path.py:function'")
         return value
 
@@ -796,6 +800,127 @@ def collect_warnings(config: PipelineConfig, locator: Locator | None = None) -> 
 
 # -- loading --------------------------------------------------------------------------------
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+#: Lists and mappings inside one another; settings need about 8, and PyYAML recurses once per level.
+MAX_NESTING_DEPTH = 100
+#: Values (keys included) once every alias is expanded; ten lines of nested aliases can make billions.
+MAX_EXPANDED_NODES = 100_000
+
+
+class _TooDeep(Exception):
+    """Raised by the loader at the first node nested deeper than MAX_NESTING_DEPTH."""
+
+    def __init__(self, mark: Any) -> None:
+        super().__init__(mark)
+        self.mark = mark
+
+
+class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """PyYAML's safe loader, reading YAML 1.2 exponent floats as floats and refusing nesting deeper than
+    MAX_NESTING_DEPTH before its recursion overflows."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.anchor_names: dict[int, str] = {}  # id(node) -> its anchor, to name aliases in messages
+
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        """Stop at the bracket that nests too deeply: the scanner looks ahead over every open one."""
+        if self.flow_level >= MAX_NESTING_DEPTH:
+            raise _TooDeep(self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Compose one node, counting how deep it is and remembering its anchor."""
+        self.depth += 1
+        try:
+            event = self.peek_event()
+            if self.depth > MAX_NESTING_DEPTH:
+                raise _TooDeep(event.start_mark)
+            node = super().compose_node(parent, index)
+            if event.anchor is not None and not isinstance(event, yaml.AliasEvent):
+                self.anchor_names[id(node)] = event.anchor
+            return node
+        finally:
+            self.depth -= 1
+
+
+#: YAML 1.2 floats with an exponent that YAML 1.1 reads as strings: ``5e-2``, ``1e3``, ``-2E+5``, ``1.0e300``.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+_SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def _children(node: yaml.Node) -> list[tuple[str | int, int, yaml.Node]]:
+    """(path part, line, node) of each key and value of a mapping node, or of each item of a sequence node."""
+    if isinstance(node, yaml.MappingNode):
+        return [
+            (str(key.value) if isinstance(key, yaml.ScalarNode) else "", key.start_mark.line + 1, child)
+            for key, value in node.value
+            for child in (key, value)
+        ]
+    if isinstance(node, yaml.SequenceNode):
+        return [(i, item.start_mark.line + 1, item) for i, item in enumerate(node.value)]
+    return []
+
+
+@dataclass
+class _Frame:
+    """One node being sized: its children, the next one to look at, and the size so far."""
+
+    node: yaml.Node
+    children: list[tuple[str | int, int, yaml.Node]]
+    next: int = 0
+    size: int = 1
+
+
+def _expanded_sizes(root: yaml.Node) -> tuple[dict[int, int], set[tuple[int, int]]]:
+    """Each node's value count with aliases expanded (capped past the limit), and the (node, child index) of
+    each alias to a node that contains it. Each node is sized once, however many aliases reach it."""
+    sizes: dict[int, int] = {}
+    loops: set[tuple[int, int]] = set()
+    frames = [_Frame(root, _children(root))]
+    on_path = {id(root)}
+    while frames:
+        frame = frames[-1]
+        if frame.next == len(frame.children):
+            frames.pop()
+            on_path.discard(id(frame.node))
+            sizes[id(frame.node)] = min(frame.size, MAX_EXPANDED_NODES + 1)
+            if frames:
+                frames[-1].size += sizes[id(frame.node)]
+            continue
+        child = frame.children[frame.next][2]
+        frame.next += 1
+        if id(child) in on_path:
+            loops.add((id(frame.node), frame.next - 1))
+            frame.size += MAX_EXPANDED_NODES + 1
+        elif id(child) in sizes:
+            frame.size += sizes[id(child)]
+        else:
+            on_path.add(id(child))
+            frames.append(_Frame(child, _children(child)))
+    return sizes, loops
+
+
+def _expansion_problem(root: yaml.Node, anchor_names: Mapping[int, str]) -> tuple[Loc, int, str] | None:
+    """(location, line, message) of an alias that expands to too many values or to a value containing
+    itself: the innermost value that is too large alone, or the looping alias; None when the file is fine."""
+    sizes, loops = _expanded_sizes(root)
+    if sizes[id(root)] <= MAX_EXPANDED_NODES:
+        return None
+    node, line = root, root.start_mark.line + 1
+    loc: Loc = ()
+    while True:
+        for i, (part, child_line, child) in enumerate(_children(node)):
+            if (id(node), i) in loops:
+                name = anchor_names.get(id(child), "")
+                return (*loc, part), child_line, f"the alias *{name} refers to a value that contains it"
+            if sizes[id(child)] > MAX_EXPANDED_NODES:
+                node, loc, line = child, (*loc, part), child_line
+                break
+        else:
+            return loc, line, f"the aliases expand to too many values (more than {MAX_EXPANDED_NODES:,})"
+
 
 @dataclass(frozen=True)
 class Locator:
@@ -803,6 +928,8 @@ class Locator:
 
     filename: str
     root: yaml.Node | None = None
+    #: (location, line, first line) of each key given twice, found before YAML merge keys were applied.
+    duplicates: tuple[tuple[Loc, int, int], ...] = ()
 
     def line(self, loc: Sequence[str | int]) -> int | None:
         """1-based line of the deepest part of ``loc`` present in the file."""
@@ -826,14 +953,14 @@ class Locator:
         """Keys given twice in one mapping (YAML keeps the last one silently)."""
         return [
             f"{self.filename}:{line}: {render_loc(loc)}: duplicate key, overrides the value at line {first}"
-            for loc, line, first in _duplicates(self.root, ())
+            for loc, line, first in self.duplicates
         ]
 
 
 def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
-    """The (line, node) of ``part`` in a mapping or sequence node."""
+    """The (line, node) of ``part`` in a mapping or sequence node; of a key given twice, the last (it wins)."""
     if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
+        for key, value in reversed(node.value):
             if isinstance(key, yaml.ScalarNode) and key.value == str(part):
                 return key.start_mark.line + 1, value
     elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
@@ -842,20 +969,30 @@ def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
     return None
 
 
-def _duplicates(node: yaml.Node | None, loc: Loc) -> Iterator[tuple[Loc, int, int]]:
-    """(location, line, first line) of every duplicated mapping key under ``node``."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            name = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
-            line = key.start_mark.line + 1
-            if name in seen:
-                yield (*loc, name), line, seen[name]
-            seen.setdefault(name, line)
-            yield from _duplicates(value, (*loc, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _duplicates(item, (*loc, i))
+def _duplicates(root: yaml.Node | None) -> Iterator[tuple[Loc, int, int]]:
+    """(location, line, first line) of each key given twice in one mapping, before ``<<: *base`` merges (whose
+    keys may be overridden) are applied; a node reached again through an alias is not walked again."""
+    walked: set[int] = set()
+    pending: list[tuple[yaml.Node | None, Loc]] = [(root, ())]
+    while pending:
+        node, loc = pending.pop()
+        if node is None or id(node) in walked:
+            continue
+        walked.add(id(node))
+        children: list[tuple[yaml.Node, Loc]] = []
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
+                line = key.start_mark.line + 1
+                if key.tag != _MERGE_TAG:
+                    if name in seen:
+                        yield (*loc, name), line, seen[name]
+                    seen.setdefault(name, line)
+                children.append((value, (*loc, name)))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, (*loc, i)) for i, item in enumerate(node.value)]
+        pending.extend(reversed(children))
 
 
 def read_settings(path: str | Path) -> tuple[Any, Locator]:
@@ -867,9 +1004,14 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
         raise ConfigError([f"{path}: settings file not found"], str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read the settings file: {exc}"], str(path)) from None
-    loader = yaml.SafeLoader(text)
+    loader = _SettingsLoader(text)
     try:
         root = loader.get_single_node()
+        expansion = _expansion_problem(root, loader.anchor_names) if root is not None else None
+        if expansion is not None:
+            loc, line, message = expansion
+            raise ConfigError([f"{path.name}:{line}: {format_problem(loc, message)}"], str(path))
+        duplicates = tuple(_duplicates(root))
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -881,9 +1023,15 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
         raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}{context}"], str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path.name}: invalid YAML: {exc}"], str(path)) from None
+    except _TooDeep as exc:
+        where, levels = f"{path.name}:{exc.mark.line + 1}", MAX_NESTING_DEPTH
+        raise ConfigError(
+            [f"{where}: nested too deeply (more than {levels} levels of lists and mappings inside one another)"],
+            str(path),
+        ) from None
     finally:
         loader.dispose()
-    return data, Locator(path.name, root)
+    return data, Locator(path.name, root, duplicates)
 
 
 def load_config(path: str | Path) -> tuple[PipelineConfig, tuple[str, ...]]:
@@ -922,7 +1070,7 @@ def render_loc(loc: Sequence[str | int]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif _SIMPLE_KEY.match(part):
+        elif _SIMPLE_KEY.fullmatch(part):
             out += f".{part}" if out else part
         else:
             out += f"[{part!r}]"
@@ -983,10 +1131,13 @@ def _describe(error: Mapping[str, Any], data: Any) -> tuple[Loc, str, Any]:
 
 
 def _user_loc(loc: Sequence[str | int], data: Any) -> Loc:
-    """Keep the parts of a pydantic location that exist in the input (drops union tags and ``[key]``)."""
+    """Keep the parts of a pydantic location that exist in the input (drops union tags and ``[key]``); in a list
+    a validator made a mapping (``branches: [a, b]``), a name is located by its index."""
     out: list[str | int] = []
     node = data
-    for i, part in enumerate(loc):
+    for i, given in enumerate(loc):
+        listed = isinstance(node, list | tuple) and isinstance(given, str) and given in node
+        part = node.index(given) if listed else given
         in_mapping = isinstance(node, Mapping) and part in node
         in_list = isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node)
         if in_mapping or in_list:

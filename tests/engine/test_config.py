@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pydantic
 import pytest
+import yaml
 
 from elspeth_nb.engine.config import (
     CoalesceConfig,
@@ -17,6 +19,7 @@ from elspeth_nb.engine.config import (
     GateConfig,
     JsonSink,
     KeywordFilterOptions,
+    LatencyOptions,
     PassthroughTransform,
     PipelineConfig,
     PythonOptions,
@@ -24,6 +27,7 @@ from elspeth_nb.engine.config import (
     TruncateOptions,
     config_from_mapping,
     load_config,
+    read_settings,
 )
 from elspeth_nb.errors import ConfigError
 
@@ -228,7 +232,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "quarantine name",
         minimal(source=source(on_validation_failure="bad sink")),
         "source.options.on_validation_failure",
-        "must start with a letter, digit or '_'",
+        "must start with an ASCII letter, digit or '_'",
     ),
     (
         "source on_success reserved",
@@ -247,7 +251,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "transform name chars",
         minimal(transforms=[transform("passthrough", name="3bad")]),
         "transforms[0].name",
-        "must start with a letter and contain only letters, digits, '_' and '-' (got '3bad')",
+        "must start with an ASCII letter and contain only ASCII letters, digits, '_' and '-' (got '3bad')",
     ),
     (
         "transform name length",
@@ -265,7 +269,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "transform name dunder",
         minimal(transforms=[transform("passthrough", name="__t")]),
         "transforms[0].name",
-        "must start with a letter",
+        "must start with an ASCII letter",
     ),
     (
         "transform input reserved",
@@ -283,7 +287,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "on_error name",
         minimal(transforms=[transform("passthrough", on_error="bad sink")]),
         "transforms[0].on_error",
-        "must start with a letter, digit or '_'",
+        "must start with an ASCII letter, digit or '_'",
     ),
     (
         "unknown key",
@@ -431,7 +435,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "gates[0].fork_to[1]",
         "'fork' is reserved",
     ),
-    ("gate name", minimal(gates=[gate(name="g!")]), "gates[0].name", "must start with a letter"),
+    ("gate name", minimal(gates=[gate(name="g!")]), "gates[0].name", "must start with an ASCII letter"),
     (
         "quorum needs count",
         minimal(coalesce=[coalesce(policy="quorum")]),
@@ -496,7 +500,7 @@ RULES: list[tuple[str, dict[str, Any], str, str]] = [
         "branch name",
         minimal(coalesce=[coalesce(branches={"a b": "x", "c": "y"})]),
         "coalesce[0].branches['a b']",
-        "must start with a letter, digit or '_'",
+        "must start with an ASCII letter, digit or '_'",
     ),
     (
         "policy",
@@ -797,3 +801,185 @@ def test_empty_sections_are_empty_lists(tmp_path: Path) -> None:
     )
     config, _ = load_config(write(tmp_path, text))
     assert config.transforms == () and config.gates == ()
+
+
+MERGED_SINKS = """\
+source: {plugin: csv, on_success: rows, options: {path: in.csv}}
+gates:
+  - {name: g, input: rows, condition: "row['name'] == 'bob'", routes: {'true': a, 'false': b}}
+sinks:
+  a: &s {plugin: jsonl, options: {path: out/a.jsonl}}
+  b:
+    <<: *s
+    options: {path: out/b.jsonl}
+"""
+
+MERGED_TRANSFORMS = """\
+source: {plugin: csv, on_success: raw, options: {path: in.csv}}
+transforms:
+  - &t {name: t1, plugin: truncate, input: raw, on_success: mid, options: {fields: {note: 8}}}
+  - <<: *t
+    name: t2
+    input: mid
+    on_success: out
+sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}
+"""
+
+
+def test_yaml_merge_keys_are_not_duplicates_and_explicit_keys_win(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, MERGED_SINKS))
+    assert (config.sinks["a"].options.path, config.sinks["b"].options.path) == ("out/a.jsonl", "out/b.jsonl")
+    config, _ = load_config(write(tmp_path, MERGED_TRANSFORMS))
+    assert [(t.name, t.input, t.on_success) for t in config.transforms] == [
+        ("t1", "raw", "mid"),
+        ("t2", "mid", "out"),
+    ]
+
+
+def test_merge_keys_do_not_hide_real_duplicates_or_locations(tmp_path: Path) -> None:
+    text = MERGED_SINKS.replace("    options: {path: out/b.jsonl}", "    plugin: csv\n    plugin: xlsx")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems == [
+        "settings.yaml:9: sinks.b.plugin: duplicate key, overrides the value at line 8",
+        "settings.yaml:9: sinks.b.plugin: unknown plugin; expected one of 'csv', 'json', 'jsonl', 'parquet' "
+        "(got 'xlsx')",
+    ]
+
+
+def test_duplicate_walk_visits_each_aliased_node_once(tmp_path: Path) -> None:
+    text = "x: &x {k: 1, k: 2}\ny: [*x, *x, *x]\n" + minimal_yaml()
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems[0] == "settings.yaml:1: x.k: duplicate key, overrides the value at line 1"
+    assert sum("duplicate key" in p for p in info.value.problems) == 1
+
+
+def minimal_yaml() -> str:
+    return (
+        "source: {plugin: csv, on_success: out, options: {path: in.csv}}\n"
+        "sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}\n"
+    )
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "source: " + "[" * 800 + "]" * 800 + "\n", "deep.yaml"))
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("deep.yaml:1: ")
+    assert "nested too deeply" in info.value.problems[0]
+
+
+def test_the_scanner_stops_at_the_bracket_nested_too_deeply(tmp_path: Path) -> None:
+    """PyYAML scans ahead over every open bracket (quadratic time); the error must come before the bad quote."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "source: " + "[" * 900 + '"unclosed\n', "deep.yaml"))
+    assert info.value.problems == [
+        "deep.yaml:1: nested too deeply (more than 100 levels of lists and mappings inside one another)"
+    ]
+
+
+def _laughs(levels: int) -> str:
+    lines = ["a0: &a0 [" + ", ".join(['"x"'] * 10) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return "\n".join([*lines, f"source: *a{levels}"]) + "\n"
+
+
+@pytest.mark.parametrize("levels", [6, 8])
+def test_alias_expansion_is_bounded_and_fails_fast(tmp_path: Path, levels: int) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, _laughs(levels), "laughs.yaml"))
+    assert time.perf_counter() - started < 1
+    assert info.value.problems == [
+        "laughs.yaml:5: a4: the aliases expand to too many values (more than 100,000)"
+    ]
+
+
+def test_a_self_containing_alias_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "a: &a [1, *a]\nsource: *a\n", "loop.yaml"))
+    assert info.value.problems == ["loop.yaml:1: a[1]: the alias *a refers to a value that contains it"]
+
+
+def test_yaml_1_2_exponent_floats_are_numbers(tmp_path: Path) -> None:
+    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
+        "gates:\n  - {name: g, input: raw, condition: 'True', routes: {'true': fork, 'false': out}, "
+        "fork_to: [a, b]}\n"
+        "transforms:\n  - {name: t, plugin: latency, input: a, on_success: oa, "
+        "options: {mean_ms: 1.0e300, max_ms: 1e3, seed: 1}}\n"
+        "coalesce:\n  - {name: m, branches: {a: oa, b: b}, policy: best_effort, timeout_seconds: 5e-2, "
+        "on_success: out}\n"
+    )
+    config, _ = load_config(write(tmp_path, text))
+    options = config.transforms[0].options
+    assert isinstance(options, LatencyOptions)
+    assert (options.mean_ms, options.max_ms, config.coalesce[0].timeout_seconds) == (1e300, 1000.0, 0.05)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text.replace("timeout_seconds: 5e-2", "timeout_seconds: '5e-2'")))
+    assert info.value.problems == [
+        "settings.yaml:8: coalesce[0].timeout_seconds: must be a valid number (got '5e-2')"
+    ]
+
+
+@pytest.mark.parametrize("text", ["5e-2", "1e3", "-2E+5", "+1.5e10", ".5e1", "1e300"])
+def test_exponent_forms_read_as_floats_by_the_settings_loader_only(tmp_path: Path, text: str) -> None:
+    data, _ = read_settings(write(tmp_path, f"a: {text}\nb: '{text}'\n"))
+    assert data == {"a": float(text), "b": text}
+    assert yaml.safe_load(f"a: {text}") == {"a": text}  # yaml.SafeLoader itself is left as it is
+
+
+def test_infinite_numbers_are_refused_at_their_key(tmp_path: Path) -> None:
+    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
+        "gates:\n  - {name: g, input: raw, condition: 'True', routes: {'true': fork, 'false': out}, "
+        "fork_to: [a, b]}\n"
+        "transforms:\n  - {name: t, plugin: latency, input: a, on_success: oa, options: {mean_ms: .inf}}\n"
+        "coalesce:\n  - {name: m, branches: {a: oa, b: b}, policy: best_effort, timeout_seconds: .inf, "
+        "on_success: out}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems == [
+        "settings.yaml:6: transforms[0].options.mean_ms: must be a finite number (got inf)",
+        "settings.yaml:8: coalesce[0].timeout_seconds: must be a finite number (got inf)",
+    ]
+
+
+def test_non_ascii_names_are_refused_as_not_ascii_once(tmp_path: Path) -> None:
+    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
+        "gates:\n  - {name: g, input: raw, condition: 'True', routes: {'true': fork, 'false': out}, "
+        "fork_to: [ä, b]}\n"
+        "coalesce:\n  - {name: m, branches: [ä, b], on_success: out}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    rule = "must start with an ASCII letter, digit or '_' and contain only ASCII letters, digits, '_' and '-'"
+    assert info.value.problems == [
+        f"settings.yaml:4: gates[0].fork_to[0]: {rule} (got 'ä')",
+        f"settings.yaml:6: coalesce[0].branches[0]: {rule} (got 'ä')",
+    ]
+
+
+def test_a_sink_cannot_be_called_source(tmp_path: Path) -> None:
+    text = (
+        "source: {plugin: csv, on_success: source, options: {path: in.csv}}\n"
+        "sinks:\n  source: {plugin: jsonl, options: {path: out.jsonl}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.problems == [
+        "settings.yaml:3: sinks.source: 'source' is the name of the source node; it cannot name a sink "
+        "(got 'source')"
+    ]
+
+
+def test_a_name_ending_in_a_newline_is_refused() -> None:
+    """``$`` matches before a final newline; ``name: |`` gives ``"t\\n"``, which would end up in a node id."""
+    assert problems_of(minimal(transforms=[transform("passthrough", name="t\n", input="out")])) == [
+        "transforms[0].name: must start with an ASCII letter and contain only ASCII letters, digits, '_' and '-' "
+        "(got 't\\n')"
+    ]
+    assert problems_of(minimal(sinks={"out\n": {"plugin": "jsonl", "options": {"path": "o.jsonl"}}}))[0] == (
+        "sinks['out\\n']: must start with an ASCII letter, digit or '_' and contain only ASCII letters, digits, "
+        "'_' and '-' (got 'out\\n')"
+    )
