@@ -530,8 +530,8 @@ BAD_RUN_IDS = {**EVIL, "parent-folder": "../escape", "subfolder": "a/b",
                "hive-separator": "a=b", "schema-partition": "__schema__", "glob": "*", "latest": "latest"}
 for _name, _value in BAD_RUN_IDS.items():
     case(f"run-id-{_name}", lambda ctx, v=_value: run_pipeline(_config_path(ctx), run_id=v),
-         Fails(ConfigError, r"run_id: must start with a letter or digit and contain only letters, digits, '\.', '_' "
-               rf"and '-' \(at most 128 characters\), and not be 'latest' \(got {re.escape(repr(_value))}\)"),
+         Fails(ConfigError, r"run_id: must start with an ASCII letter or digit and contain only ASCII letters, digits, "
+               rf"'\.', '_' and '-' \(at most 128 characters\), and not be 'latest' \(got {re.escape(repr(_value))}\)"),
          then=_nothing_written)
 case("run-id-of-the-stored-run", lambda ctx: run_pipeline(_config_path(ctx), run_id=ctx.run),
      Fails(AuditStoreError, r"run_id: <store> already holds a run '<run>'; a run id names one run"),

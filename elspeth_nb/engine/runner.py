@@ -401,8 +401,8 @@ def abandon_in_flight(ctx: EngineContext, error: str) -> None:
 def check_run_id(run_id: str) -> None:
     """A run id must be usable as a folder name and as a value: letters, digits, '.', '_', '-'; not 'latest'."""
     if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id) or run_id == "latest":
-        raise ConfigError([f"run_id: must start with a letter or digit and contain only letters, digits, '.', '_' "
-                           f"and '-' (at most 128 characters), and not be 'latest' (got {run_id!r})"])
+        raise ConfigError([f"run_id: must start with an ASCII letter or digit and contain only ASCII letters, digits, "
+                           f"'.', '_' and '-' (at most 128 characters), and not be 'latest' (got {run_id!r})"])
 
 
 def check_writable(path: Path, where: str) -> None:
