@@ -30,6 +30,7 @@ from pydantic import (
     AfterValidator,
     AllowInfNan,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -135,7 +136,19 @@ OneChar = Annotated[str, Field(min_length=1, max_length=1)]
 #: Numbers that refuse YAML booleans (``quorum_count: true`` is a mistake, not 1); floats must be finite
 #: (``.inf`` and ``.nan`` cannot be hashed into a node id, and are refused at their key).
 Whole = Annotated[int, Strict()]
-Number = Annotated[float, Strict(), AllowInfNan(False)]
+#: YAML 1.2 floats with an exponent that YAML 1.1 reads as text: ``5e-2``, ``1e3``, ``-2E+5``, ``1.0e300``.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def _exponent_number(value: Any) -> Any:
+    """A number setting written ``5e-2`` is that number: PyYAML reads it as text, and only a number setting
+    can tell (the same text as a name or a path stays text)."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        return float(value)
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_exponent_number), Strict(), AllowInfNan(False)]
 
 
 class _Model(BaseModel):
@@ -816,8 +829,7 @@ class _TooDeep(Exception):
 
 
 class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
-    """PyYAML's safe loader, reading YAML 1.2 exponent floats as floats and refusing nesting deeper than
-    MAX_NESTING_DEPTH before its recursion overflows."""
+    """PyYAML's safe loader, refusing nesting deeper than MAX_NESTING_DEPTH before its recursion overflows."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -844,10 +856,6 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
         finally:
             self.depth -= 1
 
-
-#: YAML 1.2 floats with an exponent that YAML 1.1 reads as strings: ``5e-2``, ``1e3``, ``-2E+5``, ``1.0e300``.
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
-_SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
 
 
 def _children(node: yaml.Node) -> list[tuple[str | int, int, yaml.Node]]:
