@@ -593,7 +593,8 @@ case("csv-invalid-utf8-in-header", _run(b"id,amount,n\xf6te\n1,1.5,ok\n"),
      then=_nothing_written)
 case("csv-utf8-bom", _run(b"\xef\xbb\xbf" + HEADER + b"1,1.5,ok\n2,2.5,ok\n"), Completes(good=2))
 case("csv-empty-file", _run(b""),
-     Fails(InputError, r"^source\.options\.path: <work>/in\.csv is empty; a CSV source needs a header line"),
+     Fails(InputError, r"^pipeline\.yaml:5: source\.options\.path: <work>/in\.csv is empty; a CSV source needs a "
+                       r"header line"),
      then=_nothing_written)
 case("csv-header-only", _run(HEADER), Completes(good=0))
 case("csv-header-lacks-a-declared-field", _run(b"id,amount\n1,1.5\n"),
@@ -739,19 +740,19 @@ def _directory_input(ctx: Ctx) -> Any:
 
 if _chmod_stops_reading():
     case("input-unreadable-chmod-000", _unreadable_by_chmod,
-         Fails(InputError, r"^source\.options\.path: cannot read <work>/in\.csv: Permission denied$"))
+         Fails(InputError, r"^pipeline\.yaml:5: source\.options\.path: cannot read <work>/in\.csv: Permission denied$"))
 else:
     case("input-unreadable-as-root-fifo-instead-of-chmod-000", _fifo_input,
-         Fails(InputError, r"^source\.options\.path: <work>/in\.csv is not a file$"))
+         Fails(InputError, r"^pipeline\.yaml:5: source\.options\.path: <work>/in\.csv is not a file$"))
 case("input-is-a-directory", _directory_input,
-     Fails(InputError, r"^source\.options\.path: <work>/in\.csv is not a file$"))
+     Fails(InputError, r"^pipeline\.yaml:5: source\.options\.path: <work>/in\.csv is not a file$"))
 case("input-missing", lambda ctx: run_pipeline(ctx.settings()),
-     Fails(InputError, r"^source\.options\.path: input file <work>/in\.csv does not exist$"))
+     Fails(InputError, r"^pipeline\.yaml:5: source\.options\.path: input file <work>/in\.csv does not exist$"))
 case("input-parquet-with-corrupt-footer",
      _run(b"PAR1" + b"\0" * 64, ("  plugin: csv", "  plugin: parquet"), ("    path: in.csv", "    path: in.parquet"),
           name="in.parquet"),
-     Fails(InputError, r"^source\.options\.path: <work>/in\.parquet is not a readable Parquet file: Parquet magic "
-           r"bytes not found in footer"), then=_nothing_written)
+     Fails(InputError, r"^pipeline\.yaml:5: source\.options\.path: <work>/in\.parquet is not a readable Parquet file: "
+           r"Parquet magic bytes not found in footer"), then=_nothing_written)
 
 
 def _python_transform(body: str, *edits: Edit, rows: int = 3) -> Act:
@@ -1047,7 +1048,8 @@ def _says_audit_is_a_file(ctx: Ctx, said: tuple[int, str]) -> None:
 
 case("import-audit-path-is-a-file", _import_into_a_file, Returns(_says_audit_is_a_file))
 case("sink-path-is-a-directory", _sink_is_a_directory,
-     Fails(InputError, r"^sinks\.out\.options\.path: <work>/out\.jsonl is a directory; a sink writes a file$"))
+     Fails(InputError, r"^pipeline\.yaml:\d+: sinks\.out\.options\.path: <work>/out\.jsonl is a directory; a sink "
+                       r"writes a file$"))
 
 # == the audit store: locked, damaged or newer than this release ======================================
 

@@ -199,14 +199,14 @@ class Engine:
         self.run_id = run_id
         config = pipeline.config
         pipeline.check_paths(audit_root)
-        self.source = build_source(config.source, pipeline.resolve_path)
+        self.source = build_source(config.source, pipeline.resolve_path, pipeline.where(("source", "options", "path")))
         self.source.check_readable()
         self.plugins = {t.name: build_transform(t, pipeline.base_dir,
                                                 pipeline.where(("transforms", i, "options", "function")))
                         for i, t in enumerate(config.transforms)}
         self.sinks = {name: build_sink(s, pipeline.resolve_path) for name, s in config.sinks.items()}
         for name, sink in self.sinks.items():
-            check_writable(sink.path, f"sinks.{name}.options.path")
+            check_writable(sink.path, pipeline.where(("sinks", name, "options", "path")))
         self.settings = config.model_dump(mode="json", exclude_none=True)
         self.workers = self._choose_workers(workers)
 

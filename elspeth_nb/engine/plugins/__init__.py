@@ -21,18 +21,24 @@ from elspeth_nb.engine.plugins.transforms import (
 Source = CsvSource | JsonlSource | ParquetSource
 
 
-def build_source(config: Any, resolve: Callable[[str], Path]) -> Source:
-    """The source plugin for ``config`` (a SourceConfig), its path resolved against the settings file."""
+def build_source(config: Any, resolve: Callable[[str], Path], where: str | None = None) -> Source:
+    """The source plugin for ``config`` (a SourceConfig), its path resolved against the settings file;
+    ``where`` locates its path setting in input errors."""
     options = config.options
     schema = options.schema_
     fields = [FieldRule(f.name, f.type, f.required) for f in schema.field_specs()] if schema.fields else []
     path = resolve(options.path)
+    source: Source
     if config.plugin == "csv":
-        return CsvSource(path, schema.mode, fields, delimiter=options.delimiter, quotechar=options.quotechar,
-                         encoding=options.encoding)
-    if config.plugin == "jsonl":
-        return JsonlSource(path, schema.mode, fields, encoding=options.encoding)
-    return ParquetSource(path, schema.mode, fields)
+        source = CsvSource(path, schema.mode, fields, delimiter=options.delimiter, quotechar=options.quotechar,
+                           encoding=options.encoding)
+    elif config.plugin == "jsonl":
+        source = JsonlSource(path, schema.mode, fields, encoding=options.encoding)
+    else:
+        source = ParquetSource(path, schema.mode, fields)
+    if where is not None:
+        source.where = where
+    return source
 
 
 def build_transform(config: Any, base_dir: Path, where: str | None = None) -> Any:

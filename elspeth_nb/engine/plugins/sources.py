@@ -89,6 +89,8 @@ def _json_type_ok(kind: str, value: Any) -> bool:
 
 
 class _Source:
+    #: The setting that names the input, as errors show it (``settings.yaml:3: source.options.path``).
+    where = "source.options.path"
     """What every source shares: its file, schema mode and declared fields."""
 
     plugin = "source"
@@ -103,14 +105,14 @@ class _Source:
     def check_readable(self) -> None:
         """Fail before the run starts if the input cannot be opened."""
         if not self.path.exists():
-            raise InputError(f"source.options.path: input file {self.path} does not exist")
+            raise InputError(f"{self.where}: input file {self.path} does not exist")
         if not self.path.is_file():
-            raise InputError(f"source.options.path: {self.path} is not a file")
+            raise InputError(f"{self.where}: {self.path} is not a file")
         try:
             with self.path.open("rb") as handle:
                 handle.read(1)
         except OSError as exc:
-            raise InputError(f"source.options.path: cannot read {self.path}: {exc.strerror or exc}") from exc
+            raise InputError(f"{self.where}: cannot read {self.path}: {exc.strerror or exc}") from exc
 
     def location(self, line: int) -> str:
         return f"{self.path.name}:{line}"
@@ -254,7 +256,7 @@ class CsvSource(_Source):
         try:
             header = next(reader)
         except StopIteration:
-            raise InputError(f"source.options.path: {self.path} is empty; a CSV source needs a header line "
+            raise InputError(f"{self.where}: {self.path} is empty; a CSV source needs a header line "
                              "naming its columns") from None
         except csv.Error as exc:
             raise InputError(f"{self.path}:{reader.line_num}: cannot read the CSV header: {exc}") from exc
@@ -421,7 +423,7 @@ class ParquetSource(_Source):
         try:
             pq.read_schema(self.path)
         except Exception as exc:
-            raise InputError(f"source.options.path: {self.path} is not a readable Parquet file: {exc}") from exc
+            raise InputError(f"{self.where}: {self.path} is not a readable Parquet file: {exc}") from exc
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any] | Quarantine]:
         """Rows and quarantines of rows ``start <= index < stop``, read batch by batch."""
