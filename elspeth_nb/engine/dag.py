@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -670,6 +671,12 @@ class _Builder:
     def _spec(self, loc: Loc, name: str, node_type: NodeType, settings: Any, step: int) -> NodeSpec | None:
         """The NodeSpec of one node, its id built as ELSPETH's builder does."""
         plugin, config = _plugin_and_config(node_type, name, settings)
+        options: Any = getattr(settings, "options", None)
+        found = _non_finite(options.model_dump(exclude_none=True), ()) if hasattr(options, "model_dump") else None
+        if found is not None:  # in free-form options (a python transform's), which the JSON dump turns into null
+            where, value = found
+            self.problem((*loc, "options", *where), f"must be a finite number (got {value})")
+            return None
         try:
             config_hash = stable_hash(config)
         except CanonicalizationError as exc:
@@ -684,6 +691,17 @@ class _Builder:
         )
         version = PLUGIN_VERSION if plugin_node else engine_version()
         return NodeSpec(name, node_type, node_id, plugin, version, determinism, config, config_hash, step)
+
+
+def _non_finite(value: Any, loc: Loc) -> tuple[Loc, float] | None:
+    """Where the first NaN or infinity in a JSON-like ``value`` is, and the value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return loc, value
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        if (found := _non_finite(child, (*loc, key))) is not None:
+            return found
+    return None
 
 
 def _plugin_and_config(node_type: NodeType, name: str, settings: Any) -> tuple[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ from elspeth_nb.engine.config import (
     load_config,
     read_settings,
 )
+from elspeth_nb.engine.dag import load_pipeline
 from elspeth_nb.errors import ConfigError
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -949,6 +950,19 @@ def test_infinite_numbers_are_refused_at_their_key(tmp_path: Path) -> None:
         "settings.yaml:6: transforms[0].options.mean_ms: must be a finite number (got inf)",
         "settings.yaml:8: coalesce[0].timeout_seconds: must be a finite number (got inf)",
     ]
+
+
+def test_infinite_numbers_in_free_form_options_are_refused_at_their_key(tmp_path: Path) -> None:
+    """A python transform's options are passed as written; a NaN or infinity deep in them is named where it is."""
+    (tmp_path / "fn.py").write_text("def f(row, options):\n    return row\n")
+    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
+        "transforms:\n  - {name: t, plugin: python, input: raw, on_success: out, "
+        "options: {function: 'fn.py:f', options: {limits: {low: 1, bands: [0.5, .inf]}}}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(write(tmp_path, text))
+    assert info.value.problems == ["settings.yaml:4: transforms[0].options.options.limits.bands[1]: must be a finite "
+                                   "number (got inf)"]
 
 
 def test_non_ascii_names_are_refused_as_not_ascii_once(tmp_path: Path) -> None:
