@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from _machine import Conditions
-from engine_throughput import WORK, make_input, make_pipeline
+from engine_throughput import WORK, fresh_run
 
 RECORD_METHODS = ("rows", "tokens", "token_parents", "token_outcomes", "node_states", "routing_events", "payloads",
                   "coalesce_events")
@@ -61,12 +60,7 @@ def measure(rows: int, variant: str, work: Path = WORK) -> dict[str, float]:
     from elspeth_nb.engine.runner import run_pipeline
 
     _patch(variant)
-    folder = work / f"floor_{rows}"
-    folder.mkdir(parents=True, exist_ok=True)
-    input_path = work / f"input_{rows}.csv"
-    make_input(input_path, rows)
-    pipeline = make_pipeline(folder, input_path)
-    shutil.rmtree(folder / "audit", ignore_errors=True)
+    pipeline, _ = fresh_run(work, f"floor_{rows}", rows)
     conditions = Conditions().start()
     run_pipeline(pipeline, sync_duckdb=False, workers=1)
     conditions.stop()

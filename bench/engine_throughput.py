@@ -60,6 +60,17 @@ def make_pipeline(folder: Path, input_path: Path) -> Path:
     return path
 
 
+def fresh_run(work: Path, folder_name: str, rows: int) -> tuple[Path, Path]:
+    """(pipeline file, folder) of a run at ``rows`` rows in ``work/folder_name``, its earlier trail removed."""
+    folder = work / folder_name
+    folder.mkdir(parents=True, exist_ok=True)
+    input_path = work / f"input_{rows}.csv"
+    make_input(input_path, rows)
+    pipeline = make_pipeline(folder, input_path)
+    shutil.rmtree(folder / "audit", ignore_errors=True)
+    return pipeline, folder
+
+
 def _peak_rss_mib() -> float:
     """Largest resident set of this process and of the children it waited for (fork workers)."""
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -71,12 +82,7 @@ def measure(rows: int) -> dict[str, float]:
     from elspeth_nb.audit.store import AuditStore
     from elspeth_nb.engine.runner import run_pipeline
 
-    folder = WORK / f"rows_{rows}"
-    folder.mkdir(parents=True, exist_ok=True)
-    input_path = WORK / f"input_{rows}.csv"
-    make_input(input_path, rows)
-    pipeline = make_pipeline(folder, input_path)
-    shutil.rmtree(folder / "audit", ignore_errors=True)
+    pipeline, folder = fresh_run(WORK, f"rows_{rows}", rows)
     conditions = Conditions().start()
     started = time.perf_counter()
     result = run_pipeline(pipeline, sync_duckdb=False)
