@@ -902,15 +902,20 @@ def test_a_self_containing_alias_is_a_config_error(tmp_path: Path) -> None:
     assert info.value.problems == ["loop.yaml:1: a[1]: the alias *a refers to a value that contains it"]
 
 
-def test_yaml_1_2_exponent_floats_are_numbers(tmp_path: Path) -> None:
-    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
+def latency_branch_yaml(latency_options: str, timeout_seconds: str) -> str:
+    """A fork into a latency branch and a plain one, joined best_effort: the number settings under test in line 6
+    (the latency options) and line 8 (the coalesce timeout)."""
+    return minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
         "gates:\n  - {name: g, input: raw, condition: 'True', routes: {'true': fork, 'false': out}, "
         "fork_to: [a, b]}\n"
-        "transforms:\n  - {name: t, plugin: latency, input: a, on_success: oa, "
-        "options: {mean_ms: 1.0e300, max_ms: 1e3, seed: 1}}\n"
-        "coalesce:\n  - {name: m, branches: {a: oa, b: b}, policy: best_effort, timeout_seconds: 5e-2, "
-        "on_success: out}\n"
+        f"transforms:\n  - {{name: t, plugin: latency, input: a, on_success: oa, options: {latency_options}}}\n"
+        "coalesce:\n  - {name: m, branches: {a: oa, b: b}, policy: best_effort, "
+        f"timeout_seconds: {timeout_seconds}, on_success: out}}\n"
     )
+
+
+def test_yaml_1_2_exponent_floats_are_numbers(tmp_path: Path) -> None:
+    text = latency_branch_yaml("{mean_ms: 1.0e300, max_ms: 1e3, seed: 1}", "5e-2")
     config, _ = load_config(write(tmp_path, text))
     options = config.transforms[0].options
     assert isinstance(options, LatencyOptions)
@@ -937,13 +942,7 @@ def test_a_connection_named_like_an_exponent_number_loads(tmp_path: Path, text: 
 
 
 def test_infinite_numbers_are_refused_at_their_key(tmp_path: Path) -> None:
-    text = minimal_yaml().replace("on_success: out,", "on_success: raw,") + (
-        "gates:\n  - {name: g, input: raw, condition: 'True', routes: {'true': fork, 'false': out}, "
-        "fork_to: [a, b]}\n"
-        "transforms:\n  - {name: t, plugin: latency, input: a, on_success: oa, options: {mean_ms: .inf}}\n"
-        "coalesce:\n  - {name: m, branches: {a: oa, b: b}, policy: best_effort, timeout_seconds: .inf, "
-        "on_success: out}\n"
-    )
+    text = latency_branch_yaml("{mean_ms: .inf}", ".inf")
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     assert info.value.problems == [
