@@ -20,7 +20,7 @@ import json
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
@@ -835,6 +835,8 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
         super().__init__(stream)
         self.depth = 0
         self.anchor_names: dict[int, str] = {}  # id(node) -> its anchor, to name aliases in messages
+        #: (id(parent), id(key) or item index) -> (anchor, line) of each alias, to name where a value was used
+        self.alias_uses: dict[tuple[int, int], tuple[str, int]] = {}
 
     def fetch_flow_collection_start(self, token_class: Any) -> None:
         """Stop at the bracket that nests too deeply: the scanner looks ahead over every open one."""
@@ -850,7 +852,11 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
             if self.depth > MAX_NESTING_DEPTH:
                 raise _TooDeep(event.start_mark)
             node = super().compose_node(parent, index)
-            if event.anchor is not None and not isinstance(event, yaml.AliasEvent):
+            if isinstance(event, yaml.AliasEvent):
+                if parent is not None and index is not None:
+                    slot = id(index) if isinstance(index, yaml.Node) else index
+                    self.alias_uses[(id(parent), slot)] = (event.anchor, event.start_mark.line + 1)
+            elif event.anchor is not None:
                 self.anchor_names[id(node)] = event.anchor
             return node
         finally:
@@ -938,24 +944,41 @@ class Locator:
     root: yaml.Node | None = None
     #: (location, line, first line) of each key given twice, found before YAML merge keys were applied.
     duplicates: tuple[tuple[Loc, int, int], ...] = ()
+    #: (id(parent), id(key) or item index) -> (anchor, line of the alias) of each value reached through an alias,
+    #: keys brought in by ``<<: *base`` included.
+    aliases: Mapping[tuple[int, int], tuple[str, int]] = field(default_factory=dict)
 
     def line(self, loc: Sequence[str | int]) -> int | None:
         """1-based line of the deepest part of ``loc`` present in the file."""
+        return self._find(loc)[0]
+
+    def _find(self, loc: Sequence[str | int]) -> tuple[int | None, tuple[str, int] | None]:
+        """(line of the deepest part of ``loc`` present, the first alias crossed on the way there, if any)."""
         node = self.root
         if node is None:
-            return None
-        line = int(node.start_mark.line) + 1
+            return None, None
+        line, through = int(node.start_mark.line) + 1, None
         for part in loc:
             found = _child(node, part)
             if found is None:
                 break
-            line, node = found
-        return line
+            line, child, slot = found
+            through = through or self.aliases.get((id(node), slot))
+            node = child
+        return line, through
 
     def prefix(self, loc: Sequence[str | int]) -> str:
-        """``settings.yaml:12: `` (or ``settings.yaml: `` when the line is unknown)."""
-        line = self.line(loc)
-        return f"{self.filename}:{line}: " if line else f"{self.filename}: "
+        """``settings.yaml:12: `` (or ``settings.yaml: `` when the line is unknown).
+
+        A value written once and used through an alias is located where it is written, and the alias
+        is named: ``settings.yaml:3 (through *base at line 20): ``.
+        """
+        line, through = self._find(loc)
+        if not line:
+            return f"{self.filename}: "
+        if through is None:
+            return f"{self.filename}:{line}: "
+        return f"{self.filename}:{line} (through *{through[0]} at line {through[1]}): "
 
     def duplicate_keys(self) -> list[str]:
         """Keys given twice in one mapping (YAML keeps the last one silently)."""
@@ -965,16 +988,49 @@ class Locator:
         ]
 
 
-def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
-    """The (line, node) of ``part`` in a mapping or sequence node; of a key given twice, the last (it wins)."""
+def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node, int] | None:
+    """The (line, node, slot) of ``part`` in a mapping or sequence node; of a key given twice, the last (it wins).
+
+    The slot (``id`` of the key, or the item index) is what :class:`Locator` finds aliases by.
+    """
     if isinstance(node, yaml.MappingNode):
         for key, value in reversed(node.value):
             if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                return key.start_mark.line + 1, value
+                return key.start_mark.line + 1, value, id(key)
     elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
         item = node.value[part]
-        return item.start_mark.line + 1, item
+        return item.start_mark.line + 1, item, part
     return None
+
+
+def _alias_crossings(root: yaml.Node | None, alias_uses: Mapping[tuple[int, int], tuple[str, int]],
+                     ) -> dict[tuple[int, int], tuple[str, int]]:
+    """``alias_uses`` plus the keys each ``<<: *base`` (or ``<<: [*a, *b]``) brings into its mapping.
+
+    Read before the document is constructed: constructing it moves the merged keys into the mapping, where
+    they keep the lines of the anchored mapping they were written in.
+    """
+    crossings = dict(alias_uses)
+    walked: set[int] = set()
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in walked:
+            continue
+        walked.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag == _MERGE_TAG:
+                    sources = [(alias_uses.get((id(node), id(key))), value)]
+                    if isinstance(value, yaml.SequenceNode):
+                        sources = [(alias_uses.get((id(value), i)), item) for i, item in enumerate(value.value)]
+                    for origin, merged in sources:
+                        if origin is not None and isinstance(merged, yaml.MappingNode):
+                            crossings.update({(id(node), id(k)): origin for k, _ in merged.value})
+                pending.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+    return crossings
 
 
 def _duplicates(root: yaml.Node | None) -> Iterator[tuple[Loc, int, int]]:
@@ -1020,6 +1076,7 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
             loc, line, message = expansion
             raise ConfigError([f"{path.name}:{line}: {format_problem(loc, message)}"], str(path))
         duplicates = tuple(_duplicates(root))
+        aliases = _alias_crossings(root, loader.alias_uses)
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -1039,7 +1096,7 @@ def read_settings(path: str | Path) -> tuple[Any, Locator]:
         ) from None
     finally:
         loader.dispose()
-    return data, Locator(path.name, root, duplicates)
+    return data, Locator(path.name, root, duplicates, aliases)
 
 
 def load_config(path: str | Path) -> tuple[PipelineConfig, tuple[str, ...]]:

@@ -902,6 +902,28 @@ def test_a_self_containing_alias_is_a_config_error(tmp_path: Path) -> None:
     assert info.value.problems == ["loop.yaml:1: a[1]: the alias *a refers to a value that contains it"]
 
 
+def test_a_value_used_through_an_alias_names_the_alias_and_where_the_value_is_written(tmp_path: Path) -> None:
+    text = MERGED_TRANSFORMS.replace("fields: {note: 8}", "fields: {note: -1}").replace("  - <<: *t\n",
+                                                                                          "  - *t\n  - <<: *t\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert [p.split(".options.fields: ")[0] for p in info.value.problems] == [
+        "settings.yaml:3: transforms[0]",
+        "settings.yaml:3 (through *t at line 4): transforms[1]",
+        "settings.yaml:3 (through *t at line 5): transforms[2]",
+    ]
+
+
+def test_keys_merged_from_a_list_of_aliases_name_the_alias_they_came_through(tmp_path: Path) -> None:
+    text = ("base: &b {plugin: jsonl}\nbad: &o {options: {path: 7}}\n"
+            "source: {plugin: csv, on_success: out, options: {path: in.csv}}\n"
+            "sinks:\n  out:\n    <<: [*b, *o]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert "settings.yaml:2 (through *o at line 6): sinks.out.options.path: " in "\n".join(info.value.problems)
+    assert not any("through *b" in p for p in info.value.problems)
+
+
 def latency_branch_yaml(latency_options: str, timeout_seconds: str) -> str:
     """A fork into a latency branch and a plain one, joined best_effort: the number settings under test in line 6
     (the latency options) and line 8 (the coalesce timeout)."""
