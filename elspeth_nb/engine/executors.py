@@ -111,7 +111,7 @@ class TransformExecutor(NodeExecutor):
             ctx.stack.append((receive, token, (arg, ctx.loss_context(token, loss), None)))
             return
         if routing.destination == "discard":
-            loss = {"reason": "error_discarded", "node": self.name, "detail": summary}
+            loss = {"reason": "quarantined", "node": self.name, "detail": summary}
             outcome = Outcome.QUARANTINED
         else:
             loss = {"reason": "transform_failed", "node": self.name, "detail": summary}

@@ -83,11 +83,11 @@ def test_merge_timings_tell_each_scenario(audit: Audit, matrix: Matrix) -> None:
     assert delayed["b"]["late_by_ms"] == pytest.approx(300.0) and delayed["a"]["wait_duration_ms"] == 0.0
     # require_all, branch c of the toys row discarded: the decision fails on the lost branch
     lost = _by_row(audit, matrix, "require_all-nested-lost")[1]
-    assert lost["c"]["status"] == "lost" and lost["c"]["lost_reason"] == "error_discarded"
+    assert lost["c"]["status"] == "lost" and lost["c"]["lost_reason"] == "quarantined"
     assert lost["c"]["token_id"] is not None and lost["a"]["event_type"] == "failed"
     # quorum merges before c is discarded: c is missing, and says why it never came
     after = _by_row(audit, matrix, "quorum-nested-lost")[1]
-    assert after["c"]["status"] == "missing" and after["c"]["lost_reason"] == "error_discarded"
+    assert after["c"]["status"] == "missing" and after["c"]["lost_reason"] == "quarantined"
     # best_effort times out after 1 s with only a; b and c come 1 s later
     timeout = _by_row(audit, matrix, "best_effort-union-timeout")[2]
     assert timeout["a"]["trigger"] == "timeout" and timeout["a"]["wait_duration_ms"] == pytest.approx(1000.0)
@@ -188,5 +188,5 @@ def test_policy_outcomes_count_triggers_reasons_losses_and_lateness(audit: Audit
 def test_policy_outcomes_display(audit: Audit, matrix: Matrix) -> None:
     result = audit.policy_outcomes(matrix.runs["require_all-nested-lost"])
     text = repr(result)
-    assert "Decisions by trigger:" in text and "branch_lost" in text and "error_discarded" in text
+    assert "Decisions by trigger:" in text and "branch_lost" in text and "quarantined" in text
     assert "<table>" in result._repr_html_() and "Lost branches" in result.to_html()

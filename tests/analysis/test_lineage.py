@@ -116,12 +116,12 @@ def test_text_tree_of_a_failed_require_all(audit: Audit, matrix: Matrix) -> None
     assert lines[2].endswith("source ✓ → fork_gate ✓  forked")
     assert lines[3].startswith("├─ a  token …") and lines[3].endswith("a_pass ✓ → merge3 ✗  failed")
     assert any(line.startswith("├─ c  token …") and "c_filter ✗  quarantined  (lost to merge3 before its decision: "
-               "error_discarded at c_filter: blocked_content)" in line for line in lines)
+               "quarantined at c_filter: blocked_content)" in line for line in lines)
     decision = next(i for i, line in enumerate(lines) if "merge3: FAILED" in line)
     assert lines[decision] == ("└─ merge3: FAILED (branch_lost) — policy require_all, merge nested, trigger "
                                "branch_lost, waited 0 ms")
     assert lines[decision + 1].strip() == "arrived: a +0 ms, b +0 ms"
-    assert lines[decision + 2].strip() == "lost: c (error_discarded at c_filter)"
+    assert lines[decision + 2].strip() == "lost: c (quarantined at c_filter)"
 
 
 def test_text_tree_of_a_timeout_merge_with_late_branches(audit: Audit, matrix: Matrix) -> None:

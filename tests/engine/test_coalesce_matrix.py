@@ -166,7 +166,7 @@ def test_coalesce_record(tmp_path: Path, policy: str, merge: str, scenario: str)
         assert [a["token_id"] for a in context["arrival_order"]] == event["arrived_token_ids"]
         assert sorted(context["branches_lost"]) == list(want.lost)
         for lost_branch in want.lost:
-            assert context["branches_lost"][lost_branch]["reason"] == "error_discarded"
+            assert context["branches_lost"][lost_branch]["reason"] == "quarantined"
         arrived_ids = event["arrived_token_ids"]
         for token_id in arrived_ids:
             outcome = outcomes[token_id]

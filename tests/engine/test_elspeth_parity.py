@@ -48,3 +48,20 @@ def test_same_rows_and_hashes_as_elspeth(tmp_path: Path, sample: str) -> None:
             "WHERE n.node_type = 'sink'").fetchall())
     assert our_rows == their_rows and len(our_rows) == 100
     assert our_sink_inputs == their_sink_inputs
+
+
+def test_a_lost_branch_has_the_same_reason_in_our_run_and_in_elspeths(tmp_path: Path) -> None:
+    """The lossy sample's keyword filter discards branch c's errors: both trails call that loss ``quarantined``."""
+    from elspeth_nb.analysis import open_audit
+    from elspeth_nb.audit.importers.elspeth import import_into_store
+
+    sample = SAMPLES / "quorum2_nested_timeout5_lossy"
+    for name in ("settings.yaml", "input.csv"):
+        shutil.copy(sample / name, tmp_path / name)
+    import_into_store(sample / "audit.db", tmp_path / "audit", payloads=sample / "payloads")
+    ours = run_pipeline(tmp_path / "settings.yaml", audit=tmp_path / "audit").run_id
+    with open_audit(tmp_path / "audit") as audit:
+        theirs = audit.runs().filter(audit.runs()["run_id"] != ours)["run_id"][0]
+        lost = {run: sorted(audit.policy_outcomes(run).lost_branches.rows()) for run in (theirs, ours)}
+    assert lost[ours] == lost[theirs] != []
+    assert {reason for _, _, reason, _, _ in lost[ours]} == {"quarantined"}
