@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from html import escape
 from typing import TYPE_CHECKING, Any
@@ -70,7 +71,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(_flatten(item, _key_path(prefix, str(key))))
         return out or {prefix: {}}
     if isinstance(value, list) and value and any(isinstance(v, dict | list) for v in value):
         names = [v.get("name") if isinstance(v, dict) else None for v in value]
@@ -82,17 +83,29 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key_path(prefix: str, key: str) -> str:
+    """``prefix.key``, or ``prefix["a.b"]`` for a key that a dot would make ambiguous (``a.b`` vs ``a`` -> ``b``).
+
+    >>> _key_path("options", "a.b"), _key_path("options", "b"), _key_path("", "audit")
+    ('options["a.b"]', 'options.b', 'audit')
+    """
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{prefix}.{key}" if prefix else key
+    return f"{prefix}[{json.dumps(key)}]"
+
+
 def _config_diff(settings_a: str | None, settings_b: str | None) -> pl.DataFrame:
-    a = _flatten(json.loads(settings_a)) if settings_a else {}
-    b = _flatten(json.loads(settings_b)) if settings_b else {}
+    a = {k: json.dumps(v, sort_keys=True) for k, v in _flatten(json.loads(settings_a)).items()} if settings_a else {}
+    b = {k: json.dumps(v, sort_keys=True) for k, v in _flatten(json.loads(settings_b)).items()} if settings_b else {}
     rows = []
-    for key in sorted(a.keys() | b.keys()):
-        if key in a and key in b and a[key] == b[key]:
+    for key in sorted(a.keys() | b.keys()):  # compared as JSON text: 1 and true, 0 and false differ
+        if a.get(key) == b.get(key):
             continue
         change = "added" if key not in a else "removed" if key not in b else "changed"
-        rows.append({"key": key, "change": change,
-                     "a": json.dumps(a[key], sort_keys=True) if key in a else None,
-                     "b": json.dumps(b[key], sort_keys=True) if key in b else None})
+        rows.append({"key": key, "change": change, "a": a.get(key), "b": b.get(key)})
     return pl.DataFrame(rows, schema={"key": pl.String, "change": pl.String, "a": pl.String, "b": pl.String})
 
 

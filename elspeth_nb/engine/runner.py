@@ -207,8 +207,19 @@ class Engine:
         self.sinks = {name: build_sink(s, pipeline.resolve_path) for name, s in config.sinks.items()}
         for name, sink in self.sinks.items():
             check_writable(sink.path, pipeline.where(("sinks", name, "options", "path")))
-        self.settings = config.model_dump(mode="json", exclude_none=True)
+        self.settings = self._effective_settings()
         self.workers = self._choose_workers(workers)
+
+    def _effective_settings(self) -> dict[str, Any]:
+        """The settings as this run applies them: arguments that override the file (payloads, max_in_flight,
+        the audit path) replace its values, so settings_json and config_hash say what the run did."""
+        config = self.pipeline.config
+        settings = config.model_dump(mode="json", exclude_none=True)
+        settings["audit"]["payloads"] = self.payload_mode
+        if self.audit_root.resolve() != self.pipeline.resolve_path(config.audit.path).resolve():
+            settings["audit"]["path"] = str(self.audit_root)
+        settings["engine"]["max_in_flight"] = self.max_in_flight
+        return settings
 
     def _choose_workers(self, requested: int | None) -> int:
         """Shard only when it pays and is safe: big input, real clock, sinks whose parts concatenate."""

@@ -116,3 +116,31 @@ def test_a_run_without_decisions_took_zero_and_other_producers_and_statuses_are_
     assert stopped.notes == [
         f"run a ({full.run_id}) is interrupted: its counts stop where its trail does",
         f"run b ({empty.run_id}) is failed (PluginError: boom): its counts cover only what it did before it stopped"]
+
+
+def test_arguments_that_override_the_settings_file_are_recorded_and_diffed(tmp_path: Path) -> None:
+    from elspeth_nb.analysis import open_audit
+    from elspeth_nb.engine.runner import run_pipeline
+    from tests.cases import fork_pipeline, write_csv
+
+    pipeline, store = fork_pipeline(write_csv(tmp_path / "in.csv")), tmp_path / "audit"
+    plain = run_pipeline(pipeline, audit=store)
+    lean = run_pipeline(pipeline, audit=store, payloads="hashes", max_in_flight=1)
+    with open_audit(store) as audit:
+        diff = audit.diff_runs(plain.run_id, lean.run_id)
+        settings = audit.sql("SELECT run_id, payload_mode, settings_json->>'$.audit.payloads' AS recorded, "
+                             "settings_json->>'$.audit.path' AS path FROM runs").rows(named=True)
+    assert {(r["payload_mode"], r["recorded"]) for r in settings} == {("all", "all"), ("hashes", "hashes")}
+    assert {r["path"] for r in settings} == {str(store)}  # the store the trail is in, not the file's default
+    assert not diff.same_config
+    assert diff.config.rows() == [("audit.payloads", "changed", '"all"', '"hashes"'),
+                                  ("engine.max_in_flight", "changed", "1024", "1")]
+
+
+def test_config_values_compare_as_json_and_dotted_keys_stay_apart() -> None:
+    from elspeth_nb.analysis.diff import _config_diff
+
+    flags = _config_diff('{"t": {"flag": 1, "off": 0}}', '{"t": {"flag": true, "off": false}}')
+    assert flags.rows() == [("t.flag", "changed", "1", "true"), ("t.off", "changed", "0", "false")]
+    dotted = _config_diff('{"o": {"a.b": 0}}', '{"o": {"a": {"b": 0}}}')
+    assert dotted.rows() == [("o.a.b", "added", None, "0"), ('o["a.b"]', "removed", "0", None)]
