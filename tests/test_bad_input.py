@@ -795,12 +795,15 @@ def _recorded_failed_run(in_flight: int) -> Callable[[Ctx, RunFailedError], None
                 "s.duration_ms FROM node_states s JOIN nodes n ON n.run_id = s.run_id AND n.node_id = s.node_id "
                 "WHERE s.run_id = $run AND n.node_type = 'coalesce'", params).rows()
             assert audit.check(error.result.run_id).ok
+            held_joins = audit.run_summary(error.result.run_id).coalesce.select(
+                "coalesce", "policy", "decisions", "held_when_run_stopped").rows()
         assert status == "failed" and message == "SystemExit: 3"
         assert [o for o, _, _, _ in ended] == ["failed"] * in_flight
         contexts = [json.loads(c) for _, c, _, _ in ended]
         assert all(c["run_failed"] == {"error": "SystemExit: 3"} for c in contexts)
         if in_flight == 1:
             assert contexts == [{"run_failed": {"error": "SystemExit: 3"}}] and held_states == []
+            assert held_joins == []  # no decision and nothing held: no coalesce to list
             return
         assert [b for _, _, b, _ in ended] == ["a", "b"]
         held, failing = contexts
@@ -812,6 +815,7 @@ def _recorded_failed_run(in_flight: int) -> Callable[[Ctx, RunFailedError], None
             {"branch": "a", "token_id": token_id, "arrival_offset_ms": 0.0}]
         assert held["held_at_coalesce"]["branches_lost"] == {}
         assert held["held_at_coalesce"]["expected_branches"] == ["a", "b"]
+        assert held_joins == [(held["held_at_coalesce"]["coalesce"], held["held_at_coalesce"]["policy"], 0, 1)]
         assert json.loads(error_json)["failure_reason"] == "run_failed"
         assert started <= completed
         assert duration_ms == pytest.approx((completed - started).total_seconds() * 1000, abs=1)

@@ -13,7 +13,7 @@ from elspeth_nb._arguments import require
 from elspeth_nb.analysis._connection import INTERNAL, NEWEST_FIRST
 from elspeth_nb.analysis.coalesce import LOST_AFTER_DECISION_CTES, has_unresolved_decisions
 from elspeth_nb.analysis.results import Displayable, format_value, html_block, html_pairs, html_table, text_table
-from elspeth_nb.audit.schema import CoalesceEventType, Outcome
+from elspeth_nb.audit.schema import CoalesceEventType, Outcome, RunStatus
 
 if TYPE_CHECKING:
     from elspeth_nb.analysis.audit import Audit
@@ -107,6 +107,21 @@ FROM coalesce_events WHERE run_id = $run
 GROUP BY coalesce_name ORDER BY coalesce_name
 """
 
+#: Joins still waiting at a coalesce when the run stopped: their arrived tokens' failed states there carry
+#: ``held_at_coalesce`` (no decision was made, so coalesce_events has no row for them).
+_HELD_SQL = """
+SELECT n.node_name AS coalesce,
+       any_value(s.context_after_json->'$.held_at_coalesce'->>'policy') AS policy,
+       any_value(s.context_after_json->'$.held_at_coalesce'->>'merge_strategy') AS merge_strategy,
+       count(DISTINCT t.row_id) AS held_when_run_stopped
+FROM node_states s
+JOIN nodes n ON n.run_id = s.run_id AND n.node_id = s.node_id
+JOIN tokens t ON t.run_id = s.run_id AND t.token_id = s.token_id
+WHERE s.run_id = $run AND s.status = 'failed' AND n.node_type = 'coalesce'
+  AND json_exists(s.context_after_json, '$.held_at_coalesce')
+GROUP BY n.node_name
+"""
+
 _LOST_AFTER_SQL = (f"WITH {LOST_AFTER_DECISION_CTES} "  # noqa: S608 - module constants only
                    "SELECT coalesce_name AS coalesce, count(*) AS lost_after_decision FROM lost_after GROUP BY ALL")
 
@@ -173,20 +188,33 @@ def run_summary(self: Audit, run_id: str = "latest") -> RunSummary:
         if table == "node_states":
             header["quarantined"] = db.rows_for([run], _QUARANTINED_SQL, params)[0][0]
     return RunSummary(run, MappingProxyType(header), db.frame_for([run], _NODES_SQL, params), outcomes(self, run),
-                      _coalesce_counts(self, run))
+                      _coalesce_counts(self, run, stopped=header["status"] != RunStatus.COMPLETED))
 
 
-def _coalesce_counts(self: Audit, run: str) -> pl.DataFrame:
-    """Per coalesce counts; ``lost_branches`` includes the ``lost_after_decision`` ones (see policy_outcomes)."""
+def _coalesce_counts(self: Audit, run: str, *, stopped: bool) -> pl.DataFrame:
+    """Per coalesce counts; ``lost_branches`` includes the ``lost_after_decision`` ones (see policy_outcomes).
+
+    A run that stopped before completing also counts the joins each coalesce still held then
+    (``held_when_run_stopped``); a coalesce that held joins but decided none is listed too.
+    """
     counts = self._db.frame_for([run], _COALESCE_SQL, {"run": run})
     after = pl.DataFrame(schema={"coalesce": pl.String, "lost_after_decision": pl.Int64})
     if has_unresolved_decisions(self, run):
         after = self._db.frame_for([run], _LOST_AFTER_SQL, {"run": run})
     lost_after = pl.col("lost_after_decision").fill_null(0)
-    return (counts.join(after, on="coalesce", how="left")
-            .with_columns((pl.col("lost_branches") + lost_after).alias("lost_branches"), lost_after)
-            .select(*counts.columns[:counts.columns.index("lost_branches") + 1], "lost_after_decision",
-                    *counts.columns[counts.columns.index("lost_branches") + 1:]))
+    counts = (counts.join(after, on="coalesce", how="left")
+              .with_columns((pl.col("lost_branches") + lost_after).alias("lost_branches"), lost_after)
+              .select(*counts.columns[:counts.columns.index("lost_branches") + 1], "lost_after_decision",
+                      *counts.columns[counts.columns.index("lost_branches") + 1:]))
+    if not stopped:
+        return counts
+    held = self._db.frame_for([run], _HELD_SQL, {"run": run})
+    tallies = [c for c, dtype in counts.schema.items() if dtype.is_integer()]
+    return (counts.join(held, on="coalesce", how="full", coalesce=True)
+            .with_columns(pl.coalesce(f"{c}", f"{c}_right").alias(c) for c in ("policy", "merge_strategy"))
+            .drop("policy_right", "merge_strategy_right")
+            .with_columns(pl.col(*tallies, "held_when_run_stopped").fill_null(0))
+            .sort("coalesce"))
 
 
 _LAST_NODE = """
