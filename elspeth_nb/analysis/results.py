@@ -35,11 +35,20 @@ STYLE = (
 
 
 def format_value(value: Any, width: int | None = MAX_CELL) -> str:
-    """One cell as short readable text (floats to 3 decimals, times without microseconds)."""
+    """One cell as short readable text (floats to 3 decimals, times without microseconds).
+
+    A float too small for 3 decimals keeps 2 significant digits, and below 1e-9 (arithmetic noise,
+    as in a delta of two equal sums) it is 0, never "-0".
+
+    >>> [format_value(v) for v in (1234.5678, 0.0004, -1.4e-14, -0.0, 2e16)]
+    ['1,234.568', '0.0004', '0', '0', '2e+16']
+    """
     if value is None:
         text = "-"
     elif isinstance(value, float):
         text = f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 1e15 else f"{value:.6g}"
+        if text in ("0", "-0"):
+            text = "0" if abs(value) < 1e-9 else f"{value:.2g}"
     elif isinstance(value, datetime):
         text = value.isoformat(sep=" ", timespec="milliseconds")
     elif isinstance(value, list | dict):
