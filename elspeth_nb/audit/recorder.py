@@ -69,8 +69,13 @@ MEMO_COLUMNS: dict[str, frozenset[str]] = {
 }
 
 
+_REPEATED_TEXT = pa.dictionary(pa.int32(), pa.string())
+
+
 def _encode_repeated_text(values: list[str | None]) -> pa.Array:
     """Dictionary-encode a text column whose values repeat, without copying each repeat into Arrow."""
+    if values.count(None) == len(values):  # most states have no error and no context: a C loop, not a dict
+        return pa.nulls(len(values), _REPEATED_TEXT)
     distinct = dict.fromkeys(values)
     distinct.pop(None, None)
     index = {value: code for code, value in enumerate(distinct)}
