@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 WIDTH = 420
 OUTCOME_ORDER = ("forked", "coalesced", "completed", "routed", "late_arrival", "failed", "quarantined",
                  "consumed_in_batch", "expanded", "buffered", "dropped", "discarded")
+#: Panel of each policy_outcomes kind; a branch lost after its decision is a lost branch, labelled as such.
 _POLICY_PANELS = {"trigger": "decisions by trigger", "result": "merged / failed", "lost_branch": "lost branches",
-                  "late_arrival": "late arrivals"}
+                  "lost_after_decision": "lost branches", "late_arrival": "late arrivals"}
 _TITLES = {"outcome": "terminal outcome", "node_name": "node", "branch_name": "branch"}
 _QUANTILES = {"p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9}
 _CATEGORIES = ("outcome", "node", "node_name", "sink", "branch", "branch_name")
@@ -118,6 +119,8 @@ def policy_outcomes_chart(policy_outcomes: Any) -> alt.Chart:
     _require(frame, ("coalesce", "kind", "key", "count"), "policy outcomes")
     reason = pl.col("reason") if "reason" in frame.columns else pl.lit(None, pl.String)
     label = pl.when(reason.is_null()).then(pl.col("key")).otherwise(pl.concat_str("key", pl.lit(": "), reason))
+    label = pl.when(pl.col("kind") == "lost_after_decision").then(
+        pl.concat_str(label, pl.lit(" (after the decision)"))).otherwise(label)
     if frame.get_column("coalesce").n_unique() > 1:
         label = pl.concat_str("coalesce", pl.lit(" · "), label)
     counts = (frame.group_by("coalesce", pl.col("kind").replace(_POLICY_PANELS).alias("panel"), label.alias("label"))
@@ -129,7 +132,7 @@ def policy_outcomes_chart(policy_outcomes: Any) -> alt.Chart:
         x=alt.X("count:Q", title="count"),
         y=alt.Y("label:N", title=None, sort=alt.SortField("order"), axis=alt.Axis(labelLimit=280)),
         color=alt.Color("coalesce:N", title="coalesce"),
-        row=alt.Row("panel:N", title=None, sort=list(_POLICY_PANELS.values()),
+        row=alt.Row("panel:N", title=None, sort=list(dict.fromkeys(_POLICY_PANELS.values())),
                     header=alt.Header(labelAngle=0, labelAlign="left", labelFontWeight="bold")),
         tooltip=["coalesce:N", "panel:N", "label:N", "count:Q"],
     ).resolve_scale(y="independent").properties(width=WIDTH)

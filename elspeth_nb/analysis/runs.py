@@ -188,14 +188,15 @@ def run_summary(self: Audit, run_id: str = "latest") -> RunSummary:
         if table == "node_states":
             header["quarantined"] = db.rows_for([run], _QUARANTINED_SQL, params)[0][0]
     return RunSummary(run, MappingProxyType(header), db.frame_for([run], _NODES_SQL, params), outcomes(self, run),
-                      _coalesce_counts(self, run, stopped=header["status"] != RunStatus.COMPLETED))
+                      _coalesce_counts(self, run, str(header["status"])))
 
 
-def _coalesce_counts(self: Audit, run: str, *, stopped: bool) -> pl.DataFrame:
+def _coalesce_counts(self: Audit, run: str, status: str) -> pl.DataFrame:
     """Per coalesce counts; ``lost_branches`` includes the ``lost_after_decision`` ones (see policy_outcomes).
 
     A run that stopped before completing also counts the joins each coalesce still held then
-    (``held_when_run_stopped``); a coalesce that held joins but decided none is listed too.
+    (``held_when_run_stopped``); a coalesce that held joins but decided none is listed too. An
+    interrupted run records nothing for its open joins, so there the count is null (unknown), not 0.
     """
     counts = self._db.frame_for([run], _COALESCE_SQL, {"run": run})
     after = pl.DataFrame(schema={"coalesce": pl.String, "lost_after_decision": pl.Int64})
@@ -206,8 +207,10 @@ def _coalesce_counts(self: Audit, run: str, *, stopped: bool) -> pl.DataFrame:
               .with_columns((pl.col("lost_branches") + lost_after).alias("lost_branches"), lost_after)
               .select(*counts.columns[:counts.columns.index("lost_branches") + 1], "lost_after_decision",
                       *counts.columns[counts.columns.index("lost_branches") + 1:]))
-    if not stopped:
+    if status == RunStatus.COMPLETED:
         return counts
+    if status == RunStatus.INTERRUPTED:
+        return counts.with_columns(pl.lit(None, pl.Int64).alias("held_when_run_stopped"))
     held = self._db.frame_for([run], _HELD_SQL, {"run": run})
     tallies = [c for c, dtype in counts.schema.items() if dtype.is_integer()]
     return (counts.join(held, on="coalesce", how="full", coalesce=True)

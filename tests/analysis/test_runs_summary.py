@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
+import yaml
 
 from elspeth_nb.analysis import Audit
 from tests.analysis import raw
@@ -117,3 +119,23 @@ def test_run_summary_displays(audit: Audit, matrix: Matrix) -> None:
     html = summary._repr_html_()
     assert html == summary.to_html() and "<table>" in html and "merge3" in html
     assert summary.to_polars() is summary.nodes
+
+
+def test_an_interrupted_run_counts_its_held_joins_as_unknown(tmp_path: Path) -> None:
+    """Interrupting records no state for the joins still open, so their count is null, never a false 0."""
+    from elspeth_nb.analysis import open_audit
+    from elspeth_nb.engine.runner import run_pipeline
+    from tests.cases import fork_pipeline, write_csv
+
+    settings = fork_pipeline(write_csv(tmp_path / "in.csv"))
+    [b_truncate] = [t for t in settings["transforms"] if t["name"] == "b_truncate"]
+    b_truncate.update(plugin="python", options={"function": "plugin.py:explode"})
+    (tmp_path / "plugin.py").write_text("def explode(row):\n    if row['id'] == 3:\n        raise KeyboardInterrupt\n"
+                                        "    return row\n")
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(tmp_path / "pipeline.yaml")
+    with open_audit(tmp_path / "audit") as audit:
+        summary = audit.run_summary()
+    assert summary.status == "interrupted"
+    assert summary.coalesce.select("coalesce", "decisions", "held_when_run_stopped").rows() == [("merge3", 2, None)]

@@ -107,10 +107,11 @@ class FakeAudit:
 
     def policy_outcomes(self, run_id: str = "latest") -> Result:
         run = self._run(run_id)
-        tidy = pl.DataFrame({"coalesce": ["decision", "decision", "vote", "vote"],
-                             "kind": ["trigger", "late_arrival", "trigger", "lost_branch"],
-                             "key": ["timeout", "sanctions", "quorum_met", "b"],
-                             "reason": [None, "after_merge", None, "discarded"], "count": [1, 1, 1, 1]})
+        tidy = pl.DataFrame({"coalesce": ["decision", "decision", "vote", "vote", "vote"],
+                             "kind": ["trigger", "late_arrival", "trigger", "lost_branch", "lost_after_decision"],
+                             "key": ["timeout", "sanctions", "quorum_met", "b", "c"],
+                             "reason": [None, "after_merge", None, "discarded", "quarantined"],
+                             "count": [1, 1, 1, 1, 2]})
         return Result("Policy outcomes", tidy, run)
 
     def lineage(self, run_id: str = "latest", *, row_id: str | None = None, row_index: int | None = None,

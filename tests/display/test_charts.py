@@ -79,7 +79,8 @@ def test_policy_outcomes_from_the_result_object_or_its_frame() -> None:
     assert labels == {("decisions by trigger", "decision · timeout", 1),
                       ("decisions by trigger", "vote · quorum_met", 1),
                       ("late arrivals", "decision · sanctions: after_merge", 1),
-                      ("lost branches", "vote · b: discarded", 1)}
+                      ("lost branches", "vote · b: discarded", 1),
+                      ("lost branches", "vote · c: quarantined (after the decision)", 2)}
 
 
 def test_outcome_funnel_orders_the_lifecycle_and_flags_failures() -> None:
