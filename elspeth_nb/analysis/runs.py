@@ -80,11 +80,14 @@ WITH s AS (SELECT node_id, min(step_index) AS first_step, count(*) AS states,
                   count(*) FILTER (WHERE status = 'failed') AS failed,
                   avg(duration_ms) AS mean_duration_ms, quantile_cont(duration_ms, 0.95) AS p95_duration_ms
            FROM node_states WHERE run_id = $run GROUP BY node_id),
-     w AS (SELECT node_id, avg(wait_duration_ms) AS mean_wait_ms,
-                  quantile_cont(wait_duration_ms, 0.95) AS p95_wait_ms, max(wait_duration_ms) AS max_wait_ms
-           FROM coalesce_events WHERE run_id = $run AND event_type <> 'late_arrival' GROUP BY node_id)
+     w AS (SELECT node_id, avg(wait_duration_ms) FILTER (WHERE event_type <> 'late_arrival') AS mean_wait_ms,
+                  quantile_cont(wait_duration_ms, 0.95) FILTER (WHERE event_type <> 'late_arrival') AS p95_wait_ms,
+                  max(wait_duration_ms) FILTER (WHERE event_type <> 'late_arrival') AS max_wait_ms,
+                  count(*) FILTER (WHERE event_type = 'late_arrival') AS late_arrivals
+           FROM coalesce_events WHERE run_id = $run GROUP BY node_id)
 SELECT n.node_name, n.node_type, n.plugin_name AS plugin, coalesce(n.sequence_in_pipeline, s.first_step) AS step,
        coalesce(s.states, 0) AS states, coalesce(s.completed, 0) AS completed, coalesce(s.failed, 0) AS failed,
+       CASE WHEN n.node_type = 'coalesce' THEN coalesce(w.late_arrivals, 0) END AS late_arrivals,
        CASE WHEN n.node_type <> 'coalesce' THEN s.mean_duration_ms END AS mean_duration_ms,
        CASE WHEN n.node_type <> 'coalesce' THEN s.p95_duration_ms END AS p95_duration_ms,
        w.mean_wait_ms, w.p95_wait_ms, w.max_wait_ms
@@ -131,7 +134,9 @@ class RunSummary(Displayable):
     """One run at a glance: header, per-node table, outcome counts, per-coalesce counts.
 
     ``nodes`` reports coalesce waits (``mean_wait_ms``/``p95_wait_ms``, from the decisions)
-    apart from processing time (``mean_duration_ms``/``p95_duration_ms``, other nodes only).
+    apart from processing time (``mean_duration_ms``/``p95_duration_ms``, other nodes only), and a
+    coalesce's ``late_arrivals`` among its states: ELSPETH records their states as ``failed``, we as
+    ``completed``, so they explain a coalesce's failed count in an imported run.
     """
 
     run_id: str

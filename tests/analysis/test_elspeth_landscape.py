@@ -67,6 +67,16 @@ def test_a_branch_lost_after_the_decision_is_tied_to_it(landscape: Audit) -> Non
     assert (coalesce["lost_branches"], coalesce["lost_after_decision"]) == (len(ended), len(ended))
 
 
+def test_the_failed_states_of_late_arrivals_are_named_in_the_nodes_table(landscape: Audit) -> None:
+    """ELSPETH fails the state of a branch arriving after its decision: the nodes table says how many those are."""
+    with sqlite3.connect(f"file:{LOSSY / 'audit.db'}?mode=ro&immutable=1", uri=True) as con:
+        [(failed,)] = con.execute("SELECT count(*) FROM node_states s JOIN nodes n USING (node_id) "
+                                  "WHERE n.node_type = 'coalesce' AND s.status = 'failed'").fetchall()
+    late = landscape.merge_timings().filter(pl.col("status") == "late").height
+    [merge3] = landscape.run_summary().nodes.filter(pl.col("node_type") == "coalesce").rows(named=True)
+    assert (merge3["failed"], merge3["late_arrivals"]) == (failed, late) == (82, 82)
+
+
 def test_check_and_verify_pass_on_elspeth_data(landscape: Audit) -> None:
     result = landscape.check()
     assert result.ok, result

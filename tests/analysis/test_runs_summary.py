@@ -91,8 +91,10 @@ def test_run_summary_matches_the_raw_trail(audit: Audit, matrix: Matrix, case: s
             assert record["mean_wait_ms"] == pytest.approx(raw.mean(waits))
             assert record["p95_wait_ms"] == pytest.approx(raw.quantile_cont(waits, 0.95))
             assert record["max_wait_ms"] == pytest.approx(max(w for w in waits if w is not None))
+            assert record["late_arrivals"] == sum(e["event_type"] == "late_arrival" and e["node_id"] == node["node_id"]
+                                                  for e in matrix.raw("coalesce_events", case))
         else:
-            assert record["mean_wait_ms"] is None
+            assert record["mean_wait_ms"] is None and record["late_arrivals"] is None
             assert record["mean_duration_ms"] == pytest.approx(raw.mean(durations))
             assert record["p95_duration_ms"] == pytest.approx(raw.quantile_cont(durations, 0.95))
 
