@@ -29,7 +29,7 @@ class CanonicalizationError(Error, ValueError):
     """A value cannot be hashed canonically; ``violation`` names why, for the audit trail.
 
     ``non_finite`` (NaN, Infinity), ``integer_range`` (beyond +/-2**53-1), ``too_deep`` (nesting, a value
-    containing itself) or ``not_json`` (a type or key JSON cannot hold).
+    containing itself), ``invalid_unicode`` (a lone surrogate) or ``not_json`` (a type or key JSON cannot hold).
     """
 
     def __init__(self, message: str, violation: str = "not_json") -> None:

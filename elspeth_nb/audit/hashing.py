@@ -135,8 +135,8 @@ def _normalise(obj: Any, path: str, depth: int) -> Any:
                 f"{path}: integer {obj} is outside the range RFC 8785 can represent exactly (+/-2**53-1); "
                 "store it as a string", "integer_range")
         return int(obj)
-    if isinstance(obj, float):
-        return _Fragment(format_number(obj, path).encode("ascii"))
+    if isinstance(obj, float):  # float() first: a subclass (numpy's float64) has a repr of its own
+        return _Fragment(format_number(float(obj), path).encode("ascii"))
     if isinstance(obj, _Fragment):
         return obj
     if isinstance(obj, Mapping | list | tuple) and depth >= MAX_DEPTH:
@@ -150,7 +150,12 @@ def _normalise(obj: Any, path: str, depth: int) -> Any:
             if not isinstance(k, str):
                 raise CanonicalizationError(f"{path}: key {k!r} is a {type(k).__name__}; JSON keys must be strings")
             items.append((k, _normalise(v, f"{path}.{k}", depth + 1)))
-        items.sort(key=lambda kv: kv[0].encode("utf-16-be"))
+        try:
+            items.sort(key=lambda kv: kv[0].encode("utf-16-be"))
+        except UnicodeEncodeError:  # a lone surrogate: not Unicode text, so no UTF-16 order and no UTF-8 bytes
+            bad = next(k for k, _ in items if not _encodable(k))
+            raise CanonicalizationError(f"{path}: key {bad!r} holds a lone surrogate, which JSON text cannot carry",
+                                        "invalid_unicode") from None
         return dict(items)
     if isinstance(obj, list | tuple):
         return [_normalise(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj)]
@@ -173,13 +178,23 @@ def _normalise_scalar(obj: Any, path: str) -> Any:
         return str(obj)
     if isinstance(obj, frozenset | set):
         raise CanonicalizationError(f"{path}: sets have no canonical order; use a sorted list")
-    item = getattr(obj, "item", None)  # numpy scalars, without importing numpy
-    if callable(item) and type(obj).__module__ == "numpy":
-        return item()
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist) and type(obj).__module__ == "numpy":
-        return tolist()
+    if type(obj).__module__ == "numpy":  # numpy values as Python values, without importing numpy
+        kind = type(obj).__name__
+        if kind == "ndarray":  # before item(): a one-element array stays a list
+            return obj.tolist()
+        if kind == "datetime64":  # a UTC time, as ELSPETH writes it (item() of ns precision is a bare int)
+            return obj.astype("datetime64[us]").item()
+        if callable(getattr(obj, "item", None)):
+            return obj.item()
     raise CanonicalizationError(f"{path}: a {type(obj).__name__} value cannot be hashed canonically")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def format_number(value: float, path: str = "$") -> str:
@@ -194,7 +209,7 @@ def format_number(value: float, path: str = "$") -> str:
             "non_finite")
     if value == 0:
         return "0"
-    text = repr(value)
+    text = float.__repr__(value)  # never a subclass's own repr
     sign = ""
     if text[0] == "-":
         sign, text = "-", text[1:]

@@ -13,7 +13,14 @@ import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elspeth_nb.audit.hashing import MAX_DEPTH, canonical_bytes, error_hash, format_number, stable_hash
+from elspeth_nb.audit.hashing import (
+    MAX_DEPTH,
+    canonical_bytes,
+    error_hash,
+    format_number,
+    is_canonical,
+    stable_hash,
+)
 from elspeth_nb.errors import CanonicalizationError
 
 SAFE_INT = 2**53 - 1
@@ -105,6 +112,46 @@ def test_elspeth_normalisation_of_python_types() -> None:
         "b": {"__bytes__": base64.b64encode(b"\x00\xff").decode()}, "tuple": [1, 2],
     }
     assert canonical_bytes(value) == rfc8785.dumps(expected)
+
+
+class _NumpyLike(float):
+    """A float subclass with a repr of its own, as numpy 2's float64 (``np.float64(0.25)``)."""
+
+    __module__ = "numpy"
+
+    def __repr__(self) -> str:
+        return f"np.float64({float(self)!r})"
+
+
+class ndarray:
+    """Named as numpy names its arrays, which is what the normaliser looks for."""
+
+    __module__ = "numpy"
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def item(self) -> float:
+        if len(self.values) != 1:
+            raise ValueError("can only convert an array of size 1 to a Python scalar")
+        return self.values[0]
+
+    def tolist(self) -> list[float]:
+        return list(self.values)
+
+
+def test_a_float_subclass_is_written_as_its_number_and_arrays_as_lists() -> None:
+    value = {"score": _NumpyLike(0.25), "w": _NumpyLike(3.0), "big": _NumpyLike(1e21), "one": ndarray([1.5]),
+             "many": ndarray([1.0, 2.5])}
+    expected = {"score": 0.25, "w": 3, "big": 1e21, "one": [1.5], "many": [1, 2.5]}
+    assert canonical_bytes(value) == rfc8785.dumps(expected)
+
+
+def test_a_key_holding_a_lone_surrogate_is_a_canonicalization_error() -> None:
+    with pytest.raises(CanonicalizationError) as caught:
+        canonical_bytes({"ok": 1, "\ud800": 2})
+    assert caught.value.violation == "invalid_unicode" and "'\\ud800'" in str(caught.value)
+    assert not is_canonical({"\ud800": 2})
 
 
 def test_stable_hash_is_sha256_of_canonical_bytes() -> None:

@@ -400,12 +400,15 @@ class JsonlSource(_Source):
             raw.decode(self.encoding)
         except UnicodeDecodeError:  # as for CSV: an `encoding` violation, the bad bytes kept as \x escapes
             return Quarantine({"line": text}, f"bytes that are not valid {self.encoding}", "encoding", where)
-        try:  # the stdlib parser accepts NaN/Infinity: tell the user that is what is wrong
+        try:  # the stdlib parser accepts NaN/Infinity and lone surrogates: tell the user which one is wrong
             json.loads(text)
         except RecursionError:
             return Quarantine({"line": text}, f"JSON nested too deeply to read ({exc})", "too_deep", where)
         except ValueError:
             return Quarantine({"line": text}, f"invalid JSON: {exc}", "malformed_row", where)
+        if "surrogate" in str(exc):
+            return Quarantine({"line": text}, f"a \\u escape that is not Unicode text ({exc})", "invalid_unicode",
+                              where)
         return Quarantine({"line": text}, "NaN or Infinity is not allowed in audited data (use null)", "non_finite",
                           where)
 
@@ -459,8 +462,12 @@ class ParquetSource(_Source):
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with each value that has no canonical JSON form (NaN, 2**62, too deep) replaced by its repr."""
-    return {k: v if is_canonical(v) else _repr(v) for k, v in row.items()}
+    """``row``, or ELSPETH's ``{"_repr": repr(row)}`` when a value has no canonical JSON form (NaN, 2**62, too deep).
+
+    Marked as a repr, it cannot be mistaken for data: replacing only the bad value by its repr text made a
+    quarantined NaN (``"nan"``) identical, hash and all, to a real row holding the string ``"nan"``.
+    """
+    return row if is_canonical(row) else {"_repr": _repr(row)}
 
 
 def _repr(value: Any) -> str:
