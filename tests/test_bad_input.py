@@ -19,6 +19,7 @@ same: a bad input may add a run of its own, never change or lose one, and the st
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -39,6 +40,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import rfc8785
 
 from elspeth_nb.analysis import Audit, ReadOnlyError, open_audit
 from elspeth_nb.audit.schema import SCHEMA_VERSION
@@ -708,6 +710,30 @@ case("parquet-integer-beyond-2**53",
           name="in.parquet"),
      Quarantines(("in.parquet#row2", "integer_range", _RANGE.format(2**62)), good=2),
      then=_stored_raw({"_repr": repr({"id": 2**62, "amount": 2.5, "note": "b"})}))
+
+
+def _source_payloads(*expected: dict[str, Any]) -> Callable[[Ctx, RunResult], None]:
+    """The source rows are stored as ``expected`` (in source order), each under the SHA-256 of its RFC 8785 form."""
+    def then(ctx: Ctx, result: RunResult) -> None:
+        with open_audit(ctx.store) as audit:
+            stored = audit.sql("SELECT r.source_data_hash, p.payload_json FROM rows r JOIN payloads p "
+                               "ON p.run_id = r.run_id AND p.payload_hash = r.source_data_hash "
+                               "WHERE r.run_id = $run ORDER BY r.row_index", {"run": result.run_id}).rows()
+        assert [json.loads(payload) for _, payload in stored] == list(expected)
+        assert [h for h, _ in stored] == [hashlib.sha256(rfc8785.dumps(e)).hexdigest() for e in expected]
+
+    return then
+
+
+case("parquet-nanosecond-times-are-kept-whole",
+     _run(_parquet(pa.table({"id": [1, 2], "amount": [1.5, 2.5], "note": ["a", "b"],
+                             "at": pa.array([1_700_000_000_123_456_789, 1_700_000_000_123_456_000],
+                                            pa.timestamp("ns"))})),
+          *PARQUET, ('      fields: ["id: int", "amount: float", "note: str"]',
+                     '      fields: ["id: int", "amount: float", "note: str", "at: any"]'), name="in.parquet"),
+     Completes(good=2),
+     then=_source_payloads({"id": 1, "amount": 1.5, "note": "a", "at": "2023-11-14T22:13:20.123456789+00:00"},
+                           {"id": 2, "amount": 2.5, "note": "b", "at": "2023-11-14T22:13:20.123456+00:00"}))
 
 
 def _chmod_stops_reading() -> bool:

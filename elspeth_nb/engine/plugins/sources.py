@@ -14,6 +14,7 @@ import csv
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -437,7 +438,7 @@ class ParquetSource(_Source):
             if number + batch.num_rows <= start:
                 number += batch.num_rows
                 continue
-            for row in batch.to_pylist():
+            for row in _python_rows(batch):
                 number += 1
                 if number <= start:
                     continue
@@ -459,6 +460,40 @@ class ParquetSource(_Source):
 
     def location(self, line: int) -> str:
         return f"{self.path.name}#row{line}"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _python_rows(batch: Any) -> list[dict[str, Any]]:
+    """A record batch's rows as Python values; nanosecond times are kept whole (see :func:`_nanosecond_times`)."""
+    import pyarrow as pa
+
+    names = batch.schema.names
+    if not any(pa.types.is_timestamp(f.type) and f.type.unit == "ns" for f in batch.schema):
+        return list(batch.to_pylist())
+    columns = [_nanosecond_times(column) if pa.types.is_timestamp(column.type) and column.type.unit == "ns"
+               else column.to_pylist() for column in batch.columns]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
+def _nanosecond_times(column: Any) -> list[Any]:
+    """A ``timestamp[ns]`` column: a datetime where it holds the value exactly, else UTC ISO 8601 text with 9 digits.
+
+    A datetime stops at microseconds, so pyarrow refuses to convert the others (which stopped the run);
+    the text is what pandas' ``Timestamp.isoformat()`` gives, as ELSPETH normalises such values.
+    """
+    import pyarrow as pa
+
+    out: list[Any] = []
+    for nanos in column.cast(pa.int64()).to_pylist():
+        micros, rest = divmod(nanos, 1000) if nanos is not None else (0, 0)
+        if rest:
+            moment = _EPOCH + timedelta(microseconds=micros)
+            out.append(f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond:06d}{rest:03d}+00:00")
+        else:  # as pyarrow converts it (None, or a datetime in the column's time zone)
+            out.append(pa.scalar(nanos, column.type).as_py())
+    return out
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
