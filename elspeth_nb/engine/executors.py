@@ -166,24 +166,25 @@ class GateExecutor(NodeExecutor):
         self.routes = dict(routes)
         self.targets: dict[str, tuple[str, Any, int]] = {}  # label -> (kind, route|fork, edge_id)
         self.fork_branches: list[tuple[str, Route, int, Any]] = []  # branch, route, edge_id, duty
-        self._decisions: dict[tuple[str, str], tuple[str, str, str | None]] = {}
+        self._decisions: dict[str, tuple[str, str, str | None]] = {}
 
     def receive(self, token: Token, arg: Any) -> None:
         ctx = self.ctx
         started = ctx.now()
-        try:
+        try:  # the label too: str() of a 5,000-digit result raises, like any error of the condition
             result = self.evaluate(token.row)
+            label = ("true" if result else "false") if isinstance(result, bool) else str(result)
+            target = self.targets.get(label)
+            decision = self._decision(label) if target is not None else None
         except Exception as exc:
-            self._fail(token, {"reason": "condition_error", "type": type(exc).__name__, "exception": str(exc)},
-                       started)
+            self._fail(token, {"reason": "condition_error", "type": type(exc).__name__,
+                               "exception": str(exc) or repr(exc)}, started)
             return
-        label = ("true" if result else "false") if isinstance(result, bool) else str(result)
-        target = self.targets.get(label)
-        if target is None:
+        if target is None or decision is None:
             self._fail(token, {"reason": "no_route", "label": label, "routes": sorted(self.routes)}, started)
             return
         kind, route, edge_id = target
-        context_json, reason_hash, reason_ref = self._decision(result, label)
+        context_json, reason_hash, reason_ref = decision
         state_id = ctx.new_state_id()
         ended = ctx.now()
         ctx.rec.node_states(state_id, token.id, self.node_id, self.step, 0, COMPLETED, token.hash, token.hash, None,
@@ -200,19 +201,19 @@ class GateExecutor(NodeExecutor):
             route_arg = (route_arg, ctx.loss_context(token, loss), None)
         ctx.stack.append((receive, token, route_arg))
 
-    def _decision(self, result: Any, label: str) -> tuple[str, str, str | None]:
-        """Gate context and routing reason for one (result, label), computed once and cached."""
-        key = (label if type(result) is bool else repr(result), label)
-        cached = self._decisions.get(key)
+    def _decision(self, label: str) -> tuple[str, str, str | None]:
+        """Gate context and routing reason for one route label, computed once and cached."""
+        cached = self._decisions.get(label)
         if cached is None:
             ctx = self.ctx
-            reason = {"condition": self.condition.text, "result": str(result)}
+            reason = {"condition": self.condition.text, "result": label}  # as ELSPETH records it: the route label
             data = canonical_bytes(reason)
             reason_hash = stable_hash(reason)
             if ctx.store_boundary_payloads:
                 ctx.store_payload(reason_hash, data)
             context = canonical_json({**reason, "route_label": label})
-            cached = self._decisions[key] = (context, reason_hash, reason_hash if ctx.store_boundary_payloads else None)
+            cached = self._decisions[label] = (context, reason_hash,
+                                               reason_hash if ctx.store_boundary_payloads else None)
         return cached
 
     def _fork(self, token: Token, state_id: int, reason_hash: str, reason_ref: str | None, at: float) -> None:
