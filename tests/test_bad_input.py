@@ -586,6 +586,13 @@ case("csv-too-many-fields", _run(HEADER + b"1,1.5,ok\n2,2.5,x,y\n"),
 case("csv-unterminated-quote", _run(HEADER + b'1,1.5,ok\n2,2.5,"open\n3,3.5,ok\n'),
      Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record \(it runs to line 4\): unexpected end of data"),
                  good=1), then=_stored_raw({"line": 3, "text": '2,2.5,"open\n3,3.5,ok\n'}))
+case("csv-blank-lines-before-the-header", _run(b"\n\r\n" + HEADER + b"1,1.5,ok\n2,2.5,ok\n"), Completes(good=2))
+case("csv-broken-quoted-field-spanning-lines",  # its tail, `9,9.5,done"`, is no record of its own
+     _run(HEADER + b'1,1.5,"He said "hi" there\n9,9.5,done"\n2,2.5,ok\n3,3.5,"x"y\n4,4.5,ok\n'),
+     Quarantines(("in.csv:2", "malformed_row", r"^malformed CSV record \(it runs to line 3\): ',' expected after"),
+                 ("in.csv:5", "malformed_row", r"""^malformed CSV record: ',' expected after '"'$"""), good=2),
+     then=_stored_raw({"line": 2, "text": '1,1.5,"He said "hi" there\n9,9.5,done"\n'},
+                      {"line": 5, "text": '3,3.5,"x"y\n'}))
 case("csv-text-after-closing-quote", _run(HEADER + b'1,1.5,"ab"c\n2,2.5,ok\n'),
      Quarantines(("in.csv:2", "malformed_row", r"""^malformed CSV record: ',' expected after '"'$"""), good=1))
 case("csv-invalid-utf8", _run(HEADER + b"1,1.5,ok\n2,2.5,caf\xe9\n3,3.5,ok\n"),

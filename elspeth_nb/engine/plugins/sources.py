@@ -214,9 +214,11 @@ class CsvSource(_Source):
         bad_lines: set[int] = set()
         consumed: list[str] = []  # the lines read for the current record: a malformed one keeps its text
         previous_limit = csv.field_size_limit(MAX_FIELD_BYTES)
+        skipped = 0  # lines taken into malformed records past the reader (its line_num does not count them)
         try:
             with self.path.open("rb") as handle:
-                reader = self._reader(_decoded_lines(handle, self.encoding, bad_lines, consumed))
+                lines = _decoded_lines(handle, self.encoding, bad_lines, consumed)
+                reader = self._reader(lines)
                 self._read_header(reader, bad_lines)
                 last_line = reader.line_num
                 consumed.clear()
@@ -227,12 +229,13 @@ class CsvSource(_Source):
                     except StopIteration:
                         return
                     except csv.Error as exc:
-                        last_line = reader.line_num
+                        skipped += self._rest_of_open_quote(lines, consumed)
+                        last_line = reader.line_num + skipped
                         yield first, self._malformed(first, last_line, "".join(consumed), exc)
                         consumed.clear()
                         continue
                     consumed.clear()
-                    line = reader.line_num
+                    line = reader.line_num + skipped
                     if bad_lines and any(n in bad_lines for n in range(first, line + 1)):
                         raw = [_escaped(f, self.encoding) for f in fields]
                         yield first, Quarantine({"fields": raw}, f"bytes that are not valid {self.encoding}",
@@ -242,6 +245,21 @@ class CsvSource(_Source):
                     last_line = line
         finally:
             csv.field_size_limit(previous_limit)
+
+    def _rest_of_open_quote(self, lines: Iterator[str], consumed: list[str]) -> int:
+        """After a malformed record whose quotes do not pair up, read on until they do; returns the lines read.
+
+        The reader gives up at the first bad character and starts the next record on the next line, which,
+        inside a quoted field that spans lines, made the field's tail a record of its own, and a valid one.
+        """
+        quotes, taken = "".join(consumed).count(self.quotechar), 0
+        while quotes % 2:
+            line = next(lines, None)  # appended to ``consumed`` as it is read
+            if line is None:
+                break
+            quotes += line.count(self.quotechar)
+            taken += 1
+        return taken
 
     def _malformed(self, first: int, last: int, text: str, exc: csv.Error) -> Quarantine:
         """A record the CSV reader refused: its raw text is kept, up to RAW_TEXT_CAP characters."""
@@ -256,6 +274,8 @@ class CsvSource(_Source):
     def _read_header(self, reader: Any, bad_lines: set[int]) -> list[str]:
         try:
             header = next(reader)
+            while not header:  # blank lines before the header, as after it, are no records
+                header = next(reader)
         except StopIteration:
             raise InputError(f"{self.where}: {self.path} is empty; a CSV source needs a header line "
                              "naming its columns") from None
