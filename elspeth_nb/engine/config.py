@@ -864,6 +864,17 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
 
 
 
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+# Booleans are true and false only (YAML 1.2): YAML 1.1 also read yes/no/on/off as booleans, which turned
+# route labels "yes" and "no" into 'true' and 'false'. Boolean settings still accept "yes" (pydantic parses it).
+_SettingsLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SettingsLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                      list("tTfF"))
+
+
 def _children(node: yaml.Node) -> list[tuple[str | int, int, yaml.Node]]:
     """(path part, line, node) of each key and value of a mapping node, or of each item of a sequence node."""
     if isinstance(node, yaml.MappingNode):

@@ -1024,3 +1024,23 @@ def test_a_name_ending_in_a_newline_is_refused() -> None:
         "sinks['out\\n']: must start with an ASCII letter, digit or '_' and contain only ASCII letters, digits, "
         "'_' and '-' (got 'out\\n')"
     )
+
+
+def test_yes_and_no_are_route_labels_not_booleans_and_boolean_settings_still_take_them(tmp_path: Path) -> None:
+    text = """\
+source: {plugin: csv, on_success: raw, options: {path: in.csv}}
+gates:
+  - name: answer
+    input: raw
+    condition: "row['answer']"
+    routes:
+      yes: mapped
+      no: out
+      on: out
+transforms:
+  - {name: m, plugin: field_mapper, input: mapped, on_success: out, options: {mapping: {a: b}, select_only: yes}}
+sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}
+"""
+    config, _ = load_config(write(tmp_path, text))
+    assert config.gates[0].routes == {"yes": "mapped", "no": "out", "on": "out"}
+    assert config.transforms[0].options.select_only is True
