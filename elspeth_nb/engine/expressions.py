@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,11 @@ _COMPARE: dict[type[ast.cmpop], tuple[str, Callable[[Any, Any], Any]]] = {
     ast.Is: ("is", operator.is_),
     ast.IsNot: ("is not", operator.is_not),
 }
+#: The longest text or list a condition may build with ``*`` or a ``%`` width: larger ones are evaluation errors.
+MAX_BUILT_LENGTH = 1_000_000
+_FORMAT_WIDTHS = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d*)(?:\.(\d+))?")  # a %-format's width and precision
+_LINES = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+
 _BINARY: dict[type[ast.operator], tuple[str, Callable[[Any, Any], Any]]] = {
     ast.Add: ("+", operator.add),
     ast.Sub: ("-", operator.sub),
@@ -327,6 +333,9 @@ class _Compiler:
 
     def __init__(self, text: str) -> None:
         self.text = text
+        # lines as UTF-8 (ast offsets count bytes), split once: ast.get_source_segment splits the whole text
+        # again for every node, which made a 3,000-term condition take minutes to load
+        self._lines = [line.encode() for line in _LINES.findall(text)]
 
     def compile(self, node: ast.expr) -> _Code:
         """Compile ``node`` (already whitelisted by ``_Checker``)."""
@@ -334,7 +343,15 @@ class _Compiler:
         return method(node)
 
     def _source(self, node: ast.AST) -> str:
-        return ast.get_source_segment(self.text, node) or self.text
+        """The text of ``node``, as ``ast.get_source_segment`` gives it."""
+        end_line, end_col = getattr(node, "end_lineno", None), getattr(node, "end_col_offset", None)
+        if end_line is None or end_col is None:
+            return self.text
+        first, last, start = node.lineno - 1, end_line - 1, node.col_offset  # type: ignore[attr-defined]
+        if first == last:
+            return self._lines[first][start:end_col].decode() or self.text
+        middle = self._lines[first + 1:last]
+        return b"".join([self._lines[first][start:], *middle, self._lines[last][:end_col]]).decode() or self.text
 
     def _compile_Constant(self, node: ast.Constant) -> _Code:
         return _Code(_constant(node.value), True, node.value)
@@ -440,6 +457,8 @@ class _Compiler:
 
         def binary(row: Row) -> Any:
             a, b = get_left(row), get_right(row)
+            if symbol in ("*", "%"):
+                _check_size(symbol, a, b, where)
             try:
                 return op(a, b)
             except ZeroDivisionError as exc:
@@ -543,6 +562,20 @@ def _subscript_error(container: Any, key: Any, where: str, exc: Exception) -> Ex
     if isinstance(exc, IndexError):
         return ExpressionEvaluationError(f"index {key!r} out of range in `{where}` (length {len(container)})")
     return ExpressionEvaluationError(f"cannot look up {key!r} in a {type(container).__name__} in `{where}`")
+
+
+def _check_size(symbol: str, left: Any, right: Any, where: str) -> None:
+    """Refuse a repetition or %-format that would build more than MAX_BUILT_LENGTH items (``'a' * 10**12``)."""
+    if symbol == "*":
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_BUILT_LENGTH:
+                raise ExpressionEvaluationError(
+                    f"`{where}` would build {len(seq) * times:,} items; the limit is {MAX_BUILT_LENGTH:,}")
+    elif isinstance(left, str):
+        widths = [int(number) for pair in _FORMAT_WIDTHS.findall(left) for number in pair if number]
+        if widths and max(widths) > MAX_BUILT_LENGTH:
+            raise ExpressionEvaluationError(
+                f"`{where}` asks for a field {max(widths):,} characters wide; the limit is {MAX_BUILT_LENGTH:,}")
 
 
 def _operator_error(symbol: str, left: Any, right: Any, where: str) -> ExpressionEvaluationError:

@@ -293,3 +293,39 @@ def test_condition_keeps_its_text_and_compares_by_text() -> None:
     assert condition.text == "row['a'] > 1"
     assert condition == compile_condition("row['a'] > 1")
     assert condition.evaluate({"a": 2}) is True
+
+
+@pytest.mark.parametrize("text", [
+    "row['note'] == 'café' and row['x'] > 1",
+    "((row['a']\n  + row['b']) * 2 >= row['c'] or\r\n row['d'] in ('é', 'ü'))",
+    "'ü' * 2 + row['s'] if row['t'] else {row['u'], 1}",
+])
+def test_each_node_is_quoted_as_ast_quotes_it(text: str) -> None:
+    from elspeth_nb.engine.expressions import _Compiler
+
+    compiler = _Compiler(text)
+    for node in ast.walk(ast.parse(text, mode="eval").body):
+        assert compiler._source(node) == (ast.get_source_segment(text, node) or text)
+
+
+def test_a_condition_of_thousands_of_terms_loads_in_a_moment() -> None:
+    import time
+
+    text = " or ".join(f"row['id'] == '{i}'" for i in range(3000))
+    started = time.perf_counter()
+    condition = compile_condition(text)
+    assert time.perf_counter() - started < 5  # quoting each node rescanned the whole text: 218 s
+    assert condition.evaluate({"id": "2999"}) is True
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("'a' * 3000000000 == row['name']", "`'a' * 3000000000` would build 3,000,000,000 items; the limit is 1,000,000"),
+    ("row['n'] * [0] == []", "would build 2,000,000 items"),
+    ("'%0999999999d' % row['n'] == 'x'", "asks for a field 999,999,999 characters wide"),
+    ("'%.2000001f' % row['n'] == 'x'", "asks for a field 2,000,001 characters wide"),
+])
+def test_building_huge_text_or_lists_is_an_evaluation_error(text: str, fragment: str) -> None:
+    with pytest.raises(ExpressionEvaluationError) as caught:
+        compile_condition(text).evaluate({"name": "a", "n": 2_000_000})
+    assert fragment in str(caught.value)
+    assert compile_condition("row['name'] * 3 == 'aaa' and '%05.1f' % 2.25 == '002.2'").evaluate({"name": "a"})
