@@ -18,6 +18,7 @@ import difflib
 import functools
 import json
 import re
+import typing
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1202,7 +1203,7 @@ def _describe(error: Mapping[str, Any], data: Any) -> tuple[Loc, str, Any]:
     if kind == "missing":
         return loc, "required", None
     if kind == "extra_forbidden":
-        return loc, _unknown_key_message(loc), error.get("input")
+        return loc, _unknown_key_message(loc, error["loc"]), error.get("input")
     return loc, _tidy(error["msg"]), error.get("input")
 
 
@@ -1237,10 +1238,29 @@ def _tidy(message: str) -> str:
     return message[:1].lower() + message[1:]
 
 
-def _unknown_key_message(loc: Loc) -> str:
+def _unknown_key_message(loc: Loc, raw_loc: Sequence[str | int]) -> str:
+    """"unknown setting", with the closest key the plugin (or section) has: another plugin's key is no hint."""
     key = str(loc[-1]) if loc else ""
-    close = difflib.get_close_matches(key, _known_keys(_section_model(loc[:-1])), n=1)
+    keys = _known_keys(_section_model(loc[:-1]))
+    if "options" in raw_loc[1:]:
+        at = list(raw_loc).index("options")
+        options = _options_models().get((str(raw_loc[0]), str(raw_loc[at - 1])))
+        keys = tuple(options.model_fields) if options is not None else keys
+    close = difflib.get_close_matches(key, keys, n=1)
     return f"unknown setting; did you mean {close[0]!r}?" if close else "unknown setting"
+
+
+@functools.cache
+def _options_models() -> dict[tuple[str, str], type[BaseModel]]:
+    """(section, plugin) -> that plugin's options model, as pydantic's error locations name them."""
+    found: dict[tuple[str, str], type[BaseModel]] = {}
+    for section, base in (("source", SourceConfig), ("transforms", TransformConfig), ("sinks", SinkConfig)):
+        for config in base.__subclasses__():
+            options = config.model_fields["options"].annotation
+            if isinstance(options, type) and issubclass(options, BaseModel):
+                for plugin in typing.get_args(config.model_fields["plugin"].annotation):
+                    found[(section, str(plugin))] = options
+    return found
 
 
 def _section_model(parent: Loc) -> type[BaseModel]:
