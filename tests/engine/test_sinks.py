@@ -108,3 +108,19 @@ def test_parquet_first_row_that_breaks_the_declared_schema_is_refused(tmp_path: 
         sink.write({"id": "one"}, b"")
     sink.write({"id": 2}, b"")
     assert _written(sink) == [{"id": 2}]
+
+
+def test_csv_values_holding_line_breaks_read_back_as_written(tmp_path: Path) -> None:
+    import csv
+
+    from elspeth_nb.engine.plugins.sinks import CsvSink
+
+    rows = [{"id": 1, "note": "a\rb"}, {"id": 2, "note": "c\nd"}, {"id": 3, "note": "plain"}]
+    sink = CsvSink(tmp_path / "out.csv")
+    sink.open()
+    for row in rows:
+        sink.write(row, b"")
+    artifact = sink.close()
+    with (tmp_path / "out.csv").open(newline="") as handle:
+        read = list(csv.DictReader(handle))
+    assert read == [{"id": str(r["id"]), "note": r["note"]} for r in rows] and artifact.rows == len(read)

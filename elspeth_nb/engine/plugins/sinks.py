@@ -158,17 +158,24 @@ class CsvSink(_FileSink):
         self.header: list[str] | None = None
         self._text = io.StringIO()
         self._writer = csv.writer(self._text, delimiter=delimiter, lineterminator="\n")
+        # csv quotes a field holding a character of the line terminator, "\n" here: a bare "\r" would be
+        # written unquoted and read back as a line break, so rows holding one are written fully quoted
+        self._quoting_all = csv.writer(self._text, delimiter=delimiter, lineterminator="\n", quoting=csv.QUOTE_ALL)
 
     def write(self, row: dict[str, Any], canonical: bytes) -> None:
         if self.header is None:
             self.header = list(row)
-            self._writer.writerow(self.header)
+            self._write_row(self.header)
         elif len(row) != len(self.header) or any(k not in row for k in self.header):
             raise SinkWriteError(f"row fields {sorted(row)} do not match the CSV header {self.header}")
-        self._writer.writerow([_cell(row[k]) for k in self.header])
+        self._write_row([_cell(row[k]) for k in self.header])
         self.rows += 1
         if self._text.tell() >= 1 << 16:
             self._drain()
+
+    def _write_row(self, cells: list[Any]) -> None:
+        carriage_return = any(isinstance(c, str) and "\r" in c for c in cells)
+        (self._quoting_all if carriage_return else self._writer).writerow(cells)
 
     def _drain(self) -> None:
         self._emit(self._text.getvalue().encode("utf-8"))
