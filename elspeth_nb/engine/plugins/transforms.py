@@ -63,19 +63,28 @@ class FieldMapper:
         self.mapping: dict[str, str] = dict(options.mapping)
         self.select_only: bool = bool(options.select_only)
         self.strict: bool = bool(getattr(options, "strict", False))
+        self._targets = frozenset(self.mapping.values())
         self._reason = _reason(action="mapped", fields_mapped=sorted(self.mapping))
 
     def process(self, row: Row) -> tuple[Row, str]:
+        """The mapped row; a mapped value wins over a field already named like its target, whatever their order."""
         mapping = self.mapping
-        if self.strict:
-            missing = [f for f in mapping if f not in row]
-            if missing:
-                raise RowRejected("missing_field", fields=missing, available=sorted(row))
+        present = [f for f in mapping if f in row]
+        if self.strict and len(present) < len(mapping):
+            raise RowRejected("missing_field", fields=[f for f in mapping if f not in row], available=sorted(row))
         if self.select_only:
-            out = {target: row[src] for src, target in mapping.items() if src in row}
+            out = {mapping[src]: row[src] for src in present}
         else:
-            out = {mapping.get(k, k): v for k, v in row.items()}
-        return out, self._reason
+            targets = self._targets if len(present) == len(mapping) else {mapping[f] for f in present}
+            out = {}
+            for key, value in row.items():
+                if key in mapping:
+                    out[mapping[key]] = value
+                elif key not in targets:  # a field a mapped value replaces
+                    out[key] = value
+        if len(present) == len(mapping):
+            return out, self._reason
+        return out, _reason(action="mapped", fields_mapped=sorted(present))  # what was there to map
 
 
 class Truncate:
