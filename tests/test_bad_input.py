@@ -586,6 +586,11 @@ case("csv-too-many-fields", _run(HEADER + b"1,1.5,ok\n2,2.5,x,y\n"),
 case("csv-unterminated-quote", _run(HEADER + b'1,1.5,ok\n2,2.5,"open\n3,3.5,ok\n'),
      Quarantines(("in.csv:3", "malformed_row", r"^malformed CSV record \(it runs to line 4\): unexpected end of data"),
                  good=1), then=_stored_raw({"line": 3, "text": '2,2.5,"open\n3,3.5,ok\n'}))
+case("csv-numbers-in-other-digits-or-with-underscores",
+     _run(HEADER + "1,1.5,ok\n\u0663,2.5,arabic\n3,\uff17.5,fullwidth\n1_000,4.5,underscore\n".encode()),
+     Quarantines(("in.csv:3", "type_mismatch", r"^field 'id' should be int, got '\u0663'$"),
+                 ("in.csv:4", "type_mismatch", r"^field 'amount' should be float, got '\uff17\.5'$"),
+                 ("in.csv:5", "type_mismatch", r"^field 'id' should be int, got '1_000'$"), good=1))
 case("csv-blank-lines-before-the-header", _run(b"\n\r\n" + HEADER + b"1,1.5,ok\n2,2.5,ok\n"), Completes(good=2))
 case("csv-broken-quoted-field-spanning-lines",  # its tail, `9,9.5,done"`, is no record of its own
      _run(HEADER + b'1,1.5,"He said "hi" there\n9,9.5,done"\n2,2.5,ok\n3,3.5,"x"y\n4,4.5,ok\n'),

@@ -69,8 +69,18 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _ascii_number(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` for plain ASCII numbers only: Python also reads '٣' as 3 and '1_000' as 1000."""
+    def strict(text: str) -> Any:
+        if not text.isascii() or "_" in text:
+            raise ValueError(text)
+        return parse(text)
+
+    return strict
+
+
 _TEXT_PARSERS: dict[str, Callable[[str], Any]] = {
-    "int": int, "float": float, "bool": _parse_bool, "str": str, "any": str,
+    "int": _ascii_number(int), "float": _ascii_number(float), "bool": _parse_bool, "str": str, "any": str,
 }
 
 
