@@ -40,6 +40,9 @@ def test_same_rows_and_hashes_as_elspeth(tmp_path: Path, sample: str) -> None:
             "SELECT s.input_hash FROM node_states s JOIN nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id "
             "WHERE n.node_type = 'sink'"))
         their_reasons = {h for (h,) in elspeth.execute("SELECT DISTINCT reason_hash FROM routing_events")}
+        their_successes = set(elspeth.execute(
+            "SELECT DISTINCT n.plugin_name, s.success_reason_json FROM node_states s JOIN nodes n USING (node_id) "
+            "WHERE s.success_reason_json IS NOT NULL"))
     finally:
         elspeth.close()
     with duckdb.connect(str(tmp_path / "audit" / "audit.duckdb"), read_only=True) as con:
@@ -48,9 +51,13 @@ def test_same_rows_and_hashes_as_elspeth(tmp_path: Path, sample: str) -> None:
             "SELECT s.input_hash FROM node_states s JOIN nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id "
             "WHERE n.node_type = 'sink'").fetchall())
         our_reasons = {h for (h,) in con.execute("SELECT DISTINCT reason_hash FROM routing_events").fetchall()}
+        our_successes = set(con.execute(
+            "SELECT DISTINCT n.plugin_name, s.success_reason_json FROM node_states s JOIN nodes n "
+            "USING (run_id, node_id) WHERE s.success_reason_json IS NOT NULL").fetchall())
     assert our_rows == their_rows and len(our_rows) == 100
     assert our_sink_inputs == their_sink_inputs
     assert our_reasons == their_reasons != set()  # the gate's reason: its condition and the route label taken
+    assert our_successes == their_successes != set()  # each transform's success reason, word for word
 
 
 def test_a_lost_branch_has_the_same_reason_in_our_run_and_in_elspeths(tmp_path: Path) -> None:

@@ -15,16 +15,16 @@ def _mapper(mapping: dict[str, str], select_only: bool = False) -> FieldMapper:
     return FieldMapper(SimpleNamespace(mapping=mapping, select_only=select_only, strict=False))
 
 
-@pytest.mark.parametrize(("row", "out", "mapped"), [
-    ({"a": "new", "b": "old"}, {"b": "new"}, ["a"]),  # the mapped value wins, whichever field comes first
-    ({"b": "old", "a": "new"}, {"b": "new"}, ["a"]),
-    ({"b": "old", "c": 1}, {"b": "old", "c": 1}, []),  # nothing to map: b stays, and the reason says so
-    ({"a": 1, "c": 2}, {"b": 1, "c": 2}, ["a"]),
+@pytest.mark.parametrize(("row", "out", "reason"), [  # ELSPETH's reason: targets modified or added
+    ({"a": "new", "b": "old"}, {"b": "new"}, {"fields_modified": ["b"]}),  # the mapped value wins, either order
+    ({"b": "old", "a": "new"}, {"b": "new"}, {"fields_modified": ["b"]}),
+    ({"b": "old", "c": 1}, {"b": "old", "c": 1}, {}),  # nothing to map: b stays, and the reason says so
+    ({"a": 1, "c": 2}, {"b": 1, "c": 2}, {"fields_added": ["b"]}),
 ])
 def test_field_mapper_renames_onto_an_existing_field_and_reports_what_it_mapped(
-        row: dict[str, Any], out: dict[str, Any], mapped: list[str]) -> None:
-    result, reason = _mapper({"a": "b"}).process(row)
-    assert result == out and json.loads(reason) == {"action": "mapped", "fields_mapped": mapped}
+        row: dict[str, Any], out: dict[str, Any], reason: dict[str, Any]) -> None:
+    result, text = _mapper({"a": "b"}).process(row)
+    assert result == out and json.loads(text) == {"action": "mapped", **reason}
 
 
 def test_field_mapper_swaps_two_fields() -> None:

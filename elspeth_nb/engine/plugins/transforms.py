@@ -64,7 +64,7 @@ class FieldMapper:
         self.select_only: bool = bool(options.select_only)
         self.strict: bool = bool(getattr(options, "strict", False))
         self._targets = frozenset(self.mapping.values())
-        self._reason = _reason(action="mapped", fields_mapped=sorted(self.mapping))
+        self._reasons: dict[tuple[tuple[str, ...], tuple[bool, ...]], str] = {}
 
     def process(self, row: Row) -> tuple[Row, str]:
         """The mapped row; a mapped value wins over a field already named like its target, whatever their order."""
@@ -82,9 +82,18 @@ class FieldMapper:
                     out[mapping[key]] = value
                 elif key not in targets:  # a field a mapped value replaces
                     out[key] = value
-        if len(present) == len(mapping):
-            return out, self._reason
-        return out, _reason(action="mapped", fields_mapped=sorted(present))  # what was there to map
+        return out, self._reason_for(present, row)
+
+    def _reason_for(self, present: list[str], row: Row) -> str:
+        """ELSPETH's reason: the targets the row already had (modified) and those it gains (added)."""
+        targets = [self.mapping[src] for src in present]
+        key = (tuple(present), tuple(target in row for target in targets))
+        reason = self._reasons.get(key)
+        if reason is None:
+            lists = {"fields_added": sorted(t for t, had in zip(targets, key[1], strict=True) if not had),
+                     "fields_modified": sorted(t for t, had in zip(targets, key[1], strict=True) if had)}
+            reason = self._reasons[key] = _reason(action="mapped", **{k: v for k, v in lists.items() if v})
+        return reason
 
 
 class Truncate:
@@ -118,7 +127,7 @@ class Truncate:
 class KeywordFilter:
     """Rejects rows whose fields match a blocked pattern (``re.search``)."""
 
-    _REASON = _reason(action="passed")
+    _REASON = _reason(action="filtered")  # ELSPETH's word for a row the filter let through
 
     def __init__(self, options: Any) -> None:
         fields = options.fields
