@@ -598,6 +598,9 @@ case("csv-broken-quoted-field-spanning-lines",  # its tail, `9,9.5,done"`, is no
                  ("in.csv:5", "malformed_row", r"""^malformed CSV record: ',' expected after '"'$"""), good=2),
      then=_stored_raw({"line": 2, "text": '1,1.5,"He said "hi" there\n9,9.5,done"\n'},
                       {"line": 5, "text": '3,3.5,"x"y\n'}))
+case("csv-stray-quote-in-a-quoted-field-takes-no-other-line",  # `"12" ruler"` closes before its comma
+     _run(HEADER + b'1,1.5,"12" ruler"\n2,2.5,ok\n3,3.5,ok\n'),
+     Quarantines(("in.csv:2", "malformed_row", r"""^malformed CSV record: ',' expected after '"'$"""), good=2))
 case("csv-text-after-closing-quote", _run(HEADER + b'1,1.5,"ab"c\n2,2.5,ok\n'),
      Quarantines(("in.csv:2", "malformed_row", r"""^malformed CSV record: ',' expected after '"'$"""), good=1))
 case("csv-invalid-utf8", _run(HEADER + b"1,1.5,ok\n2,2.5,caf\xe9\n3,3.5,ok\n"),

@@ -257,18 +257,25 @@ class CsvSource(_Source):
             csv.field_size_limit(previous_limit)
 
     def _rest_of_open_quote(self, lines: Iterator[str], consumed: list[str]) -> int:
-        """After a malformed record whose quotes do not pair up, read on until they do; returns the lines read.
+        """After a malformed record that ends inside a quoted field, read on to that field's end; returns the lines.
 
         The reader gives up at the first bad character and starts the next record on the next line, which,
         inside a quoted field that spans lines, made the field's tail a record of its own, and a valid one.
+        Only when its quotes do not pair up, and reading leniently (a quote closes a field only before a
+        delimiter or a line end), so a stray quote, as in ``"12" ruler"``, opens nothing; at most the CSV
+        field size limit is taken.
         """
-        quotes, taken = "".join(consumed).count(self.quotechar), 0
-        while quotes % 2:
+        state, taken, size = _QuoteState(), 0, 0
+        for text in consumed:
+            state.read(text, self.delimiter, self.quotechar)
+        if "".join(consumed).count(self.quotechar) % 2 == 0:  # paired quotes (`"ab"c`): nothing left open
+            return 0
+        while state.quoted and size < MAX_FIELD_BYTES:
             line = next(lines, None)  # appended to ``consumed`` as it is read
             if line is None:
                 break
-            quotes += line.count(self.quotechar)
-            taken += 1
+            state.read(line, self.delimiter, self.quotechar)
+            taken, size = taken + 1, size + len(line)
         return taken
 
     def _malformed(self, first: int, last: int, text: str, exc: csv.Error) -> Quarantine:
@@ -307,6 +314,29 @@ class CsvSource(_Source):
                 raise InputError(f"{self.path}: column(s) {extra} are not declared and the schema mode is fixed")
         self.header = names
         return names
+
+
+class _QuoteState:
+    """Whether CSV text read so far ends inside a quoted field, read leniently (see ``_rest_of_open_quote``)."""
+
+    def __init__(self) -> None:
+        self.quoted, self.at_field_start = False, True
+
+    def read(self, text: str, delimiter: str, quote: str) -> None:
+        i, end = 0, len(text)
+        while i < end:
+            char = text[i]
+            if self.quoted:
+                if char == quote:
+                    after = text[i + 1] if i + 1 < end else "\n"
+                    if after == quote:  # a doubled quote is a quote inside the field
+                        i += 1
+                    elif after in (delimiter, "\r", "\n"):
+                        self.quoted = False
+            elif char == quote and self.at_field_start:
+                self.quoted = True
+            self.at_field_start = not self.quoted and char in (delimiter, "\r", "\n")
+            i += 1
 
 
 def _parse_text_fields(row: dict[str, Any], parsers: Sequence[tuple[str, Callable[[str], Any], FieldRule]]
