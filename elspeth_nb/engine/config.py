@@ -815,6 +815,7 @@ def collect_warnings(config: PipelineConfig, locator: Locator | None = None) -> 
 # -- loading --------------------------------------------------------------------------------
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_BOOL_TAG, _STR_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:str"
 #: Lists and mappings inside one another; settings need about 8, and PyYAML recurses once per level.
 MAX_NESTING_DEPTH = 100
 #: Values (keys included) once every alias is expanded; ten lines of nested aliases can make billions.
@@ -853,6 +854,9 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
             if self.depth > MAX_NESTING_DEPTH:
                 raise _TooDeep(event.start_mark)
             node = super().compose_node(parent, index)
+            if isinstance(parent, yaml.MappingNode) and index is None and node.tag == _BOOL_TAG \
+                    and node.value.lower() not in ("true", "false"):
+                node.tag = _STR_TAG  # a key such as a route label `yes:` is the text, not a YAML 1.1 boolean
             if isinstance(event, yaml.AliasEvent):
                 if parent is not None and index is not None:
                     slot = id(index) if isinstance(index, yaml.Node) else index
@@ -863,17 +867,6 @@ class _SettingsLoader(yaml.SafeLoader):  # type: ignore[misc]
         finally:
             self.depth -= 1
 
-
-
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-# Booleans are true and false only (YAML 1.2): YAML 1.1 also read yes/no/on/off as booleans, which turned
-# route labels "yes" and "no" into 'true' and 'false'. Boolean settings still accept "yes" (pydantic parses it).
-_SettingsLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_SettingsLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                      list("tTfF"))
 
 
 def _children(node: yaml.Node) -> list[tuple[str | int, int, yaml.Node]]:

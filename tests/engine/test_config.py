@@ -1026,7 +1026,7 @@ def test_a_name_ending_in_a_newline_is_refused() -> None:
     )
 
 
-def test_yes_and_no_are_route_labels_not_booleans_and_boolean_settings_still_take_them(tmp_path: Path) -> None:
+def test_yes_and_no_keys_are_route_labels_and_yes_and_no_values_stay_booleans(tmp_path: Path) -> None:
     text = """\
 source: {plugin: csv, on_success: raw, options: {path: in.csv}}
 gates:
@@ -1044,6 +1044,8 @@ sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}
     config, _ = load_config(write(tmp_path, text))
     assert config.gates[0].routes == {"yes": "mapped", "no": "out", "on": "out"}
     assert config.transforms[0].options.select_only is True
+    data, _ = read_settings(write(tmp_path, "python_option: {drop_id: no, keep: on}\nyes: 1\n", "values.yaml"))
+    assert data == {"python_option": {"drop_id": False, "keep": True}, "yes": 1}  # values stay YAML 1.1 booleans
 
 
 def test_an_unknown_option_is_matched_against_its_own_plugins_options_only(tmp_path: Path) -> None:
