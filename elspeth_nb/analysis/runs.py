@@ -201,7 +201,7 @@ def _coalesce_counts(self: Audit, run: str, status: str) -> pl.DataFrame:
 
     A run that stopped before completing also counts the joins each coalesce still held then
     (``held_when_run_stopped``); a coalesce that held joins but decided none is listed too. An
-    interrupted run records nothing for its open joins, so there the count is null (unknown), not 0.
+    interrupted or still running run records nothing for its open joins: there the count is null, not 0.
     """
     counts = self._db.frame_for([run], _COALESCE_SQL, {"run": run})
     after = pl.DataFrame(schema={"coalesce": pl.String, "lost_after_decision": pl.Int64})
@@ -214,7 +214,7 @@ def _coalesce_counts(self: Audit, run: str, status: str) -> pl.DataFrame:
                       *counts.columns[counts.columns.index("lost_branches") + 1:]))
     if status == RunStatus.COMPLETED:
         return counts
-    if status == RunStatus.INTERRUPTED:
+    if status in (RunStatus.INTERRUPTED, RunStatus.RUNNING):  # no state records what these hold (yet)
         return counts.with_columns(pl.lit(None, pl.Int64).alias("held_when_run_stopped"))
     held = self._db.frame_for([run], _HELD_SQL, {"run": run})
     tallies = [c for c, dtype in counts.schema.items() if dtype.is_integer()]

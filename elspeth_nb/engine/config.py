@@ -1235,9 +1235,8 @@ def _unknown_key_message(loc: Loc, raw_loc: Sequence[str | int]) -> str:
     """"unknown setting", with the closest key the plugin (or section) has: another plugin's key is no hint."""
     key = str(loc[-1]) if loc else ""
     keys = _known_keys(_section_model(loc[:-1]))
-    if "options" in raw_loc[1:]:
-        at = list(raw_loc).index("options")
-        options = _options_models().get((str(raw_loc[0]), str(raw_loc[at - 1])))
+    if len(raw_loc) >= 3 and raw_loc[-2] == "options":  # a key right under a plugin's options
+        options = _options_models().get((str(raw_loc[0]), str(raw_loc[-3])))
         keys = tuple(options.model_fields) if options is not None else keys
     close = difflib.get_close_matches(key, keys, n=1)
     return f"unknown setting; did you mean {close[0]!r}?" if close else "unknown setting"

@@ -217,7 +217,7 @@ class Engine:
         settings = config.model_dump(mode="json", exclude_none=True)
         settings["audit"]["payloads"] = self.payload_mode
         if self.audit_root.resolve() != self.pipeline.resolve_path(config.audit.path).resolve():
-            settings["audit"]["path"] = str(self.audit_root)
+            settings["audit"]["path"] = str(self.audit_root.resolve())  # "store" means nothing without the cwd
         settings["engine"]["max_in_flight"] = self.max_in_flight
         return settings
 

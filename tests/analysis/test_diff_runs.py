@@ -137,6 +137,20 @@ def test_arguments_that_override_the_settings_file_are_recorded_and_diffed(tmp_p
                                   ("engine.max_in_flight", "changed", "1024", "1")]
 
 
+def test_one_store_named_relatively_or_absolutely_is_the_same_config(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from elspeth_nb.analysis import open_audit
+    from elspeth_nb.engine.runner import run_pipeline
+    from tests.cases import fork_pipeline, write_csv
+
+    pipeline = fork_pipeline(write_csv(tmp_path / "in.csv"))
+    monkeypatch.chdir(tmp_path)
+    relative = run_pipeline(pipeline, audit="store")
+    absolute = run_pipeline(pipeline, audit=tmp_path / "store")
+    with open_audit(tmp_path / "store") as audit:
+        assert audit.diff_runs(relative.run_id, absolute.run_id).same_config
+
+
 def test_config_values_compare_as_json_and_dotted_keys_stay_apart() -> None:
     from elspeth_nb.analysis.diff import _config_diff
 

@@ -1050,7 +1050,7 @@ sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}
 
 def test_an_unknown_option_is_matched_against_its_own_plugins_options_only(tmp_path: Path) -> None:
     text = """\
-source: {plugin: csv, on_success: raw, options: {path: in.csv}}
+source: {plugin: csv, on_success: raw, options: {path: in.csv, schema: {mdoe: fixed}}}
 transforms:
   - {name: t, plugin: truncate, input: raw, on_success: out, options: {fields: {note: 8}, strict: true, sufix: "."}}
 sinks: {out: {plugin: jsonl, options: {path: out.jsonl, formatt: x}}}
@@ -1058,6 +1058,7 @@ sinks: {out: {plugin: jsonl, options: {path: out.jsonl, formatt: x}}}
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     assert info.value.problems == [  # field_mapper's 'strict' and the json sink's 'format' are no hints here
+        "settings.yaml:1: source.options.schema.mdoe: unknown setting; did you mean 'mode'? (got 'fixed')",
         "settings.yaml:3: transforms[0].options.strict: unknown setting (got true)",
         "settings.yaml:3: transforms[0].options.sufix: unknown setting; did you mean 'suffix'? (got '.')",
         "settings.yaml:4: sinks.out.options.formatt: unknown setting (got 'x')",
