@@ -107,7 +107,8 @@ _COMPARE: dict[type[ast.cmpop], tuple[str, Callable[[Any, Any], Any]]] = {
 }
 #: The longest text or list a condition may build with ``*`` or a ``%`` width: larger ones are evaluation errors.
 MAX_BUILT_LENGTH = 1_000_000
-_FORMAT_WIDTHS = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d*)(?:\.(\d+))?")  # a %-format's width and precision
+#: A %-format's conversion: ``%%`` (a literal percent sign) or its width and precision (digits or ``*``).
+_FORMAT_WIDTHS = re.compile(r"%(%|(?:\([^)]*\))?[-+ #0]*(\*|\d*)(?:\.(\*|\d+))?)")
 _LINES = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 
 _BINARY: dict[type[ast.operator], tuple[str, Callable[[Any, Any], Any]]] = {
@@ -572,10 +573,14 @@ def _check_size(symbol: str, left: Any, right: Any, where: str) -> None:
                 raise ExpressionEvaluationError(
                     f"`{where}` would build {len(seq) * times:,} items; the limit is {MAX_BUILT_LENGTH:,}")
     elif isinstance(left, str):
-        widths = [int(number) for pair in _FORMAT_WIDTHS.findall(left) for number in pair if number]
-        if widths and max(widths) > MAX_BUILT_LENGTH:
+        conversions = [(width, precision) for whole, width, precision in _FORMAT_WIDTHS.findall(left)
+                       if whole != "%"]
+        sizes = [int(n) for pair in conversions for n in pair if n.isdigit()]
+        if any("*" in pair for pair in conversions):  # the width or precision is taken from the arguments
+            sizes += [abs(v) for v in (right if isinstance(right, tuple) else (right,)) if type(v) is int]
+        if sizes and max(sizes) > MAX_BUILT_LENGTH:
             raise ExpressionEvaluationError(
-                f"`{where}` asks for a field {max(widths):,} characters wide; the limit is {MAX_BUILT_LENGTH:,}")
+                f"`{where}` asks for a field {max(sizes):,} characters wide; the limit is {MAX_BUILT_LENGTH:,}")
 
 
 def _operator_error(symbol: str, left: Any, right: Any, where: str) -> ExpressionEvaluationError:

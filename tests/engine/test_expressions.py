@@ -323,9 +323,12 @@ def test_a_condition_of_thousands_of_terms_loads_in_a_moment() -> None:
     ("row['n'] * [0] == []", "would build 2,000,000 items"),
     ("'%0999999999d' % row['n'] == 'x'", "asks for a field 999,999,999 characters wide"),
     ("'%.2000001f' % row['n'] == 'x'", "asks for a field 2,000,001 characters wide"),
+    ("'%*d' % (row['n'], 1) == 'x'", "asks for a field 2,000,000 characters wide"),
+    ("'%.*f' % (row['n'], 1.5) == 'x'", "asks for a field 2,000,000 characters wide"),
 ])
 def test_building_huge_text_or_lists_is_an_evaluation_error(text: str, fragment: str) -> None:
     with pytest.raises(ExpressionEvaluationError) as caught:
         compile_condition(text).evaluate({"name": "a", "n": 2_000_000})
     assert fragment in str(caught.value)
     assert compile_condition("row['name'] * 3 == 'aaa' and '%05.1f' % 2.25 == '002.2'").evaluate({"name": "a"})
+    assert compile_condition("'%%2000000d %s' % row['name'] == '%2000000d a'").evaluate({"name": "a"})  # %% is text
