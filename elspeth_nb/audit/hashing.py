@@ -21,7 +21,7 @@ import base64
 import hashlib
 import math
 from collections.abc import Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -183,10 +183,26 @@ def _normalise_scalar(obj: Any, path: str) -> Any:
         if kind == "ndarray":  # before item(): a one-element array stays a list
             return obj.tolist()
         if kind == "datetime64":  # a UTC time, as ELSPETH writes it (item() of ns precision is a bare int)
-            return obj.astype("datetime64[us]").item()
+            if str(obj) == "NaT":
+                return None
+            nanos = obj.astype("datetime64[ns]").astype("int64").item()
+            return nanosecond_iso(nanos) if nanos % 1000 else obj.astype("datetime64[us]").item()
         if callable(getattr(obj, "item", None)):
             return obj.item()
     raise CanonicalizationError(f"{path}: a {type(obj).__name__} value cannot be hashed canonically")
+
+
+def nanosecond_iso(nanos: int) -> str:
+    """UTC ISO 8601 text of a time in nanoseconds since the epoch, with nine fractional digits.
+
+    For times a Python datetime cannot hold (it stops at microseconds); what pandas' isoformat writes.
+
+    >>> nanosecond_iso(1_700_000_000_123_456_789), nanosecond_iso(-1)
+    ('2023-11-14T22:13:20.123456789+00:00', '1969-12-31T23:59:59.999999999+00:00')
+    """
+    micros, rest = divmod(nanos, 1000)
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond:06d}{rest:03d}+00:00"
 
 
 def _encodable(text: str) -> bool:

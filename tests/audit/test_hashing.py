@@ -147,6 +147,35 @@ def test_a_float_subclass_is_written_as_its_number_and_arrays_as_lists() -> None
     assert canonical_bytes(value) == rfc8785.dumps(expected)
 
 
+class datetime64:
+    """As numpy's datetime64 answers the normaliser: str() ``NaT``, astype() to other units, item()."""
+
+    __module__ = "numpy"
+
+    def __init__(self, nanos: int | None, unit: str = "ns") -> None:
+        self.nanos, self.unit = nanos, unit
+
+    def __str__(self) -> str:
+        return "NaT" if self.nanos is None else f"datetime64({self.nanos}, {self.unit})"
+
+    def astype(self, unit: str) -> datetime64:
+        return datetime64(self.nanos, unit)
+
+    def item(self) -> int | datetime | None:
+        if self.nanos is None:
+            return None
+        if self.unit == "datetime64[us]":
+            return datetime(1970, 1, 1) + timedelta(microseconds=self.nanos // 1000)
+        return self.nanos  # numpy's item() of nanoseconds (and astype("int64")) is a bare int
+
+
+def test_numpy_times_keep_their_nanoseconds() -> None:
+    value = {"ns": datetime64(1_700_000_000_123_456_789), "us": datetime64(1_700_000_000_123_456_000),
+             "nat": datetime64(None)}
+    assert canonical_bytes(value) == rfc8785.dumps(
+        {"ns": "2023-11-14T22:13:20.123456789+00:00", "us": "2023-11-14T22:13:20.123456+00:00", "nat": None})
+
+
 def test_a_key_holding_a_lone_surrogate_is_a_canonicalization_error() -> None:
     with pytest.raises(CanonicalizationError) as caught:
         canonical_bytes({"ok": 1, "\ud800": 2})

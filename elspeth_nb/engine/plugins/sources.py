@@ -14,13 +14,12 @@ import csv
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from elspeth_nb.audit.hashing import is_canonical
+from elspeth_nb.audit.hashing import is_canonical, nanosecond_iso
 from elspeth_nb.errors import CanonicalizationError, InputError
 
 MAX_FIELD_BYTES = 16 * 1024 * 1024
@@ -522,9 +521,6 @@ class ParquetSource(_Source):
         return f"{self.path.name}#row{line}"
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _python_rows(batch: Any) -> list[dict[str, Any]]:
     """A record batch's rows as Python values; nanosecond times are kept whole (see :func:`_nanosecond_times`)."""
     import pyarrow as pa
@@ -545,15 +541,9 @@ def _nanosecond_times(column: Any) -> list[Any]:
     """
     import pyarrow as pa
 
-    out: list[Any] = []
-    for nanos in column.cast(pa.int64()).to_pylist():
-        micros, rest = divmod(nanos, 1000) if nanos is not None else (0, 0)
-        if rest:
-            moment = _EPOCH + timedelta(microseconds=micros)
-            out.append(f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond:06d}{rest:03d}+00:00")
-        else:  # as pyarrow converts it (None, or a datetime in the column's time zone)
-            out.append(pa.scalar(nanos, column.type).as_py())
-    return out
+    return [nanosecond_iso(nanos) if nanos is not None and nanos % 1000
+            else pa.scalar(nanos, column.type).as_py()  # as pyarrow converts it: None, or a datetime in its zone
+            for nanos in column.cast(pa.int64()).to_pylist()]
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
