@@ -778,20 +778,23 @@ def test_duplicate_yaml_keys_are_problems(tmp_path: Path) -> None:
     )
 
 
-def test_unquoted_yaml_booleans_are_route_labels(tmp_path: Path) -> None:
-    text = """\
-source: {plugin: csv, on_success: raw, options: {path: in.csv}}
+@pytest.mark.parametrize(("condition", "labels"), [
+    ("row['a'] > 1", ["true", "false"]),
+    ("row['answer']", ["yes", "no", "on"]),  # YAML 1.1 booleans too, as keys: each stays its own label
+])
+def test_unquoted_yaml_booleans_are_route_labels(tmp_path: Path, condition: str, labels: list[str]) -> None:
+    routes = "".join(f"      {label}: out\n" for label in labels)
+    text = f"""\
+source: {{plugin: csv, on_success: raw, options: {{path: in.csv}}}}
 gates:
   - name: g
     input: raw
-    condition: row['a'] > 1
+    condition: {condition}
     routes:
-      true: out
-      false: out
-sinks: {out: {plugin: jsonl, options: {path: o}}}
+{routes}sinks: {{out: {{plugin: jsonl, options: {{path: o}}}}}}
 """
     config, _ = load_config(write(tmp_path, text))
-    assert config.gates[0].routes == {"true": "out", "false": "out"}
+    assert config.gates[0].routes == dict.fromkeys(labels, "out")
 
 
 def test_empty_sections_are_empty_lists(tmp_path: Path) -> None:
@@ -1026,26 +1029,9 @@ def test_a_name_ending_in_a_newline_is_refused() -> None:
     )
 
 
-def test_yes_and_no_keys_are_route_labels_and_yes_and_no_values_stay_booleans(tmp_path: Path) -> None:
-    text = """\
-source: {plugin: csv, on_success: raw, options: {path: in.csv}}
-gates:
-  - name: answer
-    input: raw
-    condition: "row['answer']"
-    routes:
-      yes: mapped
-      no: out
-      on: out
-transforms:
-  - {name: m, plugin: field_mapper, input: mapped, on_success: out, options: {mapping: {a: b}, select_only: yes}}
-sinks: {out: {plugin: jsonl, options: {path: out.jsonl}}}
-"""
-    config, _ = load_config(write(tmp_path, text))
-    assert config.gates[0].routes == {"yes": "mapped", "no": "out", "on": "out"}
-    assert config.transforms[0].options.select_only is True
-    data, _ = read_settings(write(tmp_path, "python_option: {drop_id: no, keep: on}\nyes: 1\n", "values.yaml"))
-    assert data == {"python_option": {"drop_id": False, "keep": True}, "yes": 1}  # values stay YAML 1.1 booleans
+def test_yes_and_no_values_stay_booleans(tmp_path: Path) -> None:
+    data, _ = read_settings(write(tmp_path, "python_option: {drop_id: no, keep: on}\nyes: 1\n"))
+    assert data == {"python_option": {"drop_id": False, "keep": True}, "yes": 1}  # as ELSPETH's YAML 1.1 reads them
 
 
 def test_an_unknown_option_is_matched_against_its_own_plugins_options_only(tmp_path: Path) -> None:
