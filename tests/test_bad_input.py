@@ -617,6 +617,9 @@ case("csv-header-only", _run(HEADER), Completes(good=0))
 case("csv-header-lacks-a-declared-field", _run(b"id,amount\n1,1.5\n"),
      Fails(InputError, r"^<work>/in\.csv: the header lacks declared field\(s\) \['note'\] "
            r"\(header: \['id', 'amount'\]\)$"), then=_nothing_written)
+case("csv-old-mac-line-endings", _run(b"id,amount,note\r1,1.5,a\r2,2.5,b\r"),
+     Fails(InputError, r"^<work>/in\.csv:1: the header line ends with a bare carriage return "
+                       r"\(old Mac line endings\?\); lines must end with \\n or \\r\\n$"), then=_nothing_written)
 case("csv-duplicate-column", _run(b"id,amount,note,note\n1,1.5,a,b\n"),
      Fails(InputError, r"^<work>/in\.csv: duplicate column names in the header \['id', 'amount', 'note', 'note'\]$"),
      then=_nothing_written)

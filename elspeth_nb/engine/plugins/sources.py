@@ -296,6 +296,9 @@ class CsvSource(_Source):
             raise InputError(f"{self.where}: {self.path} is empty; a CSV source needs a header line "
                              "naming its columns") from None
         except csv.Error as exc:
+            if "new-line character seen in unquoted field" in str(exc):  # the line ended at a bare \r
+                raise InputError(f"{self.path}:{reader.line_num}: the header line ends with a bare carriage return "
+                                 "(old Mac line endings?); lines must end with \\n or \\r\\n") from exc
             raise InputError(f"{self.path}:{reader.line_num}: cannot read the CSV header: {exc}") from exc
         if bad_lines:
             raise InputError(f"{self.path}:{min(bad_lines)}: the header line has bytes that are not valid "
