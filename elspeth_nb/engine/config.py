@@ -1008,6 +1008,26 @@ def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node, int] | Non
     return None
 
 
+def _merged_keys(merged: yaml.Node) -> list[yaml.Node]:
+    """The key nodes a ``<<:`` value brings: its mapping's own keys and, in turn, those of its own ``<<:``."""
+    keys: list[yaml.Node] = []
+    pending, seen = [merged], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag == _MERGE_TAG:
+                    pending.append(value)
+                else:
+                    keys.append(key)
+    return keys
+
+
 def _alias_crossings(root: yaml.Node | None, alias_uses: Mapping[tuple[int, int], tuple[str, int]],
                      ) -> dict[tuple[int, int], tuple[str, int]]:
     """``alias_uses`` plus the keys each ``<<: *base`` (or ``<<: [*a, *b]``) brings into its mapping.
@@ -1030,8 +1050,8 @@ def _alias_crossings(root: yaml.Node | None, alias_uses: Mapping[tuple[int, int]
                     if isinstance(value, yaml.SequenceNode):
                         sources = [(alias_uses.get((id(value), i)), item) for i, item in enumerate(value.value)]
                     for origin, merged in sources:
-                        if origin is not None and isinstance(merged, yaml.MappingNode):
-                            crossings.update({(id(node), id(k)): origin for k, _ in merged.value})
+                        if origin is not None:
+                            crossings.update({(id(node), id(k)): origin for k in _merged_keys(merged)})
                 pending.append(value)
         elif isinstance(node, yaml.SequenceNode):
             pending.extend(node.value)

@@ -917,6 +917,19 @@ def test_a_value_used_through_an_alias_names_the_alias_and_where_the_value_is_wr
     ]
 
 
+def test_keys_merged_through_two_levels_name_the_outer_alias(tmp_path: Path) -> None:
+    text = MERGED_TRANSFORMS.replace("fields: {note: 8}", "fields: {note: -1}").replace(
+        "  - <<: *t\n", "  - &u\n    <<: *t\n    name: t2\n  - <<: *u\n").replace("    name: t2\n    input: mid",
+                                                                           "    name: t3\n    input: mid")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert [p.split(".options.fields: ")[0] for p in info.value.problems if ".options.fields: " in p] == [
+        "settings.yaml:3: transforms[0]",
+        "settings.yaml:3 (through *t at line 5): transforms[1]",
+        "settings.yaml:3 (through *u at line 7): transforms[2]",
+    ]
+
+
 def test_keys_merged_from_a_list_of_aliases_name_the_alias_they_came_through(tmp_path: Path) -> None:
     text = ("base: &b {plugin: jsonl}\nbad: &o {options: {path: 7}}\n"
             "source: {plugin: csv, on_success: out, options: {path: in.csv}}\n"
