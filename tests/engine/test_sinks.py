@@ -124,3 +124,22 @@ def test_csv_values_holding_line_breaks_read_back_as_written(tmp_path: Path) -> 
     with (tmp_path / "out.csv").open(newline="") as handle:
         read = list(csv.DictReader(handle))
     assert read == [{"id": str(r["id"]), "note": r["note"]} for r in rows] and artifact.rows == len(read)
+
+
+def test_csv_row_with_no_fields_is_refused_instead_of_written_as_a_blank_line(tmp_path: Path) -> None:
+    """A blank line is no record to a CSV reader, so an empty row would vanish; refusing it fails that token only."""
+    import csv
+
+    from elspeth_nb.engine.plugins.sinks import CsvSink
+
+    sink = CsvSink(tmp_path / "out.csv")
+    sink.open()
+    with pytest.raises(SinkWriteError, match="a row with no fields cannot be written as CSV"):
+        sink.write({}, b"{}")
+    sink.write({"id": 1}, b"")
+    with pytest.raises(SinkWriteError, match="no fields"):
+        sink.write({}, b"{}")
+    artifact = sink.close()
+    with (tmp_path / "out.csv").open(newline="") as handle:
+        assert list(csv.DictReader(handle)) == [{"id": "1"}]
+    assert artifact.rows == 1

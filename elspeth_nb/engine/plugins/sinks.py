@@ -163,6 +163,8 @@ class CsvSink(_FileSink):
         self._quoting_all = csv.writer(self._text, delimiter=delimiter, lineterminator="\n", quoting=csv.QUOTE_ALL)
 
     def write(self, row: dict[str, Any], canonical: bytes) -> None:
+        if not row:  # it would be a blank line, which CSV readers skip: the row would vanish on reading
+            raise SinkWriteError("a row with no fields cannot be written as CSV (it would be a blank line)")
         if self.header is None:
             self.header = list(row)
             self._write_row(self.header)
