@@ -63,3 +63,29 @@ def test_engine_floor_prints_each_stage_of_the_trail_in_order(tmp_path: Path) ->
     assert all(cost > 0 for cost in stages.values()) and stages["no trail"] < stages["full trail"]
     assert (tmp_path / "floor_2000" / "output.jsonl").read_text().count("\n") == 2000  # the pipeline really ran
     assert "rerun: .venv/bin/python bench/engine_floor.py --rows 2000 --repeat 1" in out
+
+
+@pytest.mark.slow
+def test_batch_ceiling_writes_the_engines_trail_and_its_check_notices_a_difference(tmp_path: Path) -> None:
+    """The ceiling counts the engine's work only if its trail is the engine's: the script checks that, and the check
+    is not blind (a missing payload segment makes it differ)."""
+    out = subprocess.run([sys.executable, str(BENCH / "batch_ceiling.py"), "--rows", "700", "--workers", "1",
+                          "--batch", "256", "--check", "500", "--work", str(tmp_path)],
+                         check=True, capture_output=True, text=True).stdout
+    assert "trail check on 500 rows: same records as the engine's" in out
+    assert "700 rows, 1 worker(s), batches of 256, today's trail:" in out
+    assert (tmp_path / "ceiling_700" / "output.jsonl").read_text().count("\n") == 700
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("batch_ceiling", BENCH / "batch_ceiling.py")
+        assert spec and spec.loader
+        ceiling = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ceiling)
+    finally:
+        sys.path.remove(str(BENCH))
+    engine, ours = tmp_path / "engine_check_500" / "audit", tmp_path / "ceiling_check_500" / "audit"
+    assert ceiling._trail(engine) == ceiling._trail(ours)
+    for segment in (ours / "parquet" / "payloads").glob("*/part-*.parquet"):
+        segment.unlink()
+    differing = ceiling._trail(ours)
+    assert differing["payloads"] == [] and ceiling._trail(engine)["payloads"]
