@@ -181,6 +181,8 @@ def _normalise_scalar(obj: Any, path: str) -> Any:
     if type(obj).__module__ == "numpy":  # numpy values as Python values, without importing numpy
         kind = type(obj).__name__
         if kind == "ndarray":  # before item(): a one-element array stays a list
+            if obj.dtype.kind == "M":  # times element by element: tolist() gives nanoseconds as bare ints
+                return [_normalise_scalar(v, path) for v in obj] if obj.ndim else _normalise_scalar(obj[()], path)
             return obj.tolist()
         if kind == "datetime64":  # a UTC time, as ELSPETH writes it (item() of ns precision is a bare int)
             if str(obj) == "NaT":

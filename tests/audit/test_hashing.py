@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import rfc8785
@@ -128,16 +131,21 @@ class ndarray:
 
     __module__ = "numpy"
 
-    def __init__(self, values: list[float]) -> None:
+    def __init__(self, values: list[Any], kind: str = "f") -> None:
         self.values = values
+        self.dtype = SimpleNamespace(kind=kind)
+        self.ndim = 1
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.values)
 
     def item(self) -> float:
         if len(self.values) != 1:
             raise ValueError("can only convert an array of size 1 to a Python scalar")
         return self.values[0]
 
-    def tolist(self) -> list[float]:
-        return list(self.values)
+    def tolist(self) -> list[Any]:  # as numpy's: elements as Python scalars (times of ns precision: bare ints)
+        return [v.item() if isinstance(v, datetime64) else v for v in self.values]
 
 
 def test_a_float_subclass_is_written_as_its_number_and_arrays_as_lists() -> None:
@@ -174,6 +182,12 @@ def test_numpy_times_keep_their_nanoseconds() -> None:
              "nat": datetime64(None)}
     assert canonical_bytes(value) == rfc8785.dumps(
         {"ns": "2023-11-14T22:13:20.123456789+00:00", "us": "2023-11-14T22:13:20.123456+00:00", "nat": None})
+
+
+def test_numpy_time_arrays_are_lists_of_times() -> None:
+    """tolist() of a datetime64[ns] array gives bare ints, which would hash as numbers (or fail past 2**53)."""
+    times = ndarray([datetime64(1_700_000_000_123_456_789), datetime64(None)], kind="M")
+    assert canonical_bytes({"at": times}) == rfc8785.dumps({"at": ["2023-11-14T22:13:20.123456789+00:00", None]})
 
 
 def test_a_key_holding_a_lone_surrogate_is_a_canonicalization_error() -> None:
