@@ -98,6 +98,11 @@ class _ListColumn:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def truncate(self, count: int) -> None:
+        """Keep the first ``count`` values (and none of a value whose elements were only partly added)."""
+        del self.offsets[count + 1:]
+        del self.values[self.offsets[-1]:]
+
     def to_arrow(self) -> pa.Array:
         array = pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), pa.array(self.values, self.value_type))
         self.values, self.offsets = [], [0]
@@ -130,6 +135,10 @@ class _TableBuffer:
         count = len(self.columns[0])
         if not count:
             return
+        if any(len(column) != count for column in self.columns):
+            count = self._drop_torn_record()
+            if not count:
+                return
         arrays = []
         for i, (column, raw_type) in enumerate(zip(self.columns, self.raw_types, strict=True)):
             if not isinstance(column, list):
@@ -139,6 +148,19 @@ class _TableBuffer:
             column.clear()
         self.batches.append(arrays)
         self.batched_rows += count
+
+    def _drop_torn_record(self) -> int:
+        """Drop a record an interrupt (Ctrl-C) cut between two column appends; the records before it are whole.
+
+        Without this the table's columns differ in length and none of its buffered records could be written.
+        """
+        count = min(len(column) for column in self.columns)
+        for column in self.columns:
+            if isinstance(column, list):
+                del column[count:]
+            else:
+                column.truncate(count)
+        return count
 
     def take(self) -> list[list[pa.Array]]:
         self.seal()

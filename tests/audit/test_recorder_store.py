@@ -242,3 +242,26 @@ def test_a_failing_background_write_surfaces_on_close(tmp_path: Path) -> None:
 def test_finish_batches_of_an_empty_table_has_the_file_schema() -> None:
     table = finish_batches(TABLES["tokens"], "r", 0.0, [])
     assert table.schema == TABLES["tokens"].file_schema and table.num_rows == 0
+
+
+def test_a_record_torn_by_an_interrupt_is_dropped_and_the_whole_ones_are_written() -> None:
+    """Ctrl-C can land between two column appends of a record; the records before it must still reach the store."""
+    writer = MemoryWriter()
+    rec = Recorder("run1", writer, background=False)
+    rec.token_parents(2, 1, 0)
+    rec.coalesce_events(*([None] * 33))  # a whole record, so the torn one below is not the only one
+    parents, events = rec._tables["token_parents"], rec._tables["coalesce_events"]
+    parents.appends[0](3)  # torn: token_id appended, parent and ordinal not
+    for append, value in zip(events.appends[:13], [9, "n", "c", 1, "merged", "t", None, "p", "m", None, None, None,
+                                                    ["a", "b"]], strict=True):
+        append(value)  # torn inside the list columns: expected_branches added, branches_arrived not
+    events.columns[13].values.append("a")  # ...and branches_arrived cut between its elements and its offset
+    try:
+        rec.close()
+    finally:
+        writer.close()
+    assert writer.table("token_parents").to_pylist() == [
+        {"token_id": format_id("run1", "token", 2), "parent_token_id": format_id("run1", "token", 1), "ordinal": 0,
+         "run_id": "run1"}]
+    [event] = writer.table("coalesce_events").to_pylist()
+    assert event["event_id"] is None and event["expected_branches"] == event["branches_arrived"] == []
