@@ -69,6 +69,12 @@ FROM runs WHERE run_id = $run
 """
 #: Header counts that are record counts of a table, in header order (``quarantined`` comes after node_states).
 _HEADER_COUNTS = ("rows", "tokens", "node_states", "validation_errors", "transform_errors", "artifacts")
+#: Whether some token of the run has no terminal outcome (a run stopped mid-row left it where it was).
+_UNFINISHED_SQL = """
+SELECT EXISTS (SELECT 1 FROM tokens t WHERE t.run_id = $run AND NOT EXISTS (
+    SELECT 1 FROM token_outcomes o WHERE o.run_id = t.run_id AND o.token_id = t.token_id AND o.is_terminal = 1))
+"""
+
 _QUARANTINED_SQL = """
 SELECT count(*) FROM token_outcomes WHERE run_id = $run AND is_terminal = 1 AND outcome = 'quarantined'
 """
@@ -200,8 +206,9 @@ def _coalesce_counts(self: Audit, run: str, status: str) -> pl.DataFrame:
     """Per coalesce counts; ``lost_branches`` includes the ``lost_after_decision`` ones (see policy_outcomes).
 
     A run that stopped before completing also counts the joins each coalesce still held then
-    (``held_when_run_stopped``); a coalesce that held joins but decided none is listed too. An
-    interrupted or still running run records nothing for its open joins: there the count is null, not 0.
+    (``held_when_run_stopped``); a coalesce that held joins but decided none is listed too. A run still
+    running, or interrupted without ending its tokens in flight (a second Ctrl-C, or an interrupt raised
+    inside a plugin), records nothing for its open joins: there the count is null, not 0.
     """
     counts = self._db.frame_for([run], _COALESCE_SQL, {"run": run})
     after = pl.DataFrame(schema={"coalesce": pl.String, "lost_after_decision": pl.Int64})
@@ -214,8 +221,9 @@ def _coalesce_counts(self: Audit, run: str, status: str) -> pl.DataFrame:
                       *counts.columns[counts.columns.index("lost_branches") + 1:]))
     if status == RunStatus.COMPLETED:
         return counts
-    if status in (RunStatus.INTERRUPTED, RunStatus.RUNNING):  # no state records what these hold (yet)
-        return counts.with_columns(pl.lit(None, pl.Int64).alias("held_when_run_stopped"))
+    if status == RunStatus.RUNNING or (
+            status == RunStatus.INTERRUPTED and self._db.rows_for([run], _UNFINISHED_SQL, {"run": run})[0][0]):
+        return counts.with_columns(pl.lit(None, pl.Int64).alias("held_when_run_stopped"))  # nothing records them
     held = self._db.frame_for([run], _HELD_SQL, {"run": run})
     tallies = [c for c, dtype in counts.schema.items() if dtype.is_integer()]
     return (counts.join(held, on="coalesce", how="full", coalesce=True)

@@ -257,11 +257,12 @@ class CoalesceExecutor(NodeExecutor):
                                  Trigger.END_OF_SOURCE)
         self._decide(rc, entry, verdict, self.ctx.now())  # type: ignore[arg-type]
 
-    def abandon_held(self, error: str, now: float) -> dict[int, str]:
-        """The run failed while rows' branches waited here: record each held token's state; token id -> context.
+    def abandon_held(self, error: str, now: float, reason: str = "run_failed") -> dict[int, str]:
+        """The run stopped while rows' branches waited here: record each held token's state; token id -> context.
 
-        The state runs from the token's arrival to now and fails with ``run_failed``; its context (also the
-        token's outcome context) says what the join held: branches arrived and when, branches lost, wait so far.
+        The state runs from the token's arrival to now and fails with ``reason`` (``run_failed``, or
+        ``run_interrupted``); its context (also the token's outcome context) says what the join held:
+        branches arrived and when, branches lost, wait so far.
         """
         ctx, contexts = self.ctx, {}
         for rc in list(ctx.open_rows):
@@ -277,8 +278,8 @@ class CoalesceExecutor(NodeExecutor):
                                        "arrival_offset_ms": (at - first) * 1000.0}  # type: ignore[operator]
                                       for b, t, at in entry.arrivals],
                     "branches_lost": entry.lost, "waited_ms": waited_ms}
-            context_json = canonical_json({"run_failed": {"error": error}, "held_at_coalesce": held})
-            error_json = canonical_json({"failure_reason": "run_failed", "error": error, "coalesce": self.name,
+            context_json = canonical_json({reason: {"error": error}, "held_at_coalesce": held})
+            error_json = canonical_json({"failure_reason": reason, "error": error, "coalesce": self.name,
                                          "waited_ms": waited_ms})
             for _, token, arrived_at in entry.arrivals:
                 ctx.rec.node_states(ctx.new_state_id(), token.id, self.node_id, self.step, 0, StateStatus.FAILED,

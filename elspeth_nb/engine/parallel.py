@@ -236,6 +236,7 @@ def _worker(engine: Engine, index: int, start: int, end: int, conn: Connection, 
         result.stopped = True
         if exc.interrupted:
             result.status, result.error = RunStatus.INTERRUPTED, str(exc)
+            abandon_in_flight(ctx, result.error, "run_interrupted")
         else:
             result.status, result.error = RunStatus.FAILED, f"RunStopped: {exc}"
             abandon_in_flight(ctx, result.error)

@@ -59,8 +59,8 @@ class RunStopped(Exception):
 class RowProcessor:
     """Wires one executor per node into ``ctx`` and processes source records.
 
-    ``should_stop``, when given, is asked every 64 source rows (between rows, so no record is half
-    written) and raises RunStopped with what it returns, if anything.
+    ``should_stop``, when given, is asked before each source row is admitted and before the engine waits
+    for a timer (between rows, so no record is half written) and raises RunStopped with what it returns.
     """
 
     def __init__(self, pipeline: Pipeline, ctx: EngineContext, *, source: Source, plugins: Mapping[str, Any],
@@ -123,15 +123,17 @@ class RowProcessor:
                     exhausted = True
                     self.stats.source_ended = ctx.now()
                     continue
+                if self.should_stop is not None and (stop := self.should_stop()) is not None:
+                    raise stop
                 self._admit(record, index)
                 self._next_index = index = index + 1
                 if index & 63 == 0:
                     rec.tick()
-                    if self.should_stop is not None and (stop := self.should_stop()) is not None:
-                        raise stop
                 continue
             due = ctx.next_due()
             if due is not None:
+                if self.should_stop is not None and (stop := self.should_stop()) is not None:
+                    raise stop
                 rec.tick()
                 ctx.clock.sleep_until(due)
                 continue

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -32,11 +34,12 @@ from elspeth_nb.engine.clock import Clock, SystemClock
 from elspeth_nb.engine.dag import Pipeline, load_pipeline
 from elspeth_nb.engine.plugins import build_sink, build_source, build_transform
 from elspeth_nb.engine.plugins.sinks import Artifact, CsvSink, OpenSinks, ParquetSink
-from elspeth_nb.engine.processor import ProcessStats, RowProcessor
+from elspeth_nb.engine.processor import ProcessStats, RowProcessor, RunStopped
 from elspeth_nb.engine.tokens import EngineContext
 from elspeth_nb.errors import AuditStoreError, ConfigError, Error, InputError
 
 PRODUCER = f"elspeth-nb {__version__}"
+INTERRUPTED_BY_USER = "interrupted by the user (KeyboardInterrupt)"
 #: Inputs at least this large are sharded over worker processes when ``workers`` is left automatic.
 SHARD_MIN_BYTES = 4 * 1024 * 1024
 #: A run id names a folder of the store (``run_id=<id>``, a hive partition), so only these characters.
@@ -258,7 +261,7 @@ class Engine:
                 else:
                     outcome = self._run_here(ctx)
             except KeyboardInterrupt:
-                outcome = self._empty_outcome(RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)")
+                outcome = self._empty_outcome(RunStatus.INTERRUPTED, INTERRUPTED_BY_USER)
             except BaseException as exc:
                 outcome = self._empty_outcome(RunStatus.FAILED, f"{type(exc).__name__}: {exc}")
             counts = self._finalize(ctx, outcome)
@@ -296,11 +299,16 @@ class Engine:
         status, error, failure = RunStatus.COMPLETED, None, None
         try:
             sinks.open()
-            processor = RowProcessor(self.pipeline, ctx, source=self.source, plugins=self.plugins, sinks=self.sinks,
-                                     edge_ids=self.edge_ids, max_in_flight=self.max_in_flight)
-            processor.process()
-        except KeyboardInterrupt:
-            status, error = RunStatus.INTERRUPTED, "interrupted by the user (KeyboardInterrupt)"
+            with InterruptBetweenRows() as interrupt:
+                processor = RowProcessor(self.pipeline, ctx, source=self.source, plugins=self.plugins,
+                                         sinks=self.sinks, edge_ids=self.edge_ids, max_in_flight=self.max_in_flight,
+                                         should_stop=interrupt.should_stop)
+                processor.process()
+        except RunStopped as stopped:  # a Ctrl-C, taken between rows: nothing is half recorded
+            status, error = RunStatus.INTERRUPTED, str(stopped)
+            abandon_in_flight(ctx, error, "run_interrupted")
+        except KeyboardInterrupt:  # a second Ctrl-C, or one a plugin raised: where it stopped is unknown
+            status, error = RunStatus.INTERRUPTED, INTERRUPTED_BY_USER
         except BaseException as exc:  # SystemExit from a plugin too: record it, then report it
             status, error, failure = RunStatus.FAILED, f"{type(exc).__name__}: {exc}", exc
             abandon_in_flight(ctx, error)
@@ -403,10 +411,42 @@ def _count_adopted(outcome: RunOutcome, adopted: Adopted) -> None:
             decided[key] = decided.get(key, 0) + n
 
 
-def abandon_in_flight(ctx: EngineContext, error: str) -> None:
-    """A failed run ends its tokens in flight as failed; if the trail itself is what failed, it cannot say more."""
+def abandon_in_flight(ctx: EngineContext, error: str, reason: str = "run_failed") -> None:
+    """A stopped run ends its tokens in flight as failed; if the trail itself is what failed, it cannot say more."""
     with suppress(Exception):
-        ctx.abandon(error)
+        ctx.abandon(error, reason)
+
+
+class InterruptBetweenRows:
+    """Within it (in the main thread), a first Ctrl-C asks the run to stop before its next source row.
+
+    A KeyboardInterrupt lands anywhere, even between two records of one node visit; a request taken
+    between rows lets the run end every token in flight with its outcome. A second Ctrl-C interrupts at
+    once, for a run stuck inside a plugin.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> InterruptBetweenRows:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def should_stop(self) -> RunStopped | None:
+        return RunStopped(INTERRUPTED_BY_USER, interrupted=True) if self.requested else None
 
 
 def check_run_id(run_id: str) -> None:

@@ -135,20 +135,21 @@ class EngineContext:
             self.open_rows.discard(rc)
             rc.joins = {}
 
-    def abandon(self, error: str) -> int:
-        """End every token still in flight as ``failed`` because the run failed with ``error``; returns how many.
+    def abandon(self, error: str, reason: str = "run_failed") -> int:
+        """End every token still in flight as ``failed`` because the run stopped with ``error``; returns how many.
 
         Held at a coalesce, waiting on a call or queued: each gets its one terminal outcome, whose context
-        says the run failed and why, so a failed run's trail accounts for every token it created. A token
-        held at a coalesce also gets its state there, which shows when it arrived and what its join held.
+        says why the run stopped (``reason``: ``run_failed`` or ``run_interrupted``), so a stopped run's trail
+        accounts for every token it created. A token held at a coalesce also gets its state there, which
+        shows when it arrived and what its join held.
         """
         if not self.live_tokens:
             return 0
-        now, context = self.now(), canonical_json({"run_failed": {"error": error}})
+        now, context = self.now(), canonical_json({reason: {"error": error}})
         held: dict[int, str] = {}
         for coalesce in self.coalesces:
-            held.update(coalesce.abandon_held(error, now))
-        grouping = error_hash("run_failed")
+            held.update(coalesce.abandon_held(error, now, reason))
+        grouping = error_hash(reason)
         abandoned = list(self.live_tokens.values())
         for token in abandoned:
             self.finish(token, Outcome.FAILED, now, error_hash=grouping, context_json=held.get(token.id, context))

@@ -164,6 +164,10 @@ def _trail(folder: Path, run_id: str) -> dict[str, Any]:
             "stopped_tokens": audit.sql(
                 "SELECT count(*) AS n FROM token_outcomes WHERE run_id = $run AND "
                 "context_json LIKE '%stopped because another worker%'", {"run": run_id})["n"][0],
+            "unfinished_tokens": audit.sql(
+                "SELECT count(*) AS n FROM tokens t WHERE run_id = $run AND NOT EXISTS (SELECT 1 FROM token_outcomes o "
+                "WHERE o.run_id = t.run_id AND o.token_id = t.token_id AND o.is_terminal = 1)",
+                {"run": run_id})["n"][0],
         }
 
 
@@ -210,7 +214,8 @@ def test_a_worker_that_fails_stops_the_others_between_rows(tmp_path: Path) -> No
     trail = _trail(folder, result.run_id)
     assert trail["check"].ok, trail["check"]
     assert trail["header"]["rows"] < 301 + 1501 - 500  # worker 1 stopped well before the end of its range
-    assert trail["stopped_tokens"] >= 1  # its tokens in flight ended failed, saying why
+    # it stopped before its next row, with its earlier rows done: no token was in flight, every one has its outcome
+    assert trail["stopped_tokens"] == 0 and trail["unfinished_tokens"] == 0
     assert trail["header"]["artifacts"] == 1  # output closed cleanly in both workers: what they wrote is there
     lines = (folder / "output.jsonl").read_bytes().count(b"\n")
     with open_audit(folder / "audit") as audit:
@@ -266,5 +271,6 @@ def test_an_interrupt_of_the_parent_stops_the_workers_and_keeps_their_trail(tmp_
     header = trail["header"]
     assert header["status"] == "interrupted" and trail["check"].ok, trail["check"]
     assert 0 < header["rows"] < 3001 and json.loads(header["counts_json"])["rows"] == header["rows"]
+    assert trail["unfinished_tokens"] == 0  # stopped between rows: every token it created has its outcome
     assert header["artifacts"] == 1 and trail["verify"].mismatches.height == 0, trail["verify"].mismatches
     assert not list(folder.glob(".output.jsonl.*"))
