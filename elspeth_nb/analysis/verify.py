@@ -27,12 +27,13 @@ from urllib.parse import unquote, urlparse
 import polars as pl
 
 from elspeth_nb._arguments import require
-from elspeth_nb.analysis._connection import RUN_REVISIONS
+from elspeth_nb.analysis._connection import DUCKDB, RUN_REVISIONS
 from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table, verdict_html
 from elspeth_nb.audit.hashing import stable_hash
 from elspeth_nb.audit.schema import TABLES, RunStatus, Table
 from elspeth_nb.audit.store import quote_ident
 from elspeth_nb.audit.verification import verify_run
+from elspeth_nb.audit.writer import partition_dir
 from elspeth_nb.errors import AuditStoreError, CanonicalizationError
 
 if TYPE_CHECKING:
@@ -250,7 +251,8 @@ def _merkle(self: Audit, run: str, expected_root: str | None) -> tuple[list[dict
     except AuditStoreError as exc:  # the run's ``runs`` or ``segment_digests`` segments no longer read
         return [{"check": "merkle_root", "table": None, "record_id": run, "expected": expected_root, "actual": None,
                  "detail": f"the Merkle root cannot be recomputed: {exc}"}], "mismatch", None
-    if result.stored_root is None and result.segments == 0 and expected_root is None:
+    unsealed = all(f.kind == "no_digests" for f in result.findings)  # running, interrupted, or older than seals
+    if result.stored_root is None and result.segments == 0 and expected_root is None and unsealed:
         return [], "not recorded", None
     found = [{"check": f"merkle_{f.kind}", "table": f.table, "record_id": f.record or f.part_file or run,
               "expected": expected_root if f.kind == "root_changed" else None,
@@ -277,23 +279,50 @@ def _native_copy(self: Audit, run: str) -> list[dict[str, Any]]:
     """Tables whose rows of ``run`` in audit.duckdb, which the helpers read for a finished run, differ from the
     Parquet segments that the Merkle root covers (a copy edited by hand would otherwise go unseen)."""
     db = self._db
-    if db.native is None:
-        return []
     tables = [t for t in TABLES.values() if t.name != "segment_digests"]
-    with db.native.reading(db._states_of([run])) as (con, held):
-        if con is None or run not in held:
-            return []  # the helpers read this run from the segments themselves
-        copy = {t.name: con.execute(_copy_checksum_sql(t, t.name), {"run": run}).fetchall()[0] for t in tables}
+    if db.native is None:
+        if db.kind != DUCKDB or db.store is None or run not in db.store.run_ids():
+            return []
+        # opened on audit.duckdb itself: the helpers read only the copy, the segments beside it are the truth
+        copy = {t.name: db.rows(_copy_checksum_sql(t, _source_of(t)), {"run": run})[0] for t in tables}
+        truths = _segment_checksums(db.store.parquet_root, run, tables)
+    else:
+        with db.native.reading(db._states_of([run])) as (con, held):
+            if con is None or run not in held:
+                return []  # the helpers read this run from the segments themselves
+            copy = {t.name: con.execute(_copy_checksum_sql(t, t.name), {"run": run}).fetchall()[0] for t in tables}
+        truths = {t.name: db.rows(_copy_checksum_sql(t, _source_of(t)), {"run": run})[0] for t in tables}
     found = []
     for table in tables:
-        source = RUN_REVISIONS if table.name == "runs" else table.name
-        [truth] = db.rows(_copy_checksum_sql(table, source), {"run": run})
+        truth = truths[table.name]
         if tuple(truth) != tuple(copy[table.name]):
             found.append({"check": "duckdb_copy", "table": table.name, "record_id": run,
                           "expected": f"{truth[0]} record(s)", "actual": f"{copy[table.name][0]} record(s)",
                           "detail": f"audit.duckdb, which the helpers read for this run, no longer holds the same "
                                     f"{table.name} records as the verified segments; `elspeth-nb rebuild` "
                                     "recreates it"})
+    return found
+
+
+def _source_of(table: Table) -> str:
+    """The view holding every record of ``table`` (every revision, for ``runs``)."""
+    return RUN_REVISIONS if table.name == "runs" else quote_ident(table.name)
+
+
+def _segment_checksums(parquet_root: Path, run: str, tables: list[Table]) -> dict[str, tuple[Any, ...]]:
+    """:func:`_copy_checksum_sql` of the run's records as its Parquet segments hold them."""
+    import duckdb
+
+    found: dict[str, tuple[Any, ...]] = {}
+    with duckdb.connect() as con:
+        for table in tables:
+            files = [str(p) for p in sorted(partition_dir(parquet_root, table.name, run).glob("part-*.parquet"))]
+            if not files:
+                found[table.name] = (0, None)
+                continue
+            source = "(SELECT *, $run AS run_id FROM read_parquet($files, union_by_name = true))"
+            found[table.name] = tuple(con.execute(_copy_checksum_sql(table, source),
+                                                  {"run": run, "files": files}).fetchall()[0])
     return found
 
 

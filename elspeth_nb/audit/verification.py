@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,8 +24,8 @@ from elspeth_nb.audit.integrity import (
     run_root,
     unpack_fingerprints,
 )
-from elspeth_nb.audit.schema import DIGESTED_TABLES, TABLES
-from elspeth_nb.audit.store import AuditStore, latest_run_rows
+from elspeth_nb.audit.schema import DIGESTED_TABLES, PARTITION_COLUMN, TABLES
+from elspeth_nb.audit.store import AuditStore, latest_run_rows, read_segment
 from elspeth_nb.audit.writer import partition_dir
 
 
@@ -66,10 +67,16 @@ def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None)
     digests = ordered(store.segment_digests(run_id))
     result = RunVerification(run_id, stored_root, None, expected_root, segments=len(digests))  # type: ignore[arg-type]
     if not digests:
-        why = ("its segment digests are gone, yet it was sealed with a Merkle root (removed or tampered with)"
-               if stored_root is not None
-               else "the run has no segment digests (it is still running or was interrupted)")
-        result.findings.append(Finding("segment_digests", None, None, "no_digests", why))
+        if stored_root is not None:
+            result.findings.append(Finding("segment_digests", None, None, "no_digests", "its segment digests are "
+                                           "gone, yet it was sealed with a Merkle root (removed or tampered with)"))
+        elif run is not None and int(row.get("revision") or 0) >= 1:  # type: ignore[union-attr]
+            result.findings.append(Finding("runs", None, None, "seal_removed", "its Merkle root and segment digests "
+                                           "are gone, yet a run that finished in this schema is always sealed"))
+        else:
+            result.findings.append(Finding("segment_digests", None, None, "no_digests",
+                                           "the run has no segment digests (it is still running or was interrupted)"))
+        result.findings += _alias_partitions(store, run_id) + _ambiguous_run_rows(store, run_id)
         return result
     stored_prints = _stored_fingerprints(store, run_id)
     recomputed = []
@@ -87,6 +94,7 @@ def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None)
         if actual != digest.file_sha256:
             result.findings.append(_locate(path, digest, prints))
     result.findings += _unlisted_segments(store, run_id, digests)
+    result.findings += _alias_partitions(store, run_id) + _ambiguous_run_rows(store, run_id)
     result.computed_root = run_root(recomputed, run)
     if stored_root is not None and run_root(digests, run) != stored_root:
         what = "the segment digests and the run's own row (status, configuration, counts, error)" if run else \
@@ -172,3 +180,38 @@ def _unlisted_segments(store: AuditStore, run_id: str, digests: list[SegmentDige
             if (table, path.name) not in listed:
                 found.append(Finding(table, path.name, None, "segment_added", "a segment the run did not write"))
     return found
+
+
+def _alias_partitions(store: AuditStore, run_id: str) -> list[Finding]:
+    """Partition folders that readers decode to ``run_id`` (``run_id=...%31``) but that are not its folder.
+
+    Readers take the run id from the folder name, percent-decoded as Hive partitions are, so records
+    in such a folder read as the run's own; the run itself never writes there.
+    """
+    found = []
+    own = f"{PARTITION_COLUMN}={run_id}"
+    for table in TABLES:
+        directory = store.parquet_root / table
+        if not directory.is_dir():
+            continue
+        for folder in sorted(directory.iterdir()):
+            name = folder.name
+            if name != own and name.startswith(f"{PARTITION_COLUMN}=") and \
+                    unquote(name.split("=", 1)[1]) == run_id:
+                for path in sorted(folder.glob("*.parquet")):
+                    found.append(Finding(table, path.name, None, "segment_added",
+                                         f"in folder {name}, which readers take for this run's, though the run "
+                                         "never writes there"))
+    return found
+
+
+def _ambiguous_run_rows(store: AuditStore, run_id: str) -> list[Finding]:
+    """More than one ``runs`` row at the run's latest revision: readers may show one the root does not attest."""
+    directory = partition_dir(store.parquet_root, "runs", run_id)
+    revisions = [int(r or 0) for f in sorted(directory.glob("part-*.parquet"))
+                 for r in read_segment(f).column("revision").to_pylist()]
+    if not revisions or revisions.count(max(revisions)) == 1:
+        return []
+    return [Finding("runs", None, None, "run_row_ambiguous",
+                    f"{revisions.count(max(revisions))} runs rows claim revision {max(revisions)}, the run's latest: "
+                    "one was added, and readers may show it instead of the sealed one")]

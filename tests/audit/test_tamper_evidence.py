@@ -146,3 +146,56 @@ def test_digests_written_during_the_run_verify_and_catch_a_change(tmp_path: Path
     pq.write_table(records.slice(1), segment)  # one record deleted
     changed = verify_run(store, result.run_id, expected_root=result.merkle_root)
     assert not changed.ok and "node_states" in {f.table for f in changed.findings}
+
+
+def test_a_folder_that_decodes_to_the_runs_partition_is_caught(pristine: tuple[Path, str], tmp_path: Path) -> None:
+    """Readers percent-decode partition folders as Hive does: records under run_id=<id>%3x read as the run's own."""
+    store, run_id = _copy(pristine, tmp_path)
+    alias = store.parquet_root / "tokens" / f"run_id={run_id[:-1]}%{ord(run_id[-1]):02X}"
+    alias.mkdir()
+    shutil.copy(_segment(store, "tokens", run_id), alias / "part-000000.parquet")
+    result = verify_run(store, run_id)
+    assert not result.ok
+    assert [(f.table, f.kind) for f in result.findings] == [("tokens", "segment_added")]
+    assert f"in folder {alias.name}, which readers take for this run's" in result.findings[0].detail
+
+
+def test_a_second_runs_row_at_the_sealed_revision_is_caught(pristine: tuple[Path, str], tmp_path: Path) -> None:
+    """Two rows at the latest revision: the verifier and the readers could each pick a different one."""
+    store, run_id = _copy(pristine, tmp_path)
+    [*_, final] = sorted(partition_dir(store.parquet_root, "runs", run_id).glob("part-*.parquet"))
+    row = pq.read_table(final)
+    forged = row.set_column(row.schema.get_field_index("status"), "status", pa.array(["failed"], pa.string()))
+    pq.write_table(forged, final.with_name("part-zz-000000.parquet"))
+    [finding] = verify_run(store, run_id).findings
+    assert finding.kind == "run_row_ambiguous" and finding.detail.startswith("2 runs rows claim revision 1")
+
+
+def test_a_finished_run_whose_seal_was_removed_is_caught(pristine: tuple[Path, str], tmp_path: Path) -> None:
+    """Without root and digests a run looked unsealed, like one still running; a finished run is always sealed."""
+    store, run_id = _copy(pristine, tmp_path)
+    shutil.rmtree(partition_dir(store.parquet_root, "segment_digests", run_id))
+    for path in partition_dir(store.parquet_root, "runs", run_id).glob("part-*.parquet"):
+        rows = pq.read_table(path)
+        pq.write_table(rows.set_column(rows.schema.get_field_index("merkle_root"), "merkle_root",
+                                       pa.nulls(rows.num_rows, pa.string())), path)
+    result = verify_run(store, run_id)
+    assert [(f.table, f.kind) for f in result.findings] == [("runs", "seal_removed")] and not result.ok
+
+
+def test_an_edited_copy_is_caught_when_the_audit_is_opened_on_audit_duckdb(pristine: tuple[Path, str],
+                                                                          tmp_path: Path) -> None:
+    import duckdb
+
+    from elspeth_nb.analysis import open_audit
+
+    store, run_id = _copy(pristine, tmp_path)
+    store.update_duckdb([run_id], True)
+    with open_audit(store.root / "audit.duckdb") as audit:
+        assert audit.verify(run_id).ok
+    with duckdb.connect(str(store.root / "audit.duckdb")) as con:
+        con.execute("UPDATE token_outcomes SET outcome = 'failed' WHERE outcome = 'completed'")
+    with open_audit(store.root / "audit.duckdb") as audit:
+        verified = audit.verify(run_id)
+    assert not verified.ok
+    assert verified.mismatches.select("check", "table").rows() == [("duckdb_copy", "token_outcomes")]
