@@ -28,8 +28,24 @@ class ReadOnlyError(Error, PermissionError):
     """A statement that could change something was passed to ``Audit.sql``."""
 
 
+def _without_comments(query: str) -> str:
+    """``query`` with each comment replaced by a space (DuckDB's tokenizer tells comments from quoted text)."""
+    try:
+        tokens = duckdb.tokenize(query)
+    except (duckdb.Error, RuntimeError):
+        return query  # the parser reports what is wrong with it
+    kept, cut = [], 0
+    for i, (start, kind) in enumerate(tokens):
+        if kind == duckdb.token_type.comment:
+            end = tokens[i + 1][0] if i + 1 < len(tokens) else len(query)
+            kept.append(query[cut:start] + " ")
+            cut = end
+    return "".join(kept) + query[cut:]
+
+
 def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
     """The statement to run for ``query`` once proven to be one read; ReadOnlyError for anything else."""
+    query = _without_comments(query)
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
@@ -38,7 +54,11 @@ def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
         raise ReadOnlyError(f"the audit is read-only: Audit.sql runs {ALLOWED}; got {len(statements)} statements")
     kind = statements[0].type
     if kind == duckdb.StatementType.EXPLAIN:
-        _check_read_only(con, _EXPLAIN.sub("", query, count=1))
+        explained = _EXPLAIN.sub("", query, count=1)
+        if explained == query:
+            raise ReadOnlyError(f"the audit is read-only: Audit.sql runs {ALLOWED}; cannot tell which statement "
+                                "this EXPLAIN explains")
+        _check_read_only(con, explained)
         return query
     if kind == duckdb.StatementType.MULTI:
         explain = _EXPLAIN.match(query)  # EXPLAIN [ANALYZE] of a PIVOT is MULTI too: explain the wrapped query

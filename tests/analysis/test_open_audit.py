@@ -167,6 +167,18 @@ def test_sql_runs_reads_and_refuses_writes(audit: Audit, matrix: Matrix) -> None
 PIVOT_OUTCOMES = "PIVOT (SELECT * FROM token_outcomes WHERE is_terminal = 1) ON outcome USING count(*) GROUP BY run_id"
 
 
+def test_sql_comments_are_whitespace_wherever_they_are(audit: Audit) -> None:
+    """A comment before EXPLAIN recursed without end; one before ANALYZE or after a PIVOT's ';' was refused."""
+    assert audit.sql("-- how many runs?\nEXPLAIN SELECT count(*) FROM runs").height == 1
+    assert "Total Time" in audit.sql("EXPLAIN /* timed */ ANALYZE SELECT 1").row(0)[1]
+    assert audit.sql(PIVOT_OUTCOMES + "; -- one row per run").height == audit.sql("SELECT * FROM runs").height
+    assert audit.sql("SELECT '--kept' AS s /* gone */").rows() == [("--kept",)]
+    for statement in ("-- note\nEXPLAIN ANALYZE CREATE TABLE t AS SELECT 1", "/* x */ DROP VIEW runs",
+                      "SELECT 1; -- one\nDROP VIEW runs"):
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            audit.sql(statement)
+
+
 def test_sql_runs_pivot_unpivot_and_the_describing_statements(any_audit: Audit, matrix: Matrix) -> None:
     run = matrix.runs[JITTER]
     pivoted = any_audit.sql(PIVOT_OUTCOMES + ";").filter(pl.col("run_id") == run).row(0, named=True)
