@@ -715,6 +715,34 @@ def test_unknown_user_version(tmp_path: Path) -> None:
         read_landscape(db)
 
 
+def test_an_older_user_version_with_every_column_is_imported_with_a_note(tmp_path: Path) -> None:
+    """Upgrading elspeth-nb cannot help with an older file: it was refused with that advice."""
+    db = copy_sample(QUORUM, tmp_path)
+    mutate(db, "PRAGMA user_version = 1")
+    imported = read_landscape(db)
+    assert any("user_version 1, older than the version(s) this importer knows" in p for p in imported.problems)
+    assert imported.tables["runs"].num_rows == 1
+
+
+def test_one_run_id_given_as_text_is_one_run() -> None:
+    """A str is a sequence too: it was read as one-letter run ids."""
+    [run_id] = [r for (r,) in sql(QUORUM / "audit.db", "SELECT run_id FROM runs")]
+    assert read_landscape(QUORUM / "audit.db", run_ids=run_id).tables["runs"].column("run_id").to_pylist() == [run_id]
+
+
+def test_verify_checks_a_csv_sink_file_by_hash_and_size_only(tmp_path: Path) -> None:
+    """Its rows are not JSON: read as JSON lines, every line and every sink state was a mismatch."""
+    db = copy_sample(REQUIRE_ALL, tmp_path)
+    data = b"id,amount\n" + b"".join(b"%d,%d\n" % (i, i) for i in range(100))
+    (db.parent / "output.csv").write_bytes(data)
+    mutate(db, "UPDATE artifacts SET path_or_uri = 'file://output.csv', content_hash = ?, size_bytes = ?",
+           params=(hashlib.sha256(data).hexdigest(), len(data)))
+    checks = verify_landscape(read_landscape(db), db_path=db)
+    assert set(checks["status"].to_list()) - {"missing"} == {"ok"}  # missing: no payload folder was given
+    assert set(checks["check"].to_list()) == {"source_row_hash", "payload_ref", "artifact_content_hash",
+                                              "artifact_size"}
+
+
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     db = copy_sample(QUORUM, tmp_path)
     mutate(db, "ALTER TABLE operations DROP COLUMN input_data_hash")

@@ -117,6 +117,10 @@ def _check_schema(con: sqlite3.Connection, db_path: Path) -> list[str]:
     if version == 0:
         return [f"{db_path.name} has PRAGMA user_version 0 (written before ELSPETH's schema epoch); "
                 "every expected column is present, so it was imported"]
+    if version < min(KNOWN_USER_VERSIONS):
+        return [f"{db_path.name} has PRAGMA user_version {version}, older than the version(s) this importer knows "
+                f"({', '.join(map(str, sorted(KNOWN_USER_VERSIONS)))}); every expected column is present, "
+                "so it was imported"]
     raise SchemaVersionError(
         f"{db_path} is an ELSPETH Landscape with PRAGMA user_version {version}; this importer knows "
         f"version(s) {', '.join(map(str, sorted(KNOWN_USER_VERSIONS)))}. Upgrade elspeth-nb to import it."
@@ -128,7 +132,7 @@ def select_runs(con: sqlite3.Connection, run_ids: Sequence[str] | None) -> list[
     available = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY started_at, run_id")]
     if run_ids is None:
         return available
-    wanted = list(dict.fromkeys(run_ids))
+    wanted = [run_ids] if isinstance(run_ids, str) else list(dict.fromkeys(run_ids))  # one id, not its letters
     for run_id in wanted:
         if run_id not in available:
             raise RunNotFoundError("ELSPETH run", run_id, available)

@@ -117,7 +117,8 @@ def _artifacts(imported: LandscapeImport, base: Path) -> list[Check]:
             out += [(art["run_id"], "sink_row_hash", "node_states", sid, "missing", detail) for sid, _ in states]
             continue
         out += _file_checks(art, data)
-        out += _line_checks(art, path, data, states)
+        if data.lstrip()[:1] in (b"{", b"["):  # JSON lines or a JSON array; a CSV file's rows are not JSON
+            out += _line_checks(art, path, data, states)
     return out
 
 
