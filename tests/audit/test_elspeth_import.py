@@ -743,6 +743,20 @@ def test_verify_checks_a_csv_sink_file_by_hash_and_size_only(tmp_path: Path) -> 
                                               "artifact_size"}
 
 
+def test_tables_with_no_place_here_are_named_as_left_out(tmp_path: Path) -> None:
+    """Batches, checkpoints and the like were dropped without a word; rows of runs not imported do not count."""
+    db = copy_sample(QUORUM, tmp_path)
+    [(run_id,)] = sql(db, "SELECT run_id FROM runs")
+    mutate(db, "PRAGMA foreign_keys = OFF",
+           "INSERT INTO batches (batch_id, run_id, aggregation_node_id, attempt, status, created_at) "
+           "VALUES ('b1', ?, 'agg', 1, 'completed', '2026-01-01')",
+           "INSERT INTO batches (batch_id, run_id, aggregation_node_id, attempt, status, created_at) "
+           "VALUES ('b2', 'another-run', 'agg', 1, 'completed', '2026-01-01')", params=(run_id,))
+    assert read_landscape(db, run_ids=[run_id]).problems == [
+        "table batches (1 row(s)) was left out: elspeth-nb has no table for it"]  # empty checkpoints: nothing lost
+    assert "table batches (2 row(s)) was left out: elspeth-nb has no table for it" in read_landscape(db).problems
+
+
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     db = copy_sample(QUORUM, tmp_path)
     mutate(db, "ALTER TABLE operations DROP COLUMN input_data_hash")

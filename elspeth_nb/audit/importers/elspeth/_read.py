@@ -47,6 +47,7 @@ def read_landscape(
     con, problems = _sqlite.open_checked(db)
     try:
         selected = _sqlite.select_runs(con, run_ids)
+        problems += _sqlite.left_out(con, selected, all_runs=run_ids is None)
     finally:
         con.close()
     raw, found = _sqlite.read_tables(db, selected, all_runs=run_ids is None)

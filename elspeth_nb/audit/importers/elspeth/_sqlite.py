@@ -139,6 +139,25 @@ def select_runs(con: sqlite3.Connection, run_ids: Sequence[str] | None) -> list[
     return wanted
 
 
+def left_out(con: sqlite3.Connection, run_ids: list[str], *, all_runs: bool) -> list[str]:
+    """A problem per other table holding rows of the runs read (batches, checkpoints, ...): none is imported."""
+    names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                                       "'sqlite\\_%' ESCAPE '\\' ORDER BY name")]
+    found = []
+    for name in names:
+        if name in LANDSCAPE_TABLES or name == "alembic_version":
+            continue
+        columns = {r[1] for r in con.execute(f"PRAGMA table_info({_q(name)})")}
+        query, params = f"SELECT count(*) FROM {_q(name)}", ()  # noqa: S608 - a table name from the file, quoted
+        if "run_id" in columns and not all_runs:
+            query += f" WHERE run_id IN ({', '.join('?' * len(run_ids))})"
+            params = tuple(run_ids)
+        count = con.execute(query, params).fetchone()[0]
+        if count:
+            found.append(f"table {name} ({count:,} row(s)) was left out: elspeth-nb has no table for it")
+    return found
+
+
 def read_tables(db_path: Path, run_ids: list[str], *, all_runs: bool) -> tuple[dict[str, pa.Table], list[str]]:
     """Every Landscape table we import (``run_ids`` only unless ``all_runs``) as Arrow, timestamps parsed."""
     where = None if all_runs else _run_filters(run_ids)
