@@ -92,6 +92,8 @@ def test_sigkill_at_random_points_never_damages_the_store(tmp_path: Path) -> Non
     assert completed.run_id not in stale
     assert sorted(mark_interrupted(store, found_by="the test")) == sorted(stale)
     assert {latest_run_rows(store)[r]["status"] for r in stale} == {"interrupted"}
+    for run_id in stale:  # found dead, never sealed: unsealed, not a seal someone removed
+        assert {f.kind for f in verify_run(store, run_id).findings} <= {"no_digests"}
     assert not list(store.parquet_root.glob("*/run_id=*/.part-*.tmp"))  # leftovers of killed writers cleaned
     rebuilt = store.rebuild_duckdb()
     assert completed.run_id in rebuilt.synced
