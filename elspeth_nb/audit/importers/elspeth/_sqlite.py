@@ -148,7 +148,8 @@ def left_out(con: sqlite3.Connection, run_ids: list[str], *, all_runs: bool) -> 
         if name in LANDSCAPE_TABLES or name == "alembic_version":
             continue
         columns = {r[1] for r in con.execute(f"PRAGMA table_info({_q(name)})")}
-        query, params = f"SELECT count(*) FROM {_q(name)}", ()  # noqa: S608 - a table name from the file, quoted
+        query = f"SELECT count(*) FROM {_q(name)}"  # noqa: S608 - a table name from the file, quoted
+        params: tuple[str, ...] = ()
         if "run_id" in columns and not all_runs:
             query += f" WHERE run_id IN ({', '.join('?' * len(run_ids))})"
             params = tuple(run_ids)
