@@ -30,20 +30,23 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from elspeth_nb.engine.runner import run_pipeline
+    from elspeth_nb.engine.runner import RunFailedError, run_pipeline
 
     pipeline = Path(args.pipeline)
     if not pipeline.exists():
         hint = "; run `make demo` from the repository root" if pipeline == DEMO_PIPELINE else ""
         raise InputError(f"demo pipeline {pipeline} does not exist{hint}")
-    result = run_pipeline(pipeline, audit=args.audit)
+    try:
+        result, status = run_pipeline(pipeline, audit=args.audit), 0
+    except RunFailedError as failed:  # the run and its trail exist: report them, exit 1 as `run` does
+        result, status = failed.result, 1
     print(result)
     print(f"\nAudit store: {Path(result.audit_path).resolve()}")
     if args.no_report:
-        return 0
+        return status
     report = _write_report(result.audit_path, result.run_id, Path(args.report))
     print(f"Audit report: {report.resolve()}")
-    return 0
+    return status
 
 
 def _write_report(audit: str | Path, run_id: str, output: str | Path, payloads: str | None = None) -> Path:
@@ -96,7 +99,9 @@ def _rebuild(args: argparse.Namespace) -> int:
     result = AuditStore.open(args.audit).rebuild_duckdb()
     print(f"rebuilt {Path(args.audit) / 'audit.duckdb'} from Parquet: {len(result.synced)} run(s) "
           f"in {result.seconds:.2f}s")
-    return 0
+    if result.message:
+        print(result.message)
+    return 0 if result.ok else 1
 
 
 def _sync(args: argparse.Namespace) -> int:

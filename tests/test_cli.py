@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.cases import fork_pipeline, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +59,37 @@ def test_demo_names_a_missing_pipeline_in_one_line(tmp_path: Path) -> None:
     default = subprocess.run([*CLI, "demo"], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert (default.returncode, default.stderr) == (2, "elspeth-nb demo: demo pipeline data/demo/pipeline.yaml does "
                                                        "not exist; run `make demo` from the repository root\n")
+
+
+def test_rebuild_that_leaves_a_run_out_says_so_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from elspeth_nb.cli import main
+    from elspeth_nb.engine.runner import run_pipeline
+
+    settings = fork_pipeline(write_csv(tmp_path / "in.csv"))
+    damaged = run_pipeline(settings).run_id
+    run_pipeline(settings)
+    [segment] = (tmp_path / "audit" / "parquet" / "tokens" / f"run_id={damaged}").glob("part-*.parquet")
+    segment.write_bytes(segment.read_bytes()[:100])
+    assert main(["rebuild", "--audit", str(tmp_path / "audit")]) == 1
+    out = capsys.readouterr().out
+    assert ": 1 run(s) in " in out and "1 run(s) left out of audit.duckdb and kept pending" in out and damaged in out
+
+
+def test_demo_of_a_run_that_fails_prints_it_and_exits_1_as_run_does(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from elspeth_nb.cli import main
+
+    settings = fork_pipeline(write_csv(tmp_path / "in.csv"))
+    settings["transforms"][0].update(plugin="python", options={"function": f"{tmp_path / 'plugin.py'}:explode"})
+    (tmp_path / "plugin.py").write_text("def explode(row):\n    raise SystemExit('boom')\n")
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(settings))
+    assert main(["demo", "--pipeline", str(tmp_path / "pipeline.yaml"), "--audit", str(tmp_path / "audit"),
+                 "--no-report"]) == 1
+    out = capsys.readouterr().out
+    assert "failed" in out and f"Audit store: {(tmp_path / 'audit').resolve()}" in out
+
+
+def test_python_m_elspeth_nb_is_the_command_line() -> None:
+    shown = subprocess.run([sys.executable, "-m", "elspeth_nb", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           check=False)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: elspeth-nb")

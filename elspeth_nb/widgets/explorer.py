@@ -44,7 +44,7 @@ class AuditExplorer:
         self._statuses: dict[str, str] = {}
         self._quiet = False
         runs = self._list_runs()
-        first = None if runs.height == 0 and run_id == "latest" else audit.run_summary(run_id).run_id
+        first = self._first_run(runs, run_id)
         self.run_picker = w.Dropdown(options=_run_options(runs), description="Run",
                                      value=first, layout=w.Layout(width="640px"))
         self.refresh_button = w.Button(description="Refresh", icon="refresh",
@@ -122,6 +122,16 @@ class AuditExplorer:
         bundle: dict[str, Any] = dict(self.widget._repr_mimebundle_() or {}) if _kernel_is_live() else {}
         bundle.update({"text/plain": repr(self), "text/html": self.to_html()})
         display(bundle, raw=True)  # type: ignore[no-untyped-call]
+
+    def _first_run(self, runs: pl.DataFrame, run_id: str) -> str | None:
+        """The run to show first, without reading it: a run whose segments are damaged still opens the explorer
+        (its pages say what is wrong, and the other runs stay a pick away)."""
+        ids = [str(r) for r in runs.get_column("run_id")] if runs.height else []
+        if run_id == "latest":
+            return ids[0] if ids else None  # runs() lists the newest first
+        if run_id in ids:
+            return run_id
+        return str(self.audit.run_summary(run_id).run_id)  # any other form of id, or a clear "not found"
 
     def _list_runs(self) -> pl.DataFrame:
         """The audit's runs, remembering each one's status (which decides whether its pages are cached)."""

@@ -166,6 +166,21 @@ def test_explorer_on_a_real_empty_store_then_its_first_run(tmp_path: Path) -> No
         assert f"Run {result.run_id}" in explorer.panes[0].value
 
 
+def test_explorer_opens_when_the_newest_run_cannot_be_read_in_full(tmp_path: Path) -> None:
+    """Its page says what is wrong and the older run stays a pick away; the explorer raised instead."""
+    settings = fork_pipeline(write_csv(tmp_path / "in.csv"))
+    older = run_pipeline(settings, clock=FakeClock()).run_id
+    newest = run_pipeline(settings, clock=FakeClock(start=100.0)).run_id
+    (tmp_path / "audit" / "audit.duckdb").unlink()  # read from the segments, one of which is now damaged
+    [segment] = (tmp_path / "audit" / "parquet" / "tokens" / f"run_id={newest}").glob("part-*.parquet")
+    segment.write_bytes(segment.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="cannot be read"), open_audit(tmp_path / "audit") as audit:
+        explorer = AuditExplorer(audit)
+        assert explorer.run_id == newest and "cannot be read" in explorer.panes[0].value
+        explorer.run_picker.value = older
+        assert f"Run {older}" in explorer.panes[0].value
+
+
 def test_explorer_on_a_real_run(demo_audit: Any, demo_run: Any) -> None:
     import polars as pl
 
