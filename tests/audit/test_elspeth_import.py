@@ -345,6 +345,39 @@ def test_failures_come_from_error_json_and_config(failures: tuple[Path, dict[str
     assert json.loads(states[0]["context_after_json"])["failure_reason"] == "incomplete_branches"
 
 
+def test_a_lost_branch_is_told_by_the_gate_that_routed_it_or_the_node_it_failed_at(tmp_path: Path) -> None:
+    """A routed token also has a state at its sink, which hid the gate: every routed branch read 'error_routed',
+    and a failed one read 'failed', a reason neither engine uses."""
+    db = copy_sample(REQUIRE_ALL, tmp_path)
+    routed, failed = _row_tokens(db, 0), _row_tokens(db, 1)
+    gate, [(sink,)] = "config_gate_c_check_0123456789ab", sql(db, "SELECT node_id FROM nodes WHERE node_type = 'sink'")
+    mutate(db, "INSERT INTO nodes SELECT ?, run_id, 'config_gate:c_check', 'gate', plugin_version, determinism, "
+               "config_hash, '{}', schema_hash, NULL, registered_at, schema_mode, schema_fields_json, NULL, NULL "
+               "FROM nodes WHERE node_type = 'gate'", params=(gate,))
+    mutate(db, "UPDATE node_states SET node_id = ? WHERE token_id = ? AND node_id LIKE 'coalesce%'",
+           params=(gate, routed["path_c"]))
+    mutate(db, "INSERT INTO node_states (state_id, token_id, run_id, node_id, step_index, attempt, status, input_hash, "
+               "output_hash, duration_ms, started_at, completed_at) SELECT 'sink-state-of-c', token_id, run_id, ?, 6, "
+               "0, 'completed', input_hash, input_hash, 0.01, completed_at, completed_at FROM node_states "
+               "WHERE token_id = ? AND node_id = ?", params=(sink, routed["path_c"], gate))
+    mutate(db, "UPDATE token_outcomes SET outcome = 'routed', sink_name = 'output', join_group_id = NULL "
+               f"WHERE token_id = '{routed['path_c']}'",
+           f"DELETE FROM node_states WHERE token_id = '{failed['path_c']}' AND node_id LIKE 'coalesce%'",
+           f"UPDATE token_outcomes SET outcome = 'failed', join_group_id = NULL WHERE token_id = '{failed['path_c']}'")
+    base = {"expected_branches": ["path_a", "path_b", "path_c"], "merge_policy": "nested",
+            "branches_arrived": ["path_a", "path_b"], "failure_reason": "branch_lost:path_c"}
+    for row in (routed, failed):
+        _drop_merge(db, row["merged"])
+        _fail(db, [row["path_a"], row["path_b"]], base, "branch_lost:path_c")
+    lost = {e["row_id"]: e for e in events(read_landscape(db), "failed")}
+    assert lost[routed["row_id"]]["lost_reasons"] == ["gate_routed_to_sink"]
+    why = json.loads(lost[routed["row_id"]]["context_json"])["branches_lost"]["path_c"]
+    assert (why["node"], why["sink"]) == (gate, "output")
+    assert lost[failed["row_id"]]["lost_reasons"] == ["transform_failed"]
+    assert json.loads(lost[failed["row_id"]]["context_json"])["branches_lost"]["path_c"]["node"].startswith(
+        "transform_branch_c")
+
+
 def test_lost_branch_recorded_in_a_merge_context(tmp_path: Path) -> None:
     db = copy_sample(QUORUM, tmp_path)
     row_id, token = sql(db, """SELECT t.row_id, t.token_id FROM token_outcomes o JOIN tokens t USING (token_id)

@@ -62,11 +62,30 @@ _FAIL_TRIGGER = f"""CASE
         WHEN failure_reason = 'select_branch_not_arrived' THEN {_MERGE_TRIGGER}
         END"""
 
-# what a lost branch of a failure was, from the sibling token's own terminal outcome
+# what a lost branch of a failure was, from the sibling token's own terminal outcome and the node that decided
+# it (``ln``, a _LAST_NODES row): a routed token also has its state at the sink, so the router is the last
+# node before a sink; a failed one failed at its last node. Named as elspeth-nb's engine names them.
 _LOST_KIND = """CASE WHEN fl.lost_token IS NULL THEN 'unknown'
         WHEN fl.outcome = 'routed'
-            THEN CASE WHEN n.node_type = 'gate' THEN 'gate_routed_to_sink' ELSE 'error_routed' END
+            THEN CASE WHEN ln.router_type = 'gate' THEN 'gate_routed_to_sink' ELSE 'error_routed' END
+        WHEN fl.outcome = 'failed' THEN CASE ln.node_type WHEN 'transform' THEN 'transform_failed'
+            WHEN 'gate' THEN 'gate_failed' WHEN 'sink' THEN 'sink_write_failed' ELSE 'failed' END
         ELSE coalesce(fl.outcome, 'unknown') END"""
+# the node that decided a lost branch's fate: its router if it was routed, else where it ended
+_LOST_NODE = "CASE WHEN fl.outcome = 'routed' THEN ln.router ELSE ln.node_id END"
+
+
+def _last_nodes(tokens: str) -> str:
+    """Per token of ``tokens`` (a query of token_id): its last node and type, and its last node before a sink."""
+    return f"""SELECT s.token_id, arg_max(s.node_id, s.step_index * 1000 + s.attempt) AS node_id,
+        arg_max(n.node_type, s.step_index * 1000 + s.attempt) AS node_type,
+        arg_max(s.node_id, s.step_index * 1000 + s.attempt) FILTER (WHERE n.node_type IS DISTINCT FROM 'sink')
+            AS router,
+        arg_max(n.node_type, s.step_index * 1000 + s.attempt) FILTER (WHERE n.node_type IS DISTINCT FROM 'sink')
+            AS router_type
+    FROM l_node_states s LEFT JOIN x_nodes n ON n.node_id = s.node_id AND n.run_id = s.run_id
+    WHERE s.token_id IN ({tokens})
+    GROUP BY s.token_id"""
 
 # the members every context shares: the node's settings (sorted among the other keys by each caller)
 _ARRIVAL_ORDER = """jarr(list_transform(range(1, n_arrived + 1), lambda i: concat(
@@ -242,12 +261,9 @@ STAGE_1 = [
 
 STAGE_2 = [
     # lost-branch objects: parsed reason + lineage (the token that ended elsewhere, the node where it ended)
-    """CREATE TEMP TABLE c_last_node AS
-    SELECT s.token_id, arg_max(s.node_id, s.step_index * 1000 + s.attempt) AS node_id
-    FROM l_node_states s
-    WHERE s.token_id IN (SELECT token_id FROM l_tokens WHERE row_id IN (SELECT row_id FROM c_merge_lost UNION
-                                                                     SELECT row_id FROM c_fails))
-    GROUP BY s.token_id""",
+    "CREATE TEMP TABLE c_last_node AS " + _last_nodes(
+        "SELECT token_id FROM l_tokens WHERE row_id IN (SELECT row_id FROM c_merge_lost UNION "
+        "SELECT row_id FROM c_fails)"),
     """CREATE TEMP TABLE c_fail_lost_all AS
     SELECT f.event_id, b.branch FROM c_fails f, unnest(f.named_lost) AS b(branch)
     UNION SELECT event_id, branch FROM c_fail_lost""",
@@ -263,15 +279,14 @@ STAGE_2 = [
     LEFT JOIN c_last_node ln ON ln.token_id = t.token_id""",
     f"""INSERT INTO c_lost
     WITH k AS (
-        SELECT a.event_id, a.branch, fl.lost_token, fl.sink_name, ln.node_id, {_LOST_KIND} AS reason
+        SELECT a.event_id, a.branch, fl.lost_token, fl.sink_name, {_LOST_NODE} AS node_id, {_LOST_KIND} AS reason
         FROM c_fail_lost_all a JOIN c_fails f USING (event_id)
         LEFT JOIN c_fail_lost fl USING (event_id, branch)
-        LEFT JOIN c_last_node ln ON ln.token_id = fl.lost_token
-        LEFT JOIN x_nodes n ON n.node_id = ln.node_id AND n.run_id = f.run_id)
+        LEFT JOIN c_last_node ln ON ln.token_id = fl.lost_token)
     SELECT event_id, branch, reason,
         jobj(concat(kv('detail', jstr(sink_name)), kv('inferred', 'true'), kv('node', jstr(node_id)),
                     kv('reason', jstr(reason)),
-                    kv('sink', jstr(CASE WHEN reason = 'gate_routed_to_sink' THEN sink_name END)),
+                    kv('sink', jstr(CASE WHEN reason IN ('gate_routed_to_sink', 'error_routed') THEN sink_name END)),
                     kv('token_id', jstr(lost_token))))
     FROM k""",
     """CREATE TEMP TABLE c_lost_by_event AS
@@ -389,13 +404,11 @@ AFTER_LOSS = [
             AND t.fork_group_id IS NOT DISTINCT FROM x.fork_group_id
         JOIN l_token_outcomes o ON o.token_id = t.token_id AND o.is_terminal = 1
         ANTI JOIN c_states cs ON cs.token_id = t.token_id AND cs.node_id = x.node_id),
-    last_node AS (
-        SELECT s.token_id, arg_max(s.node_id, s.step_index * 1000 + s.attempt) AS node_id
-        FROM l_node_states s SEMI JOIN ended e ON e.lost_token = s.token_id GROUP BY s.token_id),
+    last_node AS ({_last_nodes("SELECT lost_token FROM ended")}),
     k AS (
         SELECT e.*, n.node_name, {_LOST_KIND.replace("fl.", "e.")} AS reason
         FROM ended e LEFT JOIN last_node ln ON ln.token_id = e.lost_token
-        LEFT JOIN x_nodes n ON n.node_id = ln.node_id AND n.run_id = e.run_id)
+        LEFT JOIN x_nodes n ON n.node_id = {_LOST_NODE.replace("fl.", "e.")} AND n.run_id = e.run_id)
     SELECT outcome_id, jobj(kv('lost_branch', jobj(concat(
             kv('after_event_id', jstr(event_id)), kv('branch', jstr(branch)), kv('coalesce', jstr(coalesce_name)),
             kv('inferred', 'true'), kv('node', jstr(node_name)), kv('reason', jstr(reason)),
