@@ -790,6 +790,45 @@ def test_tables_with_no_place_here_are_named_as_left_out(tmp_path: Path) -> None
     assert "table batches (2 row(s)) was left out: elspeth-nb has no table for it" in read_landscape(db).problems
 
 
+def test_a_landscape_written_while_it_is_read_is_read_again_in_one_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables are read in parallel, each on its own connection: a commit in between tore the snapshot (routing
+    events read without their node state, their run_id NULL)."""
+    from elspeth_nb.audit.importers.elspeth import _sqlite
+
+    db = copy_sample(REQUIRE_ALL, tmp_path)
+    writer = sqlite3.connect(db, isolation_level=None, check_same_thread=False)  # it writes from a reader thread
+    writer.execute("PRAGMA journal_mode = WAL")  # as ELSPETH writes; the -wal file tells the reader it may change
+    token, run_id, node = writer.execute("SELECT token_id, run_id, node_id FROM node_states "
+                                         "WHERE node_id LIKE 'config_gate%' LIMIT 1").fetchone()
+    [(edge,)] = writer.execute("SELECT edge_id FROM edges LIMIT 1").fetchall()
+    read_one, wrote = _sqlite._read_one, []
+
+    def read_one_while_written(uri: str, table: str, where: str) -> Any:
+        if table == "routing_events" and not wrote:  # node_states is being read or was: a state it cannot see
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("INSERT INTO node_states (state_id, token_id, run_id, node_id, step_index, attempt, status, "
+                           "input_hash, started_at) VALUES ('new-state', ?, ?, ?, 99, 99, 'open', 'x', "
+                           "'2026-11-25 19:49:25.000000')", (token, run_id, node))
+            writer.execute("INSERT INTO routing_events (event_id, state_id, edge_id, routing_group_id, ordinal, mode, "
+                           "created_at) VALUES ('new-event', 'new-state', ?, 'g', 0, 'move', "
+                           "'2026-11-25 19:49:25.000000')", (edge,))
+            writer.execute("COMMIT")
+            wrote.append(table)
+        return read_one(uri, table, where)
+
+    monkeypatch.setattr(_sqlite, "_read_one", read_one_while_written)
+    try:
+        imported = read_landscape(db)
+    finally:
+        writer.close()
+    states = set(imported.tables["node_states"].column("state_id").to_pylist())
+    events = imported.tables["routing_events"]
+    assert wrote and "new-state" in states and "new-event" in events.column("event_id").to_pylist()
+    assert set(events.column("state_id").to_pylist()) <= states and events.column("run_id").null_count == 0
+    assert any("changed while it was read" in p and "read again in one transaction" in p for p in imported.problems)
+
+
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     db = copy_sample(QUORUM, tmp_path)
     mutate(db, "ALTER TABLE operations DROP COLUMN input_data_hash")

@@ -167,16 +167,44 @@ def read_tables(db_path: Path, run_ids: list[str], *, all_runs: bool) -> tuple[d
     def one(table: str) -> tuple[str, pa.Table]:
         return table, _read_one(uri, table, where[table] if where else "")
 
+    problems: list[str] = []
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            raw = dict(pool.map(one, _READ_ORDER))
+        guard = None if "immutable=1" in uri else sqlite3.connect(uri, uri=True)
+        try:
+            before = _data_version(guard)
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                raw = dict(pool.map(one, _READ_ORDER))
+            if _data_version(guard) != before:  # a writer committed between two tables' reads: re-read at once
+                raw = _read_in_one_transaction(uri, where)
+                problems.append(f"{db_path.name} changed while it was read (ELSPETH is still writing it); it was "
+                                "read again in one transaction, so the tables agree as of that moment")
+        finally:
+            if guard is not None:
+                guard.close()
     except sqlite3.DatabaseError as exc:
         raise AuditStoreError(f"{db_path} could not be read ({exc}); the file may be corrupt or truncated") from exc
-    problems: list[str] = []
     for name in LANDSCAPE_TABLES:
         raw[name], found = convert_timestamps(name, raw[name])
         problems += found
     return raw, problems
+
+
+def _data_version(con: sqlite3.Connection | None) -> int | None:
+    """SQLite's count of commits by other connections, as seen by ``con`` (None for an immutable file)."""
+    return None if con is None else int(con.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _read_in_one_transaction(uri: str, where: dict[str, str] | None) -> dict[str, pa.Table]:
+    """Every table read on one connection inside one read transaction: one snapshot (slower: no parallel reads)."""
+    con = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        con.execute("BEGIN")
+        tables = {table: _select(con, _table_sql(table, where[table] if where else ""), pa.schema(
+            landscape_columns(table))) for table in _READ_ORDER}
+        con.execute("COMMIT")
+        return tables
+    finally:
+        con.close()
 
 
 def _run_filters(run_ids: list[str]) -> dict[str, str]:
@@ -191,12 +219,16 @@ def _run_filters(run_ids: list[str]) -> dict[str, str]:
     return where
 
 
+def _table_sql(table: str, where: str) -> str:
+    """SELECT of ``table``'s columns as we read them, rows filtered by ``where``."""
+    casts = ", ".join(f"CAST({_q(c)} AS {_sql_type(t)}) AS {_q(c)}" for c, t in landscape_columns(table))
+    return f"SELECT {casts} FROM {_q(table)} {where}"  # noqa: S608 - identifiers quoted, ids from the DB
+
+
 def _read_one(uri: str, table: str, where: str) -> pa.Table:
     """One table through ADBC; through sqlite3 if ADBC is missing or its type inference fails."""
-    columns = landscape_columns(table)
-    casts = ", ".join(f"CAST({_q(c)} AS {_sql_type(t)}) AS {_q(c)}" for c, t in columns)
-    sql = f"SELECT {casts} FROM {_q(table)} {where}"  # noqa: S608 - identifiers quoted, ids from the DB
-    schema = pa.schema(columns)
+    sql = _table_sql(table, where)
+    schema = pa.schema(landscape_columns(table))
     try:
         return _conform(_read_adbc(uri, sql), schema)
     except Exception:  # ADBC missing, or a column typed from its first batch meets another type
@@ -207,9 +239,13 @@ def _read_sqlite3(uri: str, sql: str, schema: pa.Schema) -> pa.Table:
     """The same query through the stdlib driver (slower: one Python tuple per row)."""
     con = sqlite3.connect(uri, uri=True)
     try:
-        rows = con.execute(sql).fetchall()
+        return _select(con, sql, schema)
     finally:
         con.close()
+
+
+def _select(con: sqlite3.Connection, sql: str, schema: pa.Schema) -> pa.Table:
+    rows = con.execute(sql).fetchall()
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in schema]
     return pa.table([pa.array(c, f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)
 
