@@ -829,6 +829,32 @@ def test_a_landscape_written_while_it_is_read_is_read_again_in_one_transaction(
     assert any("changed while it was read" in p and "read again in one transaction" in p for p in imported.problems)
 
 
+def test_a_locked_landscape_is_said_to_be_locked_not_corrupt(tmp_path: Path) -> None:
+    db = copy_sample(QUORUM, tmp_path)
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = DELETE")
+    writer.execute("BEGIN EXCLUSIVE")
+    writer.execute("UPDATE runs SET export_error = 'x'")
+    try:
+        with pytest.raises(AuditStoreError, match=r"\(database is locked\); another process holds a write lock on "
+                                                  r"it \(ELSPETH still writing\?\): try again once it is done$"):
+            read_landscape(db)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_a_write_ahead_log_in_a_folder_sqlite_cannot_write_is_explained(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from elspeth_nb.audit.importers.elspeth import _sqlite
+
+    db = copy_sample(QUORUM, tmp_path)
+    Path(f"{db}-wal").touch()
+    monkeypatch.setattr(_sqlite.os, "access", lambda path, mode: False)  # as for a reader without write permission
+    why = _sqlite._why_unreadable(db, sqlite3.OperationalError("unable to open database file"))
+    assert why.startswith("it has a write-ahead log, which SQLite can read only by creating audit.db-shm beside it")
+
+
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     db = copy_sample(QUORUM, tmp_path)
     mutate(db, "ALTER TABLE operations DROP COLUMN input_data_hash")

@@ -9,6 +9,7 @@ the stdlib ``sqlite3`` module is the fallback when a column defeats ADBC's type 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,10 +71,21 @@ def open_checked(db_path: Path) -> tuple[sqlite3.Connection, list[str]]:
         con = sqlite3.connect(sqlite_uri(db_path), uri=True, check_same_thread=False)
         problems = _check_schema(con, db_path)
     except sqlite3.DatabaseError as exc:
-        raise AuditStoreError(f"{db_path} cannot be read as an SQLite database ({exc}); is it corrupt?") from exc
+        raise AuditStoreError(f"{db_path} cannot be read as an SQLite database ({exc}); {_why_unreadable(db_path, exc)}"
+                              ) from exc
     if Path(f"{db_path}-wal").exists():
         problems.append(f"{db_path.name} has a write-ahead log beside it: ELSPETH may still be writing this run")
     return con, problems
+
+
+def _why_unreadable(db_path: Path, exc: sqlite3.DatabaseError) -> str:
+    """The likely cause of an SQLite error when opening ``db_path``, as advice."""
+    if "locked" in str(exc) or "busy" in str(exc):
+        return "another process holds a write lock on it (ELSPETH still writing?): try again once it is done"
+    if Path(f"{db_path}-wal").exists() and not os.access(db_path.parent, os.W_OK):
+        return (f"it has a write-ahead log, which SQLite can read only by creating {db_path.name}-shm beside it, "
+                f"and {db_path.parent} is not writable: copy the database and its -wal file somewhere writable")
+    return "is it corrupt?"
 
 
 def _check_file(db_path: Path) -> None:
