@@ -79,6 +79,7 @@ def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None)
         result.findings += _alias_partitions(store, run_id) + _ambiguous_run_rows(store, run_id)
         return result
     stored_prints = _stored_fingerprints(store, run_id)
+    written_as = {d.file_sha256: d for d in digests}
     recomputed = []
     for digest in digests:
         path = partition_dir(store.parquet_root, digest.table_name, run_id) / digest.part_file
@@ -91,7 +92,11 @@ def verify_run(store: AuditStore, run_id: str, expected_root: str | None = None)
             prints = None
         recomputed.append(SegmentDigest(digest.table_name, digest.part_file, digest.record_count, actual or "missing",
                                         prints_sha256 if digest.fingerprints_sha256 is not None else None))
-        if actual != digest.file_sha256:
+        other = written_as.get(actual) if actual is not None else None
+        if actual != digest.file_sha256 and other is not None:  # files swapped or copied over: say which
+            result.findings.append(Finding(digest.table_name, digest.part_file, None, "segment_replaced",
+                                           f"the file holds the bytes written as {other.table_name}/{other.part_file}"))
+        elif actual != digest.file_sha256:
             result.findings.append(_locate(path, digest, prints))
     result.findings += _unlisted_segments(store, run_id, digests)
     result.findings += _alias_partitions(store, run_id) + _ambiguous_run_rows(store, run_id)
@@ -178,7 +183,9 @@ def _unlisted_segments(store: AuditStore, run_id: str, digests: list[SegmentDige
             continue
         for path in sorted(directory.glob("part-*.parquet")):
             if (table, path.name) not in listed:
-                found.append(Finding(table, path.name, None, "segment_added", "a segment the run did not write"))
+                found.append(Finding(table, path.name, None, "segment_added",
+                                     "no segment digest of the run lists it: added after the run, or the "
+                                     "segment_digests file that listed it was removed"))
     return found
 
 

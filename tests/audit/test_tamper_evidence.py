@@ -199,3 +199,25 @@ def test_an_edited_copy_is_caught_when_the_audit_is_opened_on_audit_duckdb(prist
         verified = audit.verify(run_id)
     assert not verified.ok
     assert verified.mismatches.select("check", "table").rows() == [("duckdb_copy", "token_outcomes")]
+
+
+def test_two_swapped_segments_are_named_as_swapped(pristine: tuple[Path, str], tmp_path: Path) -> None:
+    """Their records read as added and missing ones, which no record was."""
+    store, run_id = _copy(pristine, tmp_path)
+    tokens, outcomes = _segment(store, "tokens", run_id), _segment(store, "token_outcomes", run_id)
+    held = tokens.read_bytes()
+    tokens.write_bytes(outcomes.read_bytes())
+    outcomes.write_bytes(held)
+    assert sorted((f.table, f.kind, f.detail) for f in verify_run(store, run_id).findings) == [
+        ("token_outcomes", "segment_replaced", f"the file holds the bytes written as tokens/{tokens.name}"),
+        ("tokens", "segment_replaced", f"the file holds the bytes written as token_outcomes/{outcomes.name}")]
+
+
+def test_a_segment_no_digest_lists_may_have_lost_its_digests(pristine: tuple[Path, str], tmp_path: Path) -> None:
+    store, run_id = _copy(pristine, tmp_path)
+    extra = partition_dir(store.parquet_root, "rows", run_id) / "part-zz-000000.parquet"
+    shutil.copy(_segment(store, "rows", run_id), extra)
+    [finding] = verify_run(store, run_id).findings
+    assert (finding.kind, finding.part_file) == ("segment_added", extra.name)
+    assert finding.detail == ("no segment digest of the run lists it: added after the run, or the segment_digests "
+                              "file that listed it was removed")
