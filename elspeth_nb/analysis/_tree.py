@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from elspeth_nb.analysis.results import format_value
+from elspeth_nb.audit.schema import RunStatus
 
 if TYPE_CHECKING:
     from elspeth_nb.analysis.lineage import Lineage
@@ -182,9 +183,8 @@ class _Tree:
         row = self.lineage.row
         source = {"stored": row.get("payload_json") is not None, "payload_json": row.get("payload_json")}
         text = _row_text(source, row["source_data_hash"])
-        if not source["stored"] and self.lineage.payload_mode in SOURCE_KEPT:  # the run kept it: now it is gone
-            text = text.replace("(hashes only)", "(payload missing: purged, not copied or not matching its hash; "
-                                                 "verify() says which)", 1)
+        if not source["stored"] and self.lineage.payload_mode in SOURCE_KEPT:  # the run keeps it: where is it?
+            text = text.replace("(hashes only)", f"(payload missing: {_why_no_payload(self.lineage.run_status)})", 1)
         lines = [f"source row {row['row_index']}: " + text]
         roots = self.children.get(None, [])
         for i, item in enumerate(roots):
@@ -222,3 +222,12 @@ def _row_text(record: dict[str, Any] | None, digest: Any) -> str:
 def render_tree(lineage: Lineage) -> str:
     """The lineage of one source row as an indented text tree."""
     return "\n".join(_Tree(lineage).render())
+
+
+def _why_no_payload(status: str | None) -> str:
+    """Why a run that keeps source payloads has none for a row, as far as its status tells."""
+    if status == RunStatus.RUNNING:
+        return "not written yet, the run is still running"
+    if status == RunStatus.INTERRUPTED:
+        return "the run was interrupted, and the records it still held were lost with it (or it was purged)"
+    return "purged, not copied or not matching its hash; verify() says which"

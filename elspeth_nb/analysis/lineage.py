@@ -97,6 +97,7 @@ class Lineage(Displayable):
     routing: pl.DataFrame
     errors: pl.DataFrame
     data: pl.DataFrame
+    run_status: str | None = None
 
     @property
     def row_id(self) -> str:
@@ -244,6 +245,7 @@ class _Records:
         self.db, self.run, self.row = db, run, row
         self.tables: dict[str, pa.Table] = {}
         self.payload_mode: str | None = None
+        self.run_status: str | None = None
 
     def _job(self, table: str, where: str, params: dict[str, Any], column: str, values: list[Any], *,
              nulls: bool = False) -> Callable[[duckdb.DuckDBPyConnection], None]:
@@ -267,14 +269,15 @@ class _Records:
         if known is None:
             found = self.db.arrow("SELECT payload_mode, status FROM runs WHERE run_id = $run", {"run": self.run},
                                   con=con).to_pylist()
-            known = {"payload_mode": found[0]["payload_mode"] if found else None}
+            known = {"payload_mode": found[0]["payload_mode"] if found else None,
+                     "status": found[0]["status"] if found else None}
             for table in ("nodes", "edges"):
                 scan = self.db.lookup(table, self.run)
                 known[table] = self.db.arrow(f"SELECT * FROM {scan.sql} WHERE run_id = $run",  # noqa: S608
                                              {"run": self.run, **scan.params}, con=con)
             if found and found[0]["status"] not in (None, RunStatus.RUNNING):
                 self.db.finished_runs[self.run] = known
-        self.payload_mode = known["payload_mode"]
+        self.payload_mode, self.run_status = known["payload_mode"], known["status"]
         self.tables["nodes"], self.tables["edges"] = known["nodes"], known["edges"]
 
     def read(self) -> dict[str, pa.Table]:
@@ -511,4 +514,5 @@ def lineage(self: Audit, run_id: str = "latest", *, row_id: str | None = None, r
         routing=shape.routing(),
         errors=errors,
         data=shape.data(source),
+        run_status=records.run_status,
     )
