@@ -34,13 +34,16 @@ def _without_comments(query: str) -> str:
         tokens = duckdb.tokenize(query)
     except (duckdb.Error, RuntimeError):
         return query  # the parser reports what is wrong with it
+    if not any(kind == duckdb.token_type.comment for _, kind in tokens):
+        return query
+    text = query.encode()  # the tokenizer's positions count UTF-8 bytes, not characters
     kept, cut = [], 0
     for i, (start, kind) in enumerate(tokens):
         if kind == duckdb.token_type.comment:
-            end = tokens[i + 1][0] if i + 1 < len(tokens) else len(query)
-            kept.append(query[cut:start] + " ")
+            end = tokens[i + 1][0] if i + 1 < len(tokens) else len(text)
+            kept.append(text[cut:start] + b" ")
             cut = end
-    return "".join(kept) + query[cut:]
+    return (b"".join(kept) + text[cut:]).decode()
 
 
 def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:

@@ -181,17 +181,23 @@ def _normalise_scalar(obj: Any, path: str) -> Any:
     if type(obj).__module__ == "numpy":  # numpy values as Python values, without importing numpy
         kind = type(obj).__name__
         if kind == "ndarray":  # before item(): a one-element array stays a list
-            if obj.dtype.kind == "M":  # times element by element: tolist() gives nanoseconds as bare ints
+            if str(obj.dtype).endswith(_SUB_MICROSECOND):  # tolist() gives these times as bare ints
                 return [_normalise_scalar(v, path) for v in obj] if obj.ndim else _normalise_scalar(obj[()], path)
-            return obj.tolist()
-        if kind == "datetime64":  # a UTC time, as ELSPETH writes it (item() of ns precision is a bare int)
+            return obj.tolist()  # coarser times become dates and datetimes
+        if kind == "datetime64":  # a UTC time, as ELSPETH writes it
             if str(obj) == "NaT":
                 return None
-            nanos = obj.astype("datetime64[ns]").astype("int64").item()
+            if not str(obj.dtype).endswith(_SUB_MICROSECOND):
+                return obj.item()  # a date or datetime (nanoseconds would overflow past 2262)
+            nanos = obj.astype("datetime64[ns]").astype("int64").item()  # item() of these is a bare int
             return nanosecond_iso(nanos) if nanos % 1000 else obj.astype("datetime64[us]").item()
         if callable(getattr(obj, "item", None)):
             return obj.item()
     raise CanonicalizationError(f"{path}: a {type(obj).__name__} value cannot be hashed canonically")
+
+
+#: numpy time units finer than a microsecond, which a Python datetime cannot hold.
+_SUB_MICROSECOND = ("[ns]", "[ps]", "[fs]", "[as]")
 
 
 def nanosecond_iso(nanos: int) -> str:

@@ -128,7 +128,8 @@ class _TableBuffer:
         self.batched_rows = 0
 
     def __len__(self) -> int:
-        return len(self.columns[0]) + self.batched_rows
+        """Whole records held: a record torn by an interrupt (see ``_drop_torn_record``) does not count."""
+        return min(map(len, self.columns)) + self.batched_rows
 
     def seal(self) -> None:
         """Convert the buffered columns to Arrow arrays now, while the values are hot."""

@@ -137,6 +137,8 @@ class RowProcessor:
                 rec.tick()
                 ctx.clock.sleep_until(due)
                 continue
+            if exhausted and self.should_stop is not None and (stop := self.should_stop()) is not None:
+                raise stop  # asked during the last rows: the run stops as asked, not as if it finished
             if exhausted and open_rows:
                 self._end_of_source()
                 if stack or not open_rows:  # a join decided to merge has work; one decided to fail ended its row

@@ -412,8 +412,11 @@ def _count_adopted(outcome: RunOutcome, adopted: Adopted) -> None:
 
 
 def abandon_in_flight(ctx: EngineContext, error: str, reason: str = "run_failed") -> None:
-    """A stopped run ends its tokens in flight as failed; if the trail itself is what failed, it cannot say more."""
-    with suppress(Exception):
+    """A stopped run ends its tokens in flight as failed; if the trail itself is what failed, it cannot say more.
+
+    A Ctrl-C meanwhile stops the ending (the tokens left keep no outcome), never the closing of sinks and trail.
+    """
+    with suppress(Exception, KeyboardInterrupt):
         ctx.abandon(error, reason)
 
 

@@ -173,6 +173,7 @@ def test_sql_comments_are_whitespace_wherever_they_are(audit: Audit) -> None:
     assert "Total Time" in audit.sql("EXPLAIN /* timed */ ANALYZE SELECT 1").row(0)[1]
     assert audit.sql(PIVOT_OUTCOMES + "; -- one row per run").height == audit.sql("SELECT * FROM runs").height
     assert audit.sql("SELECT '--kept' AS s /* gone */").rows() == [("--kept",)]
+    assert audit.sql("SELECT '日本語' AS a -- note\n , 2 AS b").columns == ["a", "b"]  # positions count UTF-8 bytes
     for statement in ("-- note\nEXPLAIN ANALYZE CREATE TABLE t AS SELECT 1", "/* x */ DROP VIEW runs",
                       "SELECT 1; -- one\nDROP VIEW runs"):
         with pytest.raises(ReadOnlyError, match="read-only"):

@@ -6,9 +6,8 @@ import base64
 import hashlib
 import math
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -126,14 +125,21 @@ class _NumpyLike(float):
         return f"np.float64({float(self)!r})"
 
 
+class _DType(str):
+    """A dtype: its name as str() gives it, and its kind letter."""
+
+    kind: str
+
+
 class ndarray:
     """Named as numpy names its arrays, which is what the normaliser looks for."""
 
     __module__ = "numpy"
 
-    def __init__(self, values: list[Any], kind: str = "f") -> None:
+    def __init__(self, values: list[Any], kind: str = "f", dtype: str = "float64") -> None:
         self.values = values
-        self.dtype = SimpleNamespace(kind=kind)
+        self.dtype = _DType(dtype)
+        self.dtype.kind = kind
         self.ndim = 1
 
     def __iter__(self) -> Iterator[Any]:
@@ -156,24 +162,27 @@ def test_a_float_subclass_is_written_as_its_number_and_arrays_as_lists() -> None
 
 
 class datetime64:
-    """As numpy's datetime64 answers the normaliser: str() ``NaT``, astype() to other units, item()."""
+    """As numpy's datetime64 answers the normaliser: str() ``NaT``, dtype, astype() to other units, item()."""
 
     __module__ = "numpy"
 
-    def __init__(self, nanos: int | None, unit: str = "ns") -> None:
-        self.nanos, self.unit = nanos, unit
+    def __init__(self, nanos: int | None, unit: str = "datetime64[ns]") -> None:
+        self.nanos, self.dtype = nanos, unit
 
     def __str__(self) -> str:
-        return "NaT" if self.nanos is None else f"datetime64({self.nanos}, {self.unit})"
+        return "NaT" if self.nanos is None else f"datetime64({self.nanos}, {self.dtype})"
 
     def astype(self, unit: str) -> datetime64:
         return datetime64(self.nanos, unit)
 
-    def item(self) -> int | datetime | None:
+    def item(self) -> int | date | datetime | None:
         if self.nanos is None:
             return None
-        if self.unit == "datetime64[us]":
-            return datetime(1970, 1, 1) + timedelta(microseconds=self.nanos // 1000)
+        moment = datetime(1970, 1, 1) + timedelta(microseconds=self.nanos // 1000)
+        if self.dtype == "datetime64[D]":
+            return moment.date()
+        if self.dtype in ("datetime64[us]", "datetime64[s]"):
+            return moment
         return self.nanos  # numpy's item() of nanoseconds (and astype("int64")) is a bare int
 
 
@@ -186,8 +195,16 @@ def test_numpy_times_keep_their_nanoseconds() -> None:
 
 def test_numpy_time_arrays_are_lists_of_times() -> None:
     """tolist() of a datetime64[ns] array gives bare ints, which would hash as numbers (or fail past 2**53)."""
-    times = ndarray([datetime64(1_700_000_000_123_456_789), datetime64(None)], kind="M")
+    times = ndarray([datetime64(1_700_000_000_123_456_789), datetime64(None)], kind="M", dtype="datetime64[ns]")
     assert canonical_bytes({"at": times}) == rfc8785.dumps({"at": ["2023-11-14T22:13:20.123456789+00:00", None]})
+
+
+def test_numpy_dates_beyond_2262_stay_what_they_are() -> None:
+    """Coarser units are not passed through nanoseconds, which cannot hold a time past 2262 (it wrapped around)."""
+    year_3000 = 32_503_680_000 * 10**9  # 3000-01-01 in nanoseconds since 1970: more than an int64 of ns holds
+    day, second = datetime64(year_3000, "datetime64[D]"), datetime64(year_3000, "datetime64[s]")
+    assert canonical_bytes({"d": day, "days": ndarray([day], kind="M", dtype="datetime64[D]"), "s": second}) == \
+        rfc8785.dumps({"d": "3000-01-01", "days": ["3000-01-01"], "s": "3000-01-01T00:00:00+00:00"})
 
 
 def test_a_key_holding_a_lone_surrogate_is_a_canonicalization_error() -> None:

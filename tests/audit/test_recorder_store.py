@@ -256,6 +256,7 @@ def test_a_record_torn_by_an_interrupt_is_dropped_and_the_whole_ones_are_written
                                                     ["a", "b"]], strict=True):
         append(value)  # torn inside the list columns: expected_branches added, branches_arrived not
     events.columns[13].values.append("a")  # ...and branches_arrived cut between its elements and its offset
+    assert rec.pending_counts()["token_parents"] == rec.pending_counts()["coalesce_events"] == 1  # whole ones only
     try:
         rec.close()
     finally:
@@ -263,5 +264,6 @@ def test_a_record_torn_by_an_interrupt_is_dropped_and_the_whole_ones_are_written
     assert writer.table("token_parents").to_pylist() == [
         {"token_id": format_id("run1", "token", 2), "parent_token_id": format_id("run1", "token", 1), "ordinal": 0,
          "run_id": "run1"}]
+    assert rec.records_written["token_parents"] == rec.records_written["coalesce_events"] == 1
     [event] = writer.table("coalesce_events").to_pylist()
     assert event["event_id"] is None and event["expected_branches"] == event["branches_arrived"] == []

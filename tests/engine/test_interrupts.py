@@ -14,16 +14,16 @@ from elspeth_nb.analysis import open_audit
 from elspeth_nb.engine.runner import run_pipeline
 from tests.cases import fork_pipeline, write_csv
 
-INTERRUPT = "import os, signal\n\ndef explode(row):\n    if row['id'] == 2:\n{sends}    return row\n"
+INTERRUPT = "import os, signal\n\ndef explode(row):\n    if row['id'] == {at}:\n{sends}    return row\n"
 SEND = "        os.kill(os.getpid(), signal.SIGINT)\n"
 
 
-def _interrupted_run(tmp_path: Path, interrupts: int) -> dict[str, Any]:
-    """Branch a's plugin presses Ctrl-C ``interrupts`` times at row 2, while branch c waits 50 ms on a call."""
+def _interrupted_run(tmp_path: Path, interrupts: int, at: int = 2) -> dict[str, Any]:
+    """Branch a's plugin presses Ctrl-C ``interrupts`` times at row ``at``, while branch c waits 50 ms on a call."""
     settings = fork_pipeline(write_csv(tmp_path / "in.csv"), slow={"c": 50})
     [a_pass] = [t for t in settings["transforms"] if t["name"] == "a_pass"]
     a_pass.update(plugin="python", options={"function": "plugin.py:explode"})
-    (tmp_path / "plugin.py").write_text(INTERRUPT.format(sends=SEND * interrupts))
+    (tmp_path / "plugin.py").write_text(INTERRUPT.format(sends=SEND * interrupts, at=at))
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(settings))
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt, match="interrupted; its trail is complete up to that point"):
@@ -48,6 +48,7 @@ def _interrupted_run(tmp_path: Path, interrupts: int) -> dict[str, Any]:
                 "SELECT s.status, s.error_json FROM node_states s JOIN nodes n USING (run_id, node_id) "
                 "WHERE s.run_id = $run AND n.node_type = 'coalesce'", params).rows(),
             "held": audit.run_summary(run["run_id"]).coalesce.select("coalesce", "held_when_run_stopped").rows(),
+            "artifacts": audit.sql("SELECT row_count FROM artifacts WHERE run_id = $run", params).rows(),
         }
 
 
@@ -72,3 +73,28 @@ def test_a_second_ctrl_c_interrupts_at_once_and_the_open_joins_are_unknown(tmp_p
     assert found["run"]["status"] == "interrupted" and found["ok"]
     assert found["rows"] == 2 and found["unfinished"] > 0 and found["ended"] == [] and found["held_states"] == []
     assert found["held"] == []  # no decision, and what the joins held is unknown: no coalesce to list
+
+
+def test_a_ctrl_c_during_the_last_row_still_stops_the_run(tmp_path: Path) -> None:
+    """No row is left to admit then: the request was read nowhere and the run reported itself completed."""
+    found = _interrupted_run(tmp_path, interrupts=1, at=4)
+    assert found["run"]["status"] == "interrupted" and found["rows"] == 4 and found["unfinished"] == 0
+
+
+def test_a_second_ctrl_c_while_tokens_in_flight_are_ended_still_closes_the_sinks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It stops the ending of tokens, not the closing of the run: its sink file was left without an artifact."""
+    import os
+
+    from elspeth_nb.engine.tokens import EngineContext
+
+    abandon = EngineContext.abandon
+
+    def interrupted_again(self: EngineContext, error: str, reason: str = "run_failed") -> int:
+        os.kill(os.getpid(), signal.SIGINT)  # the run's own handler is gone by now: a KeyboardInterrupt here
+        return abandon(self, error, reason)
+
+    monkeypatch.setattr(EngineContext, "abandon", interrupted_again)
+    found = _interrupted_run(tmp_path, interrupts=1)
+    written = (tmp_path / "output.jsonl").read_text().count("\n")
+    assert found["run"]["status"] == "interrupted" and found["artifacts"] == [(written,)]
