@@ -30,6 +30,7 @@ from elspeth_nb._arguments import require
 from elspeth_nb.analysis._connection import DUCKDB, RUN_REVISIONS
 from elspeth_nb.analysis.results import Displayable, html_block, html_table, text_table, verdict_html
 from elspeth_nb.audit.hashing import stable_hash
+from elspeth_nb.audit.importers.elspeth._verify import run_folder
 from elspeth_nb.audit.schema import TABLES, RunStatus, Table
 from elspeth_nb.audit.store import quote_ident
 from elspeth_nb.audit.verification import verify_run
@@ -146,10 +147,15 @@ class VerifyResult(Displayable):
 
 
 def _artifact_base(self: Audit, run: str) -> Path:
-    """Where a run's relative sink paths start: its pipeline file's folder (for an imported ELSPETH run, its
-    database's), else the audit's own folder."""
-    found = self._db.rows("SELECT pipeline_path FROM runs WHERE run_id = $run", {"run": run})
-    return Path(found[0][0]).parent if found and found[0][0] else self._db.path.parent
+    """Where a run's relative sink paths start: its pipeline file's folder (for an ELSPETH run, the folder ELSPETH
+    ran in, found from its database's path and landscape URL), else the audit's own folder."""
+    found = self._db.rows("SELECT pipeline_path, settings_json, producer FROM runs WHERE run_id = $run", {"run": run})
+    if not found or not found[0][0]:
+        return self._db.path.parent
+    path, settings, producer = found[0]
+    if str(producer or "").startswith("elspeth (") and str(path).endswith(".db"):
+        return run_folder(path, settings)
+    return Path(path).parent
 
 
 def _local_path(uri: str, base: Path) -> Path | None:
@@ -182,6 +188,9 @@ def _verify_artifact(self: Audit, run: str, artifact: dict[str, Any], base: Path
     if path is None:
         mismatch("artifact_file", artifact["path_or_uri"], None, "not a local file: cannot be verified here")
         return
+    beside = _local_path(artifact["path_or_uri"], self._db.path.parent)
+    if not path.exists() and beside is not None and beside.exists():  # a file copied beside the database
+        path = beside
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -855,6 +855,25 @@ def test_a_write_ahead_log_in_a_folder_sqlite_cannot_write_is_explained(tmp_path
     assert why.startswith("it has a write-ahead log, which SQLite can read only by creating audit.db-shm beside it")
 
 
+def test_sink_files_are_found_in_the_folder_elspeth_ran_in(tmp_path: Path) -> None:
+    """ELSPETH's default layout keeps the database in ./state and writes sinks relative to its working folder."""
+    from elspeth_nb.analysis import open_audit
+
+    copy = copy_sample(REQUIRE_ALL, tmp_path).parent
+    (copy / "state").mkdir()
+    db = copy / "state" / "audit.db"
+    (copy / "audit.db").rename(db)
+    [(text,)] = sql(db, "SELECT settings_json FROM runs")
+    settings = json.loads(text)
+    settings["landscape"]["url"] = "sqlite:///./state/audit.db"
+    mutate(db, "UPDATE runs SET settings_json = ?", params=(json.dumps(settings),))
+    checks = verify_landscape(read_landscape(db, payloads=copy / "payloads"), db_path=db)
+    assert set(checks["status"].to_list()) == {"ok"} and checks.height > 500
+    with open_audit(db, payloads=copy / "payloads") as audit:
+        verified = audit.verify()
+    assert verified.ok, verified.mismatches
+
+
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     db = copy_sample(QUORUM, tmp_path)
     mutate(db, "ALTER TABLE operations DROP COLUMN input_data_hash")

@@ -31,13 +31,16 @@ Check = tuple[str, str, str, str, str, str]
 def verify_landscape(imported: LandscapeImport, *, db_path: str | Path,
                      base_dir: str | Path | None = None) -> pl.DataFrame:
     """One row per check: (run_id, check, table, record_id, status ok/mismatch/missing/purged, detail)."""
-    base = Path(base_dir) if base_dir is not None else Path(db_path).resolve().parent
+    settings = dict(zip(imported.tables["runs"].column("run_id").to_pylist(),
+                        imported.tables["runs"].column("settings_json").to_pylist(), strict=True))
+    bases = {run: Path(base_dir) if base_dir is not None else run_folder(db_path, text)
+             for run, text in settings.items()}
     payloads = dict(zip(imported.tables["payloads"].column("payload_hash").to_pylist(),
                         imported.tables["payloads"].column("payload_json").to_pylist(), strict=True))
     rows: list[Check] = []
     rows += _source_rows(imported, payloads)
     rows += _other_refs(imported, payloads)
-    rows += _artifacts(imported, base)
+    rows += _artifacts(imported, bases, Path(db_path).resolve().parent)
     return pl.DataFrame(rows, schema=list(COLUMNS), orient="row")
 
 
@@ -101,13 +104,15 @@ def _other_refs(imported: LandscapeImport, payloads: dict[str, str]) -> list[Che
     return out
 
 
-def _artifacts(imported: LandscapeImport, base: Path) -> list[Check]:
+def _artifacts(imported: LandscapeImport, bases: dict[str, Path], db_folder: Path) -> list[Check]:
     """Each artifact file against its content hash and size, and its rows against the sink states."""
     out = []
     artifacts = imported.tables["artifacts"]
     sink_hashes = _sink_input_hashes(imported.tables["node_states"], artifacts.column("sink_node_id"))
     for art in artifacts.to_pylist():
-        path = resolve_artifact(art["path_or_uri"], base)
+        path = resolve_artifact(art["path_or_uri"], bases.get(art["run_id"], db_folder))
+        if not path.exists():  # a file copied beside the database, as the samples keep theirs
+            path = resolve_artifact(art["path_or_uri"], db_folder)
         states = sink_hashes.get((art["run_id"], art["sink_node_id"]), [])
         try:
             data = path.read_bytes()
@@ -120,6 +125,24 @@ def _artifacts(imported: LandscapeImport, base: Path) -> list[Check]:
         if data.lstrip()[:1] in (b"{", b"["):  # JSON lines or a JSON array; a CSV file's rows are not JSON
             out += _line_checks(art, path, data, states)
     return out
+
+
+def run_folder(db_path: str | Path, settings_json: str | None) -> Path:
+    """The folder ELSPETH ran in, where its relative sink paths start: the database's folder, less the relative
+    folders of its ``landscape.url`` (``sqlite:///./state/audit.db`` puts it one level up)."""
+    db = Path(db_path).resolve()
+    try:
+        url = json.loads(settings_json or "{}").get("landscape", {}).get("url", "")
+    except (ValueError, AttributeError):
+        url = ""
+    prefix = "sqlite:///"
+    relative = Path(url[len(prefix):]) if isinstance(url, str) and url.startswith(prefix) else None
+    if relative is None or relative.is_absolute() or ".." in relative.parts:
+        return db.parent
+    parts = [p for p in relative.parts if p != "."]
+    if not parts or tuple(db.parts[-len(parts):]) != tuple(parts):
+        return db.parent
+    return Path(*db.parts[:-len(parts)]) if len(parts) < len(db.parts) else db.parent
 
 
 def resolve_artifact(uri: str, base: Path) -> Path:
