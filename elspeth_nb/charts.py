@@ -213,7 +213,8 @@ def _check_coalesce(frame: pl.DataFrame, coalesce: str) -> None:
 
 
 def _with_late_offsets(frame: pl.DataFrame) -> pl.DataFrame:
-    """Fill ``arrival_offset_ms`` of late branches: the decision's wait plus how late they were."""
+    """Fill ``arrival_offset_ms`` of late branches that lack it (a late event recorded without one): the decision's
+    wait plus how late they were, exact when the join opened with its first arrival."""
     if not {"status", "late_by_ms", "wait_duration_ms", "arrival_offset_ms"} <= set(frame.columns):
         return frame
     late = (pl.col("status") == "late") & pl.col("arrival_offset_ms").is_null()

@@ -83,7 +83,7 @@ SELECT e2.event_id, e2.coalesce_name AS coalesce, e2.row_id, e2.policy, e2.merge
             ELSE 'missing' END AS status,
        coalesce(e2.arrived_token_id, {late_token}, {lost_token}, {after_token}) AS token_id,
        e2.arrived_at::INTEGER AS arrival_rank,
-       e2.arrival_offset_ms,
+       coalesce(e2.arrival_offset_ms, {late_offset}) AS arrival_offset_ms,
        e2.wait_duration_ms,
        {late_by} AS late_by_ms,
        coalesce(e2.lost_reasons[e2.lost_at], CASE WHEN e2.arrived_at IS NULL AND {late_branch} IS NULL
@@ -136,11 +136,13 @@ class _Join:
 _TIMING_JOINS = {
     "late": _Join(  # a branch that reached the coalesce after the decision
         """late AS (
-    SELECT decision_event_id, late_branch, any_value(late_token_id) AS late_token_id, min(late_by_ms) AS late_by_ms
+    SELECT decision_event_id, late_branch, any_value(late_token_id) AS late_token_id, min(late_by_ms) AS late_by_ms,
+           min(arrival_offsets_ms[1]) AS late_offset_ms
     FROM coalesce_events WHERE run_id = $run AND event_type = 'late_arrival' GROUP BY ALL
 )""",
         "LEFT JOIN late ON late.decision_event_id = e2.event_id AND late.late_branch = e2.branch",
-        {"late_branch": "late.late_branch", "late_token": "late.late_token_id", "late_by": "late.late_by_ms"}),
+        {"late_branch": "late.late_branch", "late_token": "late.late_token_id", "late_by": "late.late_by_ms",
+         "late_offset": "late.late_offset_ms"}),
     "lost": _Join(  # the token of a branch the decision knew was lost, from its context
         """lost_tokens AS (
     SELECT event_id, json_extract(context_json, '$.branches_lost') AS lost
@@ -155,6 +157,7 @@ _TIMING_JOINS = {
         {"after_token": "a.token_id", "after_reason": "a.reason"}),
 }
 _TIMING_NULLS = {"late_branch": "NULL::VARCHAR", "late_token": "NULL::VARCHAR", "late_by": "NULL::DOUBLE",
+                 "late_offset": "NULL::DOUBLE",
                  "lost_token": "NULL::VARCHAR", "lost_at": "NULL::INTEGER", "after_token": "NULL::VARCHAR",
                  "after_reason": "NULL::VARCHAR"}
 #: Which optional parts the run needs (a NULL count reads as needed). Reads four small columns.
@@ -185,7 +188,8 @@ def merge_timings(self: Audit, run_id: str = "latest", coalesce: str | None = No
     """One row per (coalesce decision, expected branch): how and when each branch got there.
 
     ``status`` is ``arrived`` (with its 1-based ``arrival_rank`` and ``arrival_offset_ms`` after
-    the first arrival), ``late`` (reached the coalesce ``late_by_ms`` after the decision),
+    the first arrival), ``late`` (reached the coalesce ``late_by_ms`` after the decision, and
+    ``arrival_offset_ms`` after the first arrival),
     ``lost`` (the decision knew it would never come: ``lost_reason``) or ``missing`` (had not
     come when the decision was taken; ``lost_reason`` says why when the branch token ended
     elsewhere afterwards). ``wait_duration_ms`` is the decision's wait, repeated per branch.
@@ -202,11 +206,14 @@ def merge_timings(self: Audit, run_id: str = "latest", coalesce: str | None = No
 _QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 
 
-def _stats(column: str, prefix: str) -> str:
-    """mean, the quantiles as one list (one sort, however many quantiles), max; ``_spread`` unpacks them."""
+def _stats(column: str, prefix: str, where: str = "") -> str:
+    """mean, the quantiles as one list (one sort, however many quantiles), max, of the rows ``where`` says (all by
+    default); ``_spread`` unpacks them."""
     c = quote_ident(column)
     levels = ", ".join(str(q) for _, q in _QUANTILES)
-    return f"avg({c}) AS {prefix}_mean_ms, quantile_cont({c}, [{levels}]) AS {prefix}_q, max({c}) AS {prefix}_max_ms"
+    only = f" FILTER (WHERE {where})" if where else ""
+    return (f"avg({c}){only} AS {prefix}_mean_ms, quantile_cont({c}, [{levels}]){only} AS {prefix}_q, "
+            f"max({c}){only} AS {prefix}_max_ms")
 
 
 def _spread(prefix: str) -> str:
@@ -237,7 +244,8 @@ def merge_timing_summary(self: Audit, run_id: str = "latest",
     keys = ", ".join(quote_ident(g) for g in groups)
     timings = _timings_sql(self, run, "", ordered=False)
     # every name formatted into the SQL below comes from SUMMARY_GROUPS or this module (S608)
-    branches = (f"count(*) FILTER (WHERE status = 'arrived') AS arrivals, {_stats('arrival_offset_ms', 'arrival')}, "
+    arrived = "status = 'arrived'"  # a late branch has an arrival offset too, but it arrived after the decision
+    branches = (f"count(*) FILTER (WHERE {arrived}) AS arrivals, {_stats('arrival_offset_ms', 'arrival', arrived)}, "
                 "count(*) FILTER (WHERE status = 'late') AS late, count(*) FILTER (WHERE status = 'lost') AS lost, "
                 "count(*) FILTER (WHERE status = 'missing') AS missing")
     if "branch" in groups:  # one row per decision and branch: each decision is in a group once, one pass

@@ -83,7 +83,8 @@ def expected_merge_timings(store: Path, run_id: str) -> list[dict[str, Any]]:
                               arrival_offset_ms=event["arrival_offsets_ms"][i])
             elif (event["event_id"], branch) in late:
                 late_event = late[(event["event_id"], branch)]
-                record.update(status="late", token_id=late_event["late_token_id"], late_by_ms=late_event["late_by_ms"])
+                record.update(status="late", token_id=late_event["late_token_id"], late_by_ms=late_event["late_by_ms"],
+                              arrival_offset_ms=late_event["arrival_offsets_ms"][0])
             elif branch in event["branches_lost"]:
                 i = event["branches_lost"].index(branch)
                 record.update(status="lost", lost_reason=event["lost_reasons"][i],

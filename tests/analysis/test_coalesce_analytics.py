@@ -190,3 +190,23 @@ def test_policy_outcomes_display(audit: Audit, matrix: Matrix) -> None:
     text = repr(result)
     assert "Decisions by trigger:" in text and "branch_lost" in text and "quarantined" in text
     assert "<table>" in result._repr_html_() and "Lost branches" in result.to_html()
+
+
+def test_a_late_branch_arrival_offset_counts_from_the_first_arrival(tmp_path: Any) -> None:
+    """The join opened with a loss (c at 0 ms), a arrived at 100 ms, the timeout merged at 200 ms and b came at
+    500 ms: b's offset after the first arrival is 400 ms. The chart put it at wait + lateness, 500 ms."""
+    from elspeth_nb import charts
+    from elspeth_nb.analysis import open_audit
+    from elspeth_nb.engine.clock import FakeClock
+    from elspeth_nb.engine.runner import run_pipeline
+    from tests.cases import ROWS, fork_pipeline, write_csv
+
+    pipeline = fork_pipeline(write_csv(tmp_path / "in.csv", ROWS[1:2]), policy="best_effort", timeout_seconds=0.2,
+                             lose_c_for="toys", slow={"a": 100, "b": 500})
+    run_pipeline(pipeline, clock=FakeClock())
+    with open_audit(tmp_path / "audit") as audit:
+        timings = audit.merge_timings()
+    assert timings.select("branch", "status", "arrival_offset_ms", "wait_duration_ms", "late_by_ms").rows() == [
+        ("a", "arrived", 0.0, 200.0, None), ("b", "late", 400.0, 200.0, 300.0), ("c", "lost", None, 200.0, None)]
+    late = charts.arrival_offsets(timings).data.filter(pl.col("status") == "late")
+    assert late.select("min", "max").row(0) == (400.0, 400.0)
