@@ -187,14 +187,7 @@ class CoalesceExecutor(NodeExecutor):
     # -- events ----------------------------------------------------------------------------
     def receive(self, token: Token, branch: str) -> None:
         """A branch token arrives."""
-        self._arrive(token, branch, self.ctx.now())
-
-    def receive_at(self, token: Token, arrival: tuple[str, float]) -> None:
-        """A merged token handed straight from a coalesce that decided at its (past) deadline arrives then."""
-        branch, at = arrival
-        self._arrive(token, branch, at)
-
-    def _arrive(self, token: Token, branch: str, now: float) -> None:
+        now = self.ctx.now()
         rc = token.rc
         entry = self._after_overdue_timeout(rc, now)
         if isinstance(entry, Decision):
@@ -368,11 +361,7 @@ class CoalesceExecutor(NodeExecutor):
                            sorted(collisions))
         self.merges += 1
         receive, arg = self.next  # type: ignore[misc]
-        outer = getattr(receive, "__self__", None)
-        if isinstance(outer, CoalesceExecutor) and now < ctx.now():  # decided at a deadline the engine passed
-            ctx.stack.append((outer.receive_at, token, (arg, now)))  # it reaches the outer join at that deadline
-        else:
-            ctx.stack.append((receive, token, arg))
+        ctx.stack.append((receive, token, arg))
         return Decision(facts.event_id, now, entry.first_at, True, verdict.trigger, None, join_group_id, token.id)
 
     def _fail(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, facts: DecisionFacts) -> Decision:

@@ -255,43 +255,6 @@ def test_a_timeout_due_before_a_late_processed_arrival_decides_first(tmp_path: P
     assert len(late) == len(decisions) and all(e["late_branch"] == "c" and e["late_by_ms"] > 0 for e in late)
 
 
-class _WakesOneSecondLate(FakeClock):
-    def sleep_until(self, t: float) -> None:
-        super().sleep_until(t + 1.0)
-
-
-def test_a_nested_merge_decided_at_its_deadline_reaches_the_outer_join_then(tmp_path: Path) -> None:
-    """The inner join (b1, b2) times out at 1 s, the outer (a, b) would at 1.5 s; the engine wakes at 2 s. The inner
-    merge is decided at its deadline, 1 s, and reaches the outer then: it was handed over at 2 s, after the outer
-    had timed out, and recorded late (its failure, by contrast, already reached the outer at 1 s)."""
-    from elspeth_nb.audit.writer import MemoryWriter
-    from elspeth_nb.engine.runner import run_pipeline
-    from tests.cases import FIELDS
-
-    pipeline = {
-        "source": {"plugin": "csv", "on_success": "raw", "options": {
-            "path": str(write_csv(tmp_path / "input.csv", ROWS[:1])), "schema": {"mode": "fixed", "fields": FIELDS}}},
-        "gates": [{"name": "g1", "input": "raw", "condition": "True", "routes": {"true": "fork", "false": "output"},
-                   "fork_to": ["a", "b"]},
-                  {"name": "g2", "input": "b", "condition": "True", "routes": {"true": "fork", "false": "output"},
-                   "fork_to": ["b1", "b2"]}],
-        "transforms": [{"name": "b2_call", "plugin": "latency", "input": "b2", "on_success": "b2_out",
-                        "options": {"distribution": "fixed", "mean_ms": 5000}}],
-        "coalesce": [{"name": "inner", "branches": {"b1": "b1", "b2": "b2_out"}, "policy": "best_effort",
-                      "timeout_seconds": 1.0, "on_success": "b_done"},
-                     {"name": "outer", "branches": {"a": "a", "b": "b_done"}, "policy": "best_effort",
-                      "timeout_seconds": 1.5, "merge": "nested", "on_success": "output"}],
-        "sinks": {"output": {"plugin": "jsonl", "options": {"path": str(tmp_path / "output.jsonl")}}},
-    }
-    writer = MemoryWriter()
-    run_pipeline(pipeline, clock=_WakesOneSecondLate(), writer=writer)
-    events = {(e["coalesce_name"], e["event_type"]): e for e in writer.table("coalesce_events").to_pylist()}
-    outer = events[("outer", "merged")]
-    assert (outer["trigger"], outer["branches_arrived"], outer["arrival_offsets_ms"], outer["wait_duration_ms"]) == (
-        "all_arrived", ["a", "b"], [0.0, 1000.0], 1000.0)
-    assert ("outer", "late_arrival") not in events and events[("inner", "merged")]["trigger"] == "timeout"
-
-
 def _completed_run(pipeline: dict[str, Any]) -> tuple[Trail, dict[int, dict[str, Any]]]:
     """Run in memory; the run completed with one terminal outcome per token; its decisions by source row index."""
     trail = run_in_memory(pipeline)
