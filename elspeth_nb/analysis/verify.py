@@ -146,16 +146,17 @@ class VerifyResult(Displayable):
         return html_block(f"Verification of run {self.run_id}", *parts)
 
 
-def _artifact_base(self: Audit, run: str) -> Path:
-    """Where a run's relative sink paths start: its pipeline file's folder (for an ELSPETH run, the folder ELSPETH
-    ran in, found from its database's path and landscape URL), else the audit's own folder."""
+def _artifact_bases(self: Audit, run: str) -> list[Path]:
+    """Where a run's relative sink paths start, most likely first: its pipeline file's folder (for an ELSPETH run,
+    the folder ELSPETH ran in, found from its database's path and landscape URL, then the database's own folder,
+    where copies keep the files), else the audit's own folder."""
     found = self._db.rows("SELECT pipeline_path, settings_json, producer FROM runs WHERE run_id = $run", {"run": run})
     if not found or not found[0][0]:
-        return self._db.path.parent
+        return [self._db.path.parent]
     path, settings, producer = found[0]
     if str(producer or "").startswith("elspeth (") and str(path).endswith(".db"):
-        return run_folder(path, settings)
-    return Path(path).parent
+        return [run_folder(path, settings), Path(path).parent]
+    return [Path(path).parent]
 
 
 def _local_path(uri: str, base: Path) -> Path | None:
@@ -176,7 +177,7 @@ def _is_jsonl(artifact: dict[str, Any], path: Path) -> bool:
     return artifact["plugin_name"] == "jsonl" or artifact["format"] == "jsonl" or path.suffix == ".jsonl"
 
 
-def _verify_artifact(self: Audit, run: str, artifact: dict[str, Any], base: Path,
+def _verify_artifact(self: Audit, run: str, artifact: dict[str, Any], bases: list[Path],
                      out: list[dict[str, Any]], checked: Counter[str]) -> None:
     record = artifact["artifact_id"]
 
@@ -184,13 +185,11 @@ def _verify_artifact(self: Audit, run: str, artifact: dict[str, Any], base: Path
         out.append({"check": check_name, "table": "artifacts", "record_id": record, "expected": _text(expected),
                     "actual": _text(actual), "detail": detail})
 
-    path = _local_path(artifact["path_or_uri"], base)
+    candidates = [_local_path(artifact["path_or_uri"], base) for base in bases]
+    path = next((p for p in candidates if p is not None and p.exists()), candidates[0])
     if path is None:
         mismatch("artifact_file", artifact["path_or_uri"], None, "not a local file: cannot be verified here")
         return
-    beside = _local_path(artifact["path_or_uri"], self._db.path.parent)
-    if not path.exists() and beside is not None and beside.exists():  # a file copied beside the database
-        path = beside
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -417,9 +416,9 @@ def verify(self: Audit, run_id: str = "latest", *, expected_root: str | None = N
 
     def artifacts() -> None:
         checked["artifacts"] = checked["lines"] = 0
-        base = _artifact_base(self, run)
+        bases = _artifact_bases(self, run)
         for artifact in db.frame(_ARTIFACTS_SQL, params).iter_rows(named=True):
-            _unless_unreadable(partial(_verify_artifact, self, run, artifact, base, found, checked),
+            _unless_unreadable(partial(_verify_artifact, self, run, artifact, bases, found, checked),
                                f"sink file {artifact['path_or_uri']}", damaged)
 
     _unless_unreadable(payloads, "payload hashes", damaged, left_out, frozenset({"payloads", "runs"}))

@@ -858,6 +858,7 @@ def test_a_write_ahead_log_in_a_folder_sqlite_cannot_write_is_explained(tmp_path
 def test_sink_files_are_found_in_the_folder_elspeth_ran_in(tmp_path: Path) -> None:
     """ELSPETH's default layout keeps the database in ./state and writes sinks relative to its working folder."""
     from elspeth_nb.analysis import open_audit
+    from elspeth_nb.audit.importers.elspeth import import_into_store
 
     copy = copy_sample(REQUIRE_ALL, tmp_path).parent
     (copy / "state").mkdir()
@@ -870,6 +871,11 @@ def test_sink_files_are_found_in_the_folder_elspeth_ran_in(tmp_path: Path) -> No
     checks = verify_landscape(read_landscape(db, payloads=copy / "payloads"), db_path=db)
     assert set(checks["status"].to_list()) == {"ok"} and checks.height > 500
     with open_audit(db, payloads=copy / "payloads") as audit:
+        verified = audit.verify()
+    assert verified.ok, verified.mismatches
+    (copy / "output.jsonl").rename(copy / "state" / "output.jsonl")  # a copy that keeps it beside the database
+    import_into_store(db, tmp_path / "store", payloads=copy / "payloads")
+    with open_audit(tmp_path / "store") as audit:
         verified = audit.verify()
     assert verified.ok, verified.mismatches
 
