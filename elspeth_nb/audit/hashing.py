@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -181,23 +182,32 @@ def _normalise_scalar(obj: Any, path: str) -> Any:
     if type(obj).__module__ == "numpy":  # numpy values as Python values, without importing numpy
         kind = type(obj).__name__
         if kind == "ndarray":  # before item(): a one-element array stays a list
-            if str(obj.dtype).endswith(_SUB_MICROSECOND):  # tolist() gives these times as bare ints
+            if obj.dtype.kind == "M":  # times one by one: tolist() gives some as bare ints
                 return [_normalise_scalar(v, path) for v in obj] if obj.ndim else _normalise_scalar(obj[()], path)
-            return obj.tolist()  # coarser times become dates and datetimes
+            return obj.tolist()
         if kind == "datetime64":  # a UTC time, as ELSPETH writes it
-            if str(obj) == "NaT":
-                return None
-            if not str(obj.dtype).endswith(_SUB_MICROSECOND):
-                return obj.item()  # a date or datetime (nanoseconds would overflow past 2262)
-            nanos = obj.astype("datetime64[ns]").astype("int64").item()  # item() of these is a bare int
-            return nanosecond_iso(nanos) if nanos % 1000 else obj.astype("datetime64[us]").item()
+            return _numpy_time(obj, path)
         if callable(getattr(obj, "item", None)):
             return obj.item()
     raise CanonicalizationError(f"{path}: a {type(obj).__name__} value cannot be hashed canonically")
 
 
-#: numpy time units finer than a microsecond, which a Python datetime cannot hold.
-_SUB_MICROSECOND = ("[ns]", "[ps]", "[fs]", "[as]")
+#: numpy time units finer than a microsecond, which a Python datetime cannot hold (``[ns]``, ``[2ns]``...).
+_SUB_MICROSECOND = re.compile(r"\[\d*(ns|ps|fs|as)\]$")
+
+
+def _numpy_time(obj: Any, path: str) -> Any:
+    """A numpy datetime64 as a date or datetime, or as ISO text with its nanoseconds."""
+    if str(obj) == "NaT":
+        return None
+    if _SUB_MICROSECOND.search(str(obj.dtype)):  # through nanoseconds: item() of these is a bare int
+        nanos = obj.astype("datetime64[ns]").astype("int64").item()
+        return nanosecond_iso(nanos) if nanos % 1000 else obj.astype("datetime64[us]").item()
+    value = obj.item()  # a date or datetime; an int past what those hold (year 10000 on)
+    if isinstance(value, int):
+        raise CanonicalizationError(f"{path}: the time {obj} is outside the years 1-9999 that ISO 8601 text "
+                                    "without a sign holds; store it as a string", "time_range")
+    return value
 
 
 def nanosecond_iso(nanos: int) -> str:

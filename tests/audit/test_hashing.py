@@ -178,7 +178,10 @@ class datetime64:
     def item(self) -> int | date | datetime | None:
         if self.nanos is None:
             return None
-        moment = datetime(1970, 1, 1) + timedelta(microseconds=self.nanos // 1000)
+        try:
+            moment = datetime(1970, 1, 1) + timedelta(microseconds=self.nanos // 1000)
+        except OverflowError:  # past year 9999 numpy's item() gives a bare int (days, for [D])
+            return self.nanos // (86_400 * 10**9)
         if self.dtype == "datetime64[D]":
             return moment.date()
         if self.dtype in ("datetime64[us]", "datetime64[s]"):
@@ -205,6 +208,14 @@ def test_numpy_dates_beyond_2262_stay_what_they_are() -> None:
     day, second = datetime64(year_3000, "datetime64[D]"), datetime64(year_3000, "datetime64[s]")
     assert canonical_bytes({"d": day, "days": ndarray([day], kind="M", dtype="datetime64[D]"), "s": second}) == \
         rfc8785.dumps({"d": "3000-01-01", "days": ["3000-01-01"], "s": "3000-01-01T00:00:00+00:00"})
+
+
+def test_numpy_times_in_multiples_of_a_nanosecond_and_past_year_9999() -> None:
+    """A [2ns] unit is a sub-microsecond one too; a time past 9999 has no plain ISO text (it hashed as an int)."""
+    assert canonical_bytes({"t": datetime64(10, "datetime64[2ns]")}) == b'{"t":"1970-01-01T00:00:00.000000010+00:00"}'
+    with pytest.raises(CanonicalizationError, match=r"outside the years 1-9999") as caught:
+        canonical_bytes({"t": datetime64(316_224_000 * 10**12, "datetime64[D]")})  # about year 12000
+    assert caught.value.violation == "time_range"
 
 
 def test_a_key_holding_a_lone_surrogate_is_a_canonicalization_error() -> None:
