@@ -43,17 +43,18 @@ class PendingJoin:
     """A row's join that has not decided yet.
 
     It opens at its first event, an arrival or a loss (as ELSPETH's pending entry does): its timeout
-    runs and its wait is measured from then. ``first_at`` is the first arrival, which offsets count from.
+    runs and its wait is measured from then. ``first_at`` is the first arrival, which offsets count from;
+    ``last_at`` the latest event, before which no later event may be placed.
     """
 
-    __slots__ = ("arrivals", "first_at", "lost", "opened_at", "outer", "seen", "timer")
+    __slots__ = ("arrivals", "first_at", "last_at", "lost", "opened_at", "outer", "seen", "timer")
 
     def __init__(self, outer: tuple[Duty, ...], opened_at: float) -> None:
         self.arrivals: list[tuple[str, Token, float]] = []
         self.lost: dict[str, dict[str, Any]] = {}
         self.seen: set[str] = set()
         self.first_at: float | None = None
-        self.opened_at = opened_at
+        self.opened_at = self.last_at = opened_at
         self.outer = outer
         self.timer: Timer | None = None
 
@@ -187,7 +188,20 @@ class CoalesceExecutor(NodeExecutor):
     # -- events ----------------------------------------------------------------------------
     def receive(self, token: Token, branch: str) -> None:
         """A branch token arrives."""
-        now = self.ctx.now()
+        self._arrive(token, branch, self.ctx.now())
+
+    def receive_at(self, token: Token, arrival: tuple[str, float]) -> None:
+        """A merged token handed straight from an inner coalesce that decided at a deadline the engine had passed:
+        it arrives at that deadline, unless this join has recorded a later event (or decided) since."""
+        branch, at = arrival
+        entry = token.rc.joins.get(self.name)
+        if isinstance(entry, PendingJoin):
+            at = max(at, entry.last_at)
+        elif isinstance(entry, Decision):
+            at = self.ctx.now()  # too late anyway: measured as any late arrival is
+        self._arrive(token, branch, at)
+
+    def _arrive(self, token: Token, branch: str, now: float) -> None:
         rc = token.rc
         entry = self._after_overdue_timeout(rc, now)
         if isinstance(entry, Decision):
@@ -200,6 +214,7 @@ class CoalesceExecutor(NodeExecutor):
         entry.seen.add(branch)
         if entry.first_at is None:
             entry.first_at = now
+        entry.last_at = now
         entry.arrivals.append((branch, token, now))
         verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost), "arrival")
         if verdict is not None:
@@ -207,13 +222,21 @@ class CoalesceExecutor(NodeExecutor):
 
     def branch_lost(self, rc: RowContext, branch: str, outer: tuple[Duty, ...], reason: dict[str, Any],
                     now: float) -> None:
-        """A branch token of ``rc`` ended elsewhere: it will never arrive."""
+        """A branch token of ``rc`` ended elsewhere: it will never arrive.
+
+        ``now`` may be a passed deadline (an inner coalesce that failed then); it is never placed before an
+        event this join has recorded since.
+        """
+        pending = rc.joins.get(self.name)
+        if isinstance(pending, PendingJoin):
+            now = max(now, pending.last_at)
         entry = self._after_overdue_timeout(rc, now)
         if isinstance(entry, Decision):
             return
         if entry is None:
             entry = self._open(rc, outer, now)
         entry.seen.add(branch)
+        entry.last_at = max(entry.last_at, now)
         entry.lost[branch] = reason
         verdict = policy_verdict(self.policy, self.n, self.quorum, len(entry.arrivals), len(entry.lost), "loss")
         if verdict is not None:
@@ -361,7 +384,11 @@ class CoalesceExecutor(NodeExecutor):
                            sorted(collisions))
         self.merges += 1
         receive, arg = self.next  # type: ignore[misc]
-        ctx.stack.append((receive, token, arg))
+        outer = getattr(receive, "__self__", None)
+        if isinstance(outer, CoalesceExecutor) and now < ctx.now():  # decided at a deadline the engine passed
+            ctx.stack.append((outer.receive_at, token, (arg, now)))
+        else:
+            ctx.stack.append((receive, token, arg))
         return Decision(facts.event_id, now, entry.first_at, True, verdict.trigger, None, join_group_id, token.id)
 
     def _fail(self, rc: RowContext, entry: PendingJoin, verdict: Verdict, facts: DecisionFacts) -> Decision:

@@ -255,6 +255,54 @@ def test_a_timeout_due_before_a_late_processed_arrival_decides_first(tmp_path: P
     assert len(late) == len(decisions) and all(e["late_branch"] == "c" and e["late_by_ms"] > 0 for e in late)
 
 
+class _WakesOneSecondLate(FakeClock):
+    def sleep_until(self, t: float) -> None:
+        super().sleep_until(t + 1.0)
+
+
+@pytest.mark.parametrize(("a_ms", "inner", "expected"), [
+    (0, "best_effort", ("merged", "all_arrived", ["a", "b"], [0.0, 1000.0], 1000.0)),
+    (0, "require_all", ("merged", "branch_lost", ["a"], [0.0], 1000.0)),
+    (500, "best_effort", ("merged", "all_arrived", ["a", "b"], [0.0, 0.0], 0.0)),
+    (500, "require_all", ("merged", "branch_lost", ["a"], [0.0], 0.0)),
+])
+def test_a_nested_decision_at_a_passed_deadline_reaches_the_outer_join_then_but_never_before_its_events(
+        tmp_path: Path, a_ms: int, inner: str, expected: tuple[Any, ...]) -> None:
+    """The inner join (b1, b2) times out at 1 s, the outer (a, b) would at 1.5 s; the engine wakes 1 s late. The
+    inner decision reaches the outer at 1 s, as its failure did but its merge did not (the outer had timed out and
+    recorded the merged token late); when a reached the outer later (at 1.5 s) the decision is placed after it:
+    never a negative wait or offset."""
+    from elspeth_nb.audit.writer import MemoryWriter
+    from elspeth_nb.engine.runner import run_pipeline
+    from tests.cases import FIELDS
+
+    calls = [{"name": "a_call", "plugin": "latency", "input": "a", "on_success": "a_out",
+              "options": {"distribution": "fixed", "mean_ms": a_ms}}] if a_ms else []
+    pipeline = {
+        "source": {"plugin": "csv", "on_success": "raw", "options": {
+            "path": str(write_csv(tmp_path / "input.csv", ROWS[:1])), "schema": {"mode": "fixed", "fields": FIELDS}}},
+        "gates": [{"name": "g1", "input": "raw", "condition": "True", "routes": {"true": "fork", "false": "output"},
+                   "fork_to": ["a", "b"]},
+                  {"name": "g2", "input": "b", "condition": "True", "routes": {"true": "fork", "false": "output"},
+                   "fork_to": ["b1", "b2"]}],
+        "transforms": [*calls, {"name": "b2_call", "plugin": "latency", "input": "b2", "on_success": "b2_out",
+                                "options": {"distribution": "fixed", "mean_ms": 5000}}],
+        "coalesce": [{"name": "inner", "branches": {"b1": "b1", "b2": "b2_out"}, "policy": inner,
+                      "timeout_seconds": 1.0, "on_success": "b_done"},
+                     {"name": "outer", "branches": {"a": "a_out" if a_ms else "a", "b": "b_done"},
+                      "policy": "best_effort", "timeout_seconds": 1.5, "merge": "nested", "on_success": "output"}],
+        "sinks": {"output": {"plugin": "jsonl", "options": {"path": str(tmp_path / "output.jsonl")}}},
+    }
+    writer = MemoryWriter()
+    run_pipeline(pipeline, clock=_WakesOneSecondLate(), writer=writer)
+    events = writer.table("coalesce_events").to_pylist()
+    [outer] = [e for e in events if e["coalesce_name"] == "outer"]  # no late arrival at the outer join
+    assert (outer["event_type"], outer["trigger"], outer["branches_arrived"], outer["arrival_offsets_ms"],
+            outer["wait_duration_ms"]) == expected
+    states = writer.table("node_states").to_pylist()
+    assert all(s["started_at"] <= s["completed_at"] and (s["duration_ms"] or 0) >= 0 for s in states)
+
+
 def _completed_run(pipeline: dict[str, Any]) -> tuple[Trail, dict[int, dict[str, Any]]]:
     """Run in memory; the run completed with one terminal outcome per token; its decisions by source row index."""
     trail = run_in_memory(pipeline)
