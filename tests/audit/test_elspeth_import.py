@@ -40,6 +40,7 @@ REQUIRE_ALL = DATA / "requireall_nested"
 QUORUM = DATA / "quorum2_nested_timeout5_lossy"
 SAMPLES = [REQUIRE_ALL, QUORUM]
 LATE = "6eb4c47f6e339fa9"
+QUORUM_RUN = "9a0057849be840d187bca5ca74d3b6f9"
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -858,7 +859,6 @@ def test_a_write_ahead_log_in_a_folder_sqlite_cannot_write_is_explained(tmp_path
 def test_sink_files_are_found_in_the_folder_elspeth_ran_in(tmp_path: Path) -> None:
     """ELSPETH's default layout keeps the database in ./state and writes sinks relative to its working folder."""
     from elspeth_nb.analysis import open_audit
-    from elspeth_nb.audit.importers.elspeth import import_into_store
 
     copy = copy_sample(REQUIRE_ALL, tmp_path).parent
     (copy / "state").mkdir()
@@ -907,6 +907,23 @@ def test_run_filter_and_two_runs_in_one_file(tmp_path: Path) -> None:
     assert only.run_ids == ["second-run"] and only.tables["node_states"].num_rows == 882
     assert set(only.tables["routing_events"].column("run_id").to_pylist()) == {"second-run"}
     assert len(events(only, "late_arrival")) == 82
+
+
+def test_each_run_keeps_only_its_own_payload_problems(tmp_path: Path) -> None:
+    """One database, two runs, one payload missing for one of them: both runs listed it as their problem."""
+    db = copy_sample(QUORUM, tmp_path)
+    _bench_module().add_run_copy(db, "second-run")
+    missing = "f" * 64
+    mutate(db, "UPDATE rows SET source_data_ref = ? WHERE run_id = 'second-run' AND row_index = 0", params=(missing,))
+    imported = read_landscape(db, payloads=db.parent / "payloads")
+    kept = {r["run_id"]: json.loads(r["import_problems_json"] or "[]") for r in rows_of(imported, "runs")}
+    assert [p for p in kept["second-run"] if missing in p] and not any(missing in p for p in kept[QUORUM_RUN])
+    assert any(missing in p for p in imported.problems)  # the import as a whole still lists it
+    import_into_store(db, tmp_path / "store", payloads=db.parent / "payloads", sync_duckdb=False)
+    stored = dict(duckdb.sql(f"SELECT run_id, any_value(import_problems_json) FROM read_parquet("
+                             f"'{tmp_path / 'store'}/parquet/runs/*/*.parquet', hive_partitioning = true) "
+                             "GROUP BY run_id").fetchall())
+    assert missing in (stored["second-run"] or "") and missing not in (stored[QUORUM_RUN] or "")
 
 
 def test_reading_never_writes(tmp_path: Path) -> None:

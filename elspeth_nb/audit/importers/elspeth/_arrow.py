@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -76,10 +77,15 @@ def constant(table: pa.Table, value: object, type_: pa.DataType) -> pa.Array:
     return pa.array([value] * table.num_rows, type_) if value is not None else pa.nulls(table.num_rows, type_)
 
 
-def with_import_problems(runs: pa.Table, problems: list[str]) -> pa.Table:
-    """``runs`` carrying the import's findings (a JSON list; NULL when there were none), kept with each run."""
-    text = json.dumps(problems, ensure_ascii=False) if problems else None
-    return replace(runs, "import_problems_json", constant(runs, text, pa.string()))
+def with_import_problems(runs: pa.Table, problems: list[str] | Mapping[str, list[str]]) -> pa.Table:
+    """``runs`` carrying the import's findings (a JSON list; NULL when there were none): the same for every run,
+    or each run's own (run id -> problems)."""
+    if not isinstance(problems, Mapping):
+        text = json.dumps(problems, ensure_ascii=False) if problems else None
+        return replace(runs, "import_problems_json", constant(runs, text, pa.string()))
+    texts = [json.dumps(problems[r], ensure_ascii=False) if problems.get(r) else None
+             for r in runs.column("run_id").to_pylist()]
+    return replace(runs, "import_problems_json", pa.array(texts, pa.string()))
 
 
 def conform(table: pa.Table, name: str) -> pa.Table:

@@ -24,6 +24,12 @@ class LandscapeImport:
     payload_issues: dict[str, str] = field(default_factory=dict)
     #: seconds spent reading SQLite, deriving our tables and loading payloads.
     timings: dict[str, float] = field(default_factory=dict)
+    #: run id -> the problems that concern it: the database's and the conversion's, and its own payloads'.
+    run_problems: dict[str, list[str]] = field(default_factory=dict)
+
+    def problems_of(self, run_id: str) -> list[str]:
+        """The problems a run keeps in ``runs.import_problems_json`` (every problem if not known per run)."""
+        return self.run_problems.get(run_id, self.problems)
 
     @property
     def source_rows(self) -> int:

@@ -63,8 +63,10 @@ def payload_table(pairs: pa.Table, loaded: dict[str, str]) -> pa.Table:
     )
 
 
-def payload_problems(payload_dir: Path, issues: dict[str, str]) -> list[str]:
-    return capped([_problem(payload_dir, ref, issue) for ref, issue in sorted(issues.items())], "payload problems")
+def payload_problems(payload_dir: Path, issues: dict[str, str], refs: set[str] | None = None) -> list[str]:
+    """One line per payload that did not load (of ``refs`` only, when given), the first few listed."""
+    return capped([_problem(payload_dir, ref, issue) for ref, issue in sorted(issues.items())
+                   if refs is None or ref in refs], "payload problems")
 
 
 def _load(base: str, ref: str) -> tuple[str | None, str | None]:

@@ -58,10 +58,18 @@ def read_landscape(
     _derive.add_counts(tables, _mismatches_by_run(pairs, issues))
     timings["total_s"] = time.perf_counter() - started
     ordered = {name: tables[name] if name in tables else TABLES[name].schema.empty_table() for name in TABLES}
-    payload_problems = payload_problems_of(payload_dir, issues) if payload_dir is not None else []
-    problems += derive_problems + payload_problems
-    ordered["runs"] = with_import_problems(ordered["runs"], problems)
-    return LandscapeImport(ordered, selected, problems, db.resolve(), payload_dir, issues, timings)
+    shared = problems + derive_problems  # the database's and the conversion's: every run keeps them
+    per_run = {run: list(shared) for run in selected}
+    if payload_dir is not None:
+        problems = shared + payload_problems_of(payload_dir, issues)
+        refs = pairs.group_by("run_id").aggregate([("ref", "list")])
+        for run, run_refs in zip(refs.column("run_id").to_pylist(), refs.column("ref_list").to_pylist(), strict=True):
+            if run in per_run:
+                per_run[run] += payload_problems_of(payload_dir, issues, set(run_refs))
+    else:
+        problems = shared
+    ordered["runs"] = with_import_problems(ordered["runs"], per_run)
+    return LandscapeImport(ordered, selected, problems, db.resolve(), payload_dir, issues, timings, per_run)
 
 
 def _derive_with_payloads(db: Path, raw: dict[str, pa.Table], payload_dir: Path | None

@@ -65,7 +65,7 @@ def import_into_store(
             store.mark_pending(run_id)  # a re-import: from the swap on, audit.duckdb's rows of the run are stale
             try:
                 with store.writing(run_id):
-                    _replace_run(store, imported, run_id, [*imported.problems, *dropped])
+                    _replace_run(store, imported, run_id, [*imported.problems_of(run_id), *dropped])
             except BlockingIOError as exc:
                 raise AuditStoreError(f"run {run_id} is being written to {store.root} by another process; "
                                       "import it again when that process has finished") from exc
