@@ -292,6 +292,7 @@ def test_a_nested_decision_at_a_passed_deadline_reaches_the_outer_join_then_but_
                      {"name": "outer", "branches": {"a": "a_out" if a_ms else "a", "b": "b_done"},
                       "policy": "best_effort", "timeout_seconds": 1.5, "merge": "nested", "on_success": "output"}],
         "sinks": {"output": {"plugin": "jsonl", "options": {"path": str(tmp_path / "output.jsonl")}}},
+        "audit": {"path": str(tmp_path / "audit")},
     }
     writer = MemoryWriter()
     run_pipeline(pipeline, clock=_WakesOneSecondLate(), writer=writer)
