@@ -198,7 +198,7 @@ class CoalesceExecutor(NodeExecutor):
         if isinstance(entry, PendingJoin):
             at = max(at, entry.last_at)
         elif isinstance(entry, Decision):
-            at = self.ctx.now()  # too late anyway: measured as any late arrival is
+            at = max(at, entry.decided_at)  # late by what the deadlines say, not by how late the engine woke
         self._arrive(token, branch, at)
 
     def _arrive(self, token: Token, branch: str, now: float) -> None:

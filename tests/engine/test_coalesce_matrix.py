@@ -260,6 +260,40 @@ class _WakesOneSecondLate(FakeClock):
         super().sleep_until(t + 1.0)
 
 
+def _nested(tmp_path: Path, *, a_ms: int = 0, inner: str = "best_effort", outer_timeout: float = 1.5,
+            fork_to: tuple[str, str] = ("a", "b")) -> list[dict[str, Any]]:
+    """Outer join (a, b) over an inner one (b1, b2, timeout 1 s; b2 waits 5 s on a call), run on an engine that wakes
+    1 s late; its coalesce events. Also checks that no state ends before it starts."""
+    from elspeth_nb.audit.writer import MemoryWriter
+    from elspeth_nb.engine.runner import run_pipeline
+    from tests.cases import FIELDS
+
+    calls = [{"name": "a_call", "plugin": "latency", "input": "a", "on_success": "a_out",
+              "options": {"distribution": "fixed", "mean_ms": a_ms}}] if a_ms else []
+    pipeline = {
+        "source": {"plugin": "csv", "on_success": "raw", "options": {
+            "path": str(write_csv(tmp_path / "input.csv", ROWS[:1])), "schema": {"mode": "fixed", "fields": FIELDS}}},
+        "gates": [{"name": "g1", "input": "raw", "condition": "True", "routes": {"true": "fork", "false": "output"},
+                   "fork_to": list(fork_to)},
+                  {"name": "g2", "input": "b", "condition": "True", "routes": {"true": "fork", "false": "output"},
+                   "fork_to": ["b1", "b2"]}],
+        "transforms": [*calls, {"name": "b2_call", "plugin": "latency", "input": "b2", "on_success": "b2_out",
+                                "options": {"distribution": "fixed", "mean_ms": 5000}}],
+        "coalesce": [{"name": "inner", "branches": {"b1": "b1", "b2": "b2_out"}, "policy": inner,
+                      "timeout_seconds": 1.0, "on_success": "b_done"},
+                     {"name": "outer", "branches": {"a": "a_out" if a_ms else "a", "b": "b_done"},
+                      "policy": "best_effort", "timeout_seconds": outer_timeout, "merge": "nested",
+                      "on_success": "output"}],
+        "sinks": {"output": {"plugin": "jsonl", "options": {"path": str(tmp_path / "output.jsonl")}}},
+        "audit": {"path": str(tmp_path / "audit")},
+    }
+    writer = MemoryWriter()
+    run_pipeline(pipeline, clock=_WakesOneSecondLate(), writer=writer)
+    states = writer.table("node_states").to_pylist()
+    assert all(s["started_at"] <= s["completed_at"] and (s["duration_ms"] or 0) >= 0 for s in states)
+    return writer.table("coalesce_events").to_pylist()
+
+
 @pytest.mark.parametrize(("a_ms", "inner", "expected"), [
     (0, "best_effort", ("merged", "all_arrived", ["a", "b"], [0.0, 1000.0], 1000.0)),
     (0, "require_all", ("merged", "branch_lost", ["a"], [0.0], 1000.0)),
@@ -272,36 +306,19 @@ def test_a_nested_decision_at_a_passed_deadline_reaches_the_outer_join_then_but_
     inner decision reaches the outer at 1 s, as its failure did but its merge did not (the outer had timed out and
     recorded the merged token late); when a reached the outer later (at 1.5 s) the decision is placed after it:
     never a negative wait or offset."""
-    from elspeth_nb.audit.writer import MemoryWriter
-    from elspeth_nb.engine.runner import run_pipeline
-    from tests.cases import FIELDS
-
-    calls = [{"name": "a_call", "plugin": "latency", "input": "a", "on_success": "a_out",
-              "options": {"distribution": "fixed", "mean_ms": a_ms}}] if a_ms else []
-    pipeline = {
-        "source": {"plugin": "csv", "on_success": "raw", "options": {
-            "path": str(write_csv(tmp_path / "input.csv", ROWS[:1])), "schema": {"mode": "fixed", "fields": FIELDS}}},
-        "gates": [{"name": "g1", "input": "raw", "condition": "True", "routes": {"true": "fork", "false": "output"},
-                   "fork_to": ["a", "b"]},
-                  {"name": "g2", "input": "b", "condition": "True", "routes": {"true": "fork", "false": "output"},
-                   "fork_to": ["b1", "b2"]}],
-        "transforms": [*calls, {"name": "b2_call", "plugin": "latency", "input": "b2", "on_success": "b2_out",
-                                "options": {"distribution": "fixed", "mean_ms": 5000}}],
-        "coalesce": [{"name": "inner", "branches": {"b1": "b1", "b2": "b2_out"}, "policy": inner,
-                      "timeout_seconds": 1.0, "on_success": "b_done"},
-                     {"name": "outer", "branches": {"a": "a_out" if a_ms else "a", "b": "b_done"},
-                      "policy": "best_effort", "timeout_seconds": 1.5, "merge": "nested", "on_success": "output"}],
-        "sinks": {"output": {"plugin": "jsonl", "options": {"path": str(tmp_path / "output.jsonl")}}},
-        "audit": {"path": str(tmp_path / "audit")},
-    }
-    writer = MemoryWriter()
-    run_pipeline(pipeline, clock=_WakesOneSecondLate(), writer=writer)
-    events = writer.table("coalesce_events").to_pylist()
-    [outer] = [e for e in events if e["coalesce_name"] == "outer"]  # no late arrival at the outer join
+    [outer] = [e for e in _nested(tmp_path, a_ms=a_ms, inner=inner) if e["coalesce_name"] == "outer"]
     assert (outer["event_type"], outer["trigger"], outer["branches_arrived"], outer["arrival_offsets_ms"],
             outer["wait_duration_ms"]) == expected
-    states = writer.table("node_states").to_pylist()
-    assert all(s["started_at"] <= s["completed_at"] and (s["duration_ms"] or 0) >= 0 for s in states)
+
+
+@pytest.mark.parametrize("fork_to", [("a", "b"), ("b", "a")])
+def test_a_nested_merge_after_the_outer_decided_is_late_by_the_deadlines_not_by_the_engine(
+        tmp_path: Path, fork_to: tuple[str, str]) -> None:
+    """Both joins time out at 1 s: b's merge is late by 0 ms whatever the fork order (it was 1,000 ms, the engine's
+    oversleep, when the outer's timer fired first)."""
+    late = [e for e in _nested(tmp_path, outer_timeout=1.0, fork_to=fork_to)
+            if (e["coalesce_name"], e["event_type"]) == ("outer", "late_arrival")]
+    assert [(e["late_branch"], e["late_by_ms"]) for e in late] == [("b", 0.0)]
 
 
 def _completed_run(pipeline: dict[str, Any]) -> tuple[Trail, dict[int, dict[str, Any]]]:
