@@ -440,6 +440,41 @@ case("config-sink-inside-the-audit-store",
      Fails(ConfigError, r"^pipeline\.yaml:34: sinks\.bad\.options\.path: is inside the audit store <work>/audit; "
                         r"write sink files elsewhere \(got 'audit/bad\.jsonl'\)$"),
      then=_nothing_written)
+
+
+def _code_kept(ctx: Ctx, _: Any) -> None:
+    assert (ctx.work / "fn.py").read_text() == "def f(row):\n    return row\n"
+
+
+def _sink_over_python_code(ctx: Ctx) -> Any:
+    (ctx.work / "fn.py").write_text("def f(row):\n    return row\n")
+    return _config(("    plugin: passthrough", "    plugin: python\n    options: {function: 'fn.py:f'}"),
+                   ("  bad: {plugin: jsonl, options: {path: bad.jsonl}}",
+                    "  bad: {plugin: jsonl, options: {path: fn.py}}"))(ctx)
+
+
+case("config-sink-overwrites-python-code", _sink_over_python_code,
+     Fails(ConfigError, r"^pipeline\.yaml:35: sinks\.bad\.options\.path: is the code of transforms\[0\] \(a_pass\), "
+                        r"loaded from options\.function; the sink would overwrite it \(got 'fn\.py'\)$"),
+     then=_code_kept)
+config_case("sink-path-blank", (("  bad: {plugin: jsonl, options: {path: bad.jsonl}}",
+                                 "  bad: {plugin: jsonl, options: {path: ' '}}"),),
+            r"pipeline\.yaml:34: sinks\.bad\.options\.path: must name a file \(it is blank\) \(got ' '\)")
+
+
+def _second_sink_is_a_directory(ctx: Ctx) -> Any:
+    (ctx.work / "bad.jsonl").mkdir()
+    return _config(("  out: {plugin: jsonl, options: {path: out.jsonl}}",
+                    "  out: {plugin: jsonl, options: {path: new/deeper/out.jsonl}}"))(ctx)
+
+
+def _no_folder_made(ctx: Ctx, _: Any) -> None:
+    assert not (ctx.work / "new").exists()  # every sink is checked before a folder is made for one
+
+
+case("sink-folder-not-made-when-another-sink-is-refused", _second_sink_is_a_directory,
+     Fails(InputError, r"^pipeline\.yaml:\d+: sinks\.bad\.options\.path: <work>/bad\.jsonl is a directory; a sink "
+                       r"writes a file$"), then=_no_folder_made)
 config_case("node-named-like-a-sink", (("  - name: a_pass", "  - name: bad"),),
             r"pipeline\.yaml:17: transforms\[0\]\.name: a sink has the same name; node and sink names must "
             r"differ \(got 'bad'\)")

@@ -132,7 +132,15 @@ SinkOrDiscard = Annotated[str, AfterValidator(_sink_or_discard)]
 RouteDestination = Annotated[str, AfterValidator(_route_destination)]
 Encoding = Annotated[str, AfterValidator(_encoding)]
 Regex = Annotated[str, AfterValidator(_regex)]
+def _file_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must name a file (it is blank)")
+    return value
+
+
 NonEmpty = Annotated[str, Field(min_length=1)]
+#: A file path: not empty and not blank (``' '`` would be a file named by a space, beside the settings).
+FilePath = Annotated[str, Field(min_length=1), AfterValidator(_file_path)]
 OneChar = Annotated[str, Field(min_length=1, max_length=1)]
 #: Numbers that refuse YAML booleans (``quorum_count: true`` is a mistake, not 1); floats must be finite
 #: (``.inf`` and ``.nan`` cannot be hashed into a node id, and are refused at their key).
@@ -260,7 +268,7 @@ with warnings.catch_warnings():
     class SourceOptions(_Model):
         """Options of every source plugin."""
 
-        path: NonEmpty
+        path: FilePath
         schema: SchemaConfig = SchemaConfig()  # type: ignore[assignment]
         on_validation_failure: SinkOrDiscard = "discard"
 
@@ -644,7 +652,7 @@ class CoalesceConfig(_Model):
 class SinkOptions(PluginOptions):
     """Options of every sink plugin."""
 
-    path: NonEmpty
+    path: FilePath
 
 
 class CsvSinkOptions(SinkOptions):
@@ -701,7 +709,7 @@ AnySink = Annotated[CsvSink | JsonSink | JsonlSink | ParquetSink, Field(discrimi
 class AuditConfig(_Model):
     """Where the audit trail goes and how much row data it keeps."""
 
-    path: str = "./audit"
+    path: FilePath = "./audit"
     payloads: Literal["all", "boundaries", "hashes"] = "all"
 
 

@@ -833,7 +833,8 @@ class Pipeline:
         return f"{self.locator.prefix(loc) if self.locator else ''}{render_loc(loc)}"
 
     def check_paths(self, audit_root: Path) -> None:
-        """Refuse sink paths that would overwrite the input, the settings, another sink or the audit store.
+        """Refuse sink paths that would overwrite the input, the settings, a python transform's code, another sink
+        or the audit store.
 
         Checked before anything is opened: a sink truncates its file when the run starts.
         """
@@ -844,6 +845,11 @@ class Pipeline:
                                   "(source.options.path)"}
         if self.source_path is not None:
             taken[real(self.source_path)] = "this settings file"
+        for i, transform in enumerate(self.config.transforms):
+            module = str(getattr(transform.options, "function", "") or "").rpartition(":")[0]
+            if transform.plugin == "python" and module.endswith(".py"):
+                taken.setdefault(real(module), f"the code of transforms[{i}] ({transform.name}), loaded from "
+                                               "options.function")
         audit = real(audit_root)
         problems = []
         for name, sink in self.config.sinks.items():

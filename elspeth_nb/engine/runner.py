@@ -208,8 +208,9 @@ class Engine:
                                                 pipeline.where(("transforms", i, "options", "function")))
                         for i, t in enumerate(config.transforms)}
         self.sinks = {name: build_sink(s, pipeline.resolve_path) for name, s in config.sinks.items()}
-        for name, sink in self.sinks.items():
-            check_writable(sink.path, pipeline.where(("sinks", name, "options", "path")))
+        for create in (False, True):  # every sink checked before any folder is made for one
+            for name, sink in self.sinks.items():
+                check_writable(sink.path, pipeline.where(("sinks", name, "options", "path")), create=create)
         self.settings = self._effective_settings()
         self.workers = self._choose_workers(workers)
 
@@ -459,10 +460,17 @@ def check_run_id(run_id: str) -> None:
                            f"'.', '_' and '-' (at most 128 characters), and not be 'latest' (got {run_id!r})"])
 
 
-def check_writable(path: Path, where: str) -> None:
-    """Fail before the run starts if a sink cannot write ``path``."""
+def check_writable(path: Path, where: str, *, create: bool = True) -> None:
+    """Fail before the run starts if a sink cannot write ``path``; ``create`` makes its folder once it can."""
     if path.is_dir():
         raise InputError(f"{where}: {path} is a directory; a sink writes a file")
+    existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"{where}: cannot create the folder for {path}: {existing} is a file")
+    if (existing is not None and not os.access(existing, os.W_OK)) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{where}: {path} is not writable")
+    if not create:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
