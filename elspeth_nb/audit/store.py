@@ -182,7 +182,8 @@ class AuditStore:
                                   "(give a new or empty folder, or the store's own folder)")
         if store.root.is_dir() and not store.manifest_path.exists():
             others = sorted(p.name for p in store.root.iterdir() if not p.name.startswith("."))
-            if others:  # never mix a store into a folder of other files (and never claim them as a store)
+            if others and not store.manifest_path.exists():  # another run may have just made the store
+                # never mix a store into a folder of other files (and never claim them as a store)
                 shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
                 raise AuditStoreError(f"audit path {store.root} already holds other files ({shown}) and is not an "
                                       "elspeth-nb audit store; give a new or empty folder")
@@ -241,7 +242,7 @@ class AuditStore:
             if target.exists() and pq.read_schema(target).names == table.file_columns:
                 continue
             directory.mkdir(parents=True, exist_ok=True)
-            temporary = directory / ".part-000000.parquet.tmp"
+            temporary = directory / f".part-000000.parquet.{uuid.uuid4().hex[:12]}.tmp"  # runs may start together
             pq.write_table(table.file_schema.empty_table(), temporary, compression="zstd")
             os.replace(temporary, target)
 

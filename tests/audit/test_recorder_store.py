@@ -267,3 +267,22 @@ def test_a_record_torn_by_an_interrupt_is_dropped_and_the_whole_ones_are_written
     assert rec.records_written["token_parents"] == rec.records_written["coalesce_events"] == 1
     [event] = writer.table("coalesce_events").to_pylist()
     assert event["event_id"] is None and event["expected_branches"] == event["branches_arrived"] == []
+
+
+def _create(root: str) -> str:
+    try:
+        AuditStore.create(root)
+    except Exception as exc:  # reported to the test, which names it
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def test_runs_starting_together_on_a_new_store_all_create_it(tmp_path: Path) -> None:
+    """Every process wrote the schema files under one temporary name: all but one rename found nothing; one
+    could also find the new manifest and refuse the folder as 'holding other files'."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        for trial in range(10):
+            root = str(tmp_path / f"store{trial}")
+            assert pool.map(_create, [root] * 6) == ["ok"] * 6
