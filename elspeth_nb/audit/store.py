@@ -322,6 +322,10 @@ class AuditStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:  # another process writes this run: its lock file is not ours to remove
+            os.close(fd)
+            raise
+        try:
             os.write(fd, f"{os.getpid()}\n".encode())
             yield
         finally:

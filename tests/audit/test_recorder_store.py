@@ -286,3 +286,13 @@ def test_runs_starting_together_on_a_new_store_all_create_it(tmp_path: Path) -> 
         for trial in range(10):
             root = str(tmp_path / f"store{trial}")
             assert pool.map(_create, [root] * 6) == ["ok"] * 6
+
+
+def test_a_run_that_cannot_take_the_lock_leaves_the_holders_lock_file(tmp_path: Path) -> None:
+    """The second writer removed the first one's lock file on its way out, so the live run looked dead."""
+    store = AuditStore.create(tmp_path / "audit")
+    with store.writing("r1"):
+        with pytest.raises(BlockingIOError), store.writing("r1"):
+            pass
+        assert store.lock_path("r1").exists() and store.is_live("r1")
+    assert not store.lock_path("r1").exists()
