@@ -118,11 +118,13 @@ def test_a_source_row_whose_payload_is_gone_is_missing_not_hashes_only(tmp_path:
     assert repr(gone).splitlines()[1] == ("source row 1: (payload missing: purged, not copied or not matching its "
                                           f"hash; verify() says which) sha256 {ref[:16]}…")
     assert "(hashes only)" in repr(open_audit(copy / "audit.db").lineage(row_index=1))  # no folder given: by choice
-    writer = sqlite3.connect(copy / "audit.db")  # the same row of a run still being written: not yet, not purged
-    with writer:
-        writer.execute("UPDATE runs SET status = 'running', completed_at = NULL")
-    writer.close()  # closed before reading: a writer left to the garbage collector ends the WAL under the reader
-    still = open_audit(copy / "audit.db", payloads=copy / "payloads").lineage(row_index=1)
+    running = tmp_path / "running"  # the same row of a run still being written: not yet, not purged
+    shutil.copytree(copy, running)
+    writer = sqlite3.connect(running / "audit.db", isolation_level=None)
+    writer.execute("PRAGMA journal_mode = DELETE")  # no write-ahead log left beside the file once closed
+    writer.execute("UPDATE runs SET status = 'running', completed_at = NULL")
+    writer.close()
+    still = open_audit(running / "audit.db", payloads=running / "payloads").lineage(row_index=1)
     assert repr(still).splitlines()[1] == ("source row 1: (payload missing: not written yet, the run is still "
                                            f"running) sha256 {ref[:16]}…")
 
